@@ -1,0 +1,25 @@
+# One virtual environment for every job. torch is pinned first so pip takes the CPU build on disk
+# instead of pulling several GB of CUDA packages.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install test speed lint
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install  ## the test suite (CI runs this)
+	$(BIN)/python -m pytest
+
+speed: install  ## tokens/s and peak memory against length, per attention backend, next to BertModel
+	$(BIN)/python -m evaluation.speed
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .

