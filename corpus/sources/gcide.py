@@ -55,8 +55,9 @@ def _b64(s: str) -> int:
 
 
 def _strip_brackets(s: str) -> str:
-    """Drop a leading [...] (etymology), balanced, which may span several source lines."""
-    if not s.startswith("["):
+    """Drop a leading [...] (etymology), balanced, which may span several source lines; short ligature markup such
+    as "[AE]olian" is text, not a bracket group."""
+    if not s.startswith("[") or re.match(r"^\[[A-Za-z]{1,2}\]", s):
         return s
     depth = 0
     for i, c in enumerate(s):
@@ -117,13 +118,15 @@ def parse_entry(entry: str) -> list[Sense]:
         if "WordNet" in tag and "Webster" not in tag:
             continue
         text = clean(para)
-        if i == 0:
+        if i == 0 or text.startswith("\\"):  # a few entries break their header across a blank line
             text = _strip_header(text)
             text, header_tags = _domain(text)
         if text.startswith(("{", "Syn", "Note", "Usage", "--")):
             continue
         text = _SENSE_NO.sub("", text)
-        text, tags = _domain(text)
+        text, tags = _domain(text)  # "(Her.) [F. abaiss['e].] Borne lower ...": domain tag, then etymology
+        text, more = _domain(_strip_brackets(text).lstrip())
+        tags |= more
         text = _SENSE_NO.sub("", text)
         text = _ATTRIBUTION.sub("", text)
         text = clean(text.replace("{", "").replace("}", "").replace("\ufffd", ""))
@@ -136,7 +139,8 @@ def parse_entry(entry: str) -> list[Sense]:
 def parse(paths: list[Path]) -> Gcide:
     """Read every distinct entry the dictd index points at, in file order."""
     by_name = {p.name: p for p in paths}
-    raw = gzip.open(by_name["gcide.dict.dz"]).read()
+    with gzip.open(by_name["gcide.dict.dz"]) as f:  # dictzip is gzip-compatible
+        raw = f.read()
     spans = set()
     for line in by_name["gcide.index"].read_text(encoding="utf-8", errors="replace").splitlines():
         f = line.split("\t")

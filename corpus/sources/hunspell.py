@@ -36,5 +36,5 @@ def parse(path: Path) -> WordList:
 
 
 def extract(wordlist: WordList) -> SourceData:
-    """No corpus text and no pairs; only the record count."""
-    return SourceData(records=len(wordlist.words), licence_note=DATA_LICENCE)
+    """No corpus text and no pairs; only the counts."""
+    return SourceData(records=len(wordlist.words), licence_note=DATA_LICENCE, words=len(wordlist.words))

