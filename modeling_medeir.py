@@ -42,6 +42,9 @@ logger = logging.get_logger(__name__)
 # (256 MB in fp32). Longer inputs attend in query chunks whose score blocks hold about SDPA_CHUNK_ELEMENTS.
 SDPA_BIAS_ELEMENTS = 1 << 26
 SDPA_CHUNK_ELEMENTS = 1 << 24
+# sdpa unpads a batch whose real tokens are fewer than this share of its positions: the linear layers (most of the
+# compute at short lengths) then skip the padding, and q, k, v are padded back only around the attention kernel.
+SDPA_MIN_REAL_TOKENS = 0.75
 
 FLASH_ATTN_HELP = (
     "attn_implementation='flash_attention_2' needs the flash-attn package (FlashAttention-2, which has ALiBi; "
@@ -71,23 +74,41 @@ def alibi_slopes(num_heads: int) -> list[float]:
 
 @dataclass
 class AttentionLayout:
-    """Everything the attention kernels need besides q, k, v.
+    """Everything the attention kernels need besides q, k, v, and where the tokens are.
 
-    Padded batches carry `key_mask` (B, S), packed batches (B == 1) carry `doc_ids` (S,); `indices`,
-    `cu_seqlens` and `max_seqlen` describe the unpadded token stream for flash-attn.
+    Tokens are either padded, (B, S, ...), or flat: the real tokens of every sequence back to back, (T, ...),
+    unpadded once per forward (`indices` are their positions in the flattened (B * S) batch, None when there is
+    no padding to drop). `cu_seqlens` / `segments` give the sequence boundaries in the flat stream. Padded
+    batches carry `key_mask` (B, S); packed batches (B == 1, padded layout) carry `doc_ids` (S,).
     """
 
     implementation: str
     slopes: torch.Tensor  # (H,) fp32, on the compute device
+    shape: tuple[int, int] = (0, 0)  # (B, S) of the input
+    flat: bool = False
+    repad: bool = False  # flat tokens, but the kernel needs (B, S, H, d): pad q, k, v around it
     key_mask: torch.Tensor | None = None
     doc_ids: torch.Tensor | None = None
     indices: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
+    segments: list[tuple[int, int]] | None = None  # sdpa on long inputs: [start, end) of each sequence
     bias: torch.Tensor | None = None  # eager / sdpa: full additive bias (B or 1, H, S, S)
-    band: torch.Tensor | None = None  # sdpa, long inputs: (1, H, chunk, 2S), see `alibi_band`
-    segments: list[tuple[int, int, int]] | None = None  # sdpa, long inputs: (row or -1 for all, start, end)
+    band: torch.Tensor | None = None  # sdpa on long inputs: (1, H, chunk, 2S), see `alibi_band`
     block_mask: object = None  # flex_attention: torch BlockMask
+
+    def pad(self, flat: torch.Tensor) -> torch.Tensor:
+        """(T, ...) real tokens -> (B, S, ...), zeros at padding."""
+        batch, seq_len = self.shape
+        if self.indices is None:
+            return flat.view(batch, seq_len, *flat.shape[1:])
+        padded = flat.new_zeros(batch * seq_len, *flat.shape[1:])
+        return padded.index_copy(0, self.indices, flat).view(batch, seq_len, *flat.shape[1:])
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """(B, S, ...) -> (T, ...) real tokens."""
+        flat = padded.flatten(0, 1)
+        return flat if self.indices is None else flat.index_select(0, self.indices)
 
     def alibi_bias(self, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
         """Additive (B or 1, H, S, S) bias: ALiBi where a query may attend, dtype-min elsewhere.
@@ -127,27 +148,26 @@ def eager_attention(q, k, v, layout: AttentionLayout, dropout: float, scaling: f
 def sdpa_attention(q, k, v, layout: AttentionLayout, dropout: float, scaling: float) -> torch.Tensor:
     """torch SDPA with the ALiBi bias as a float mask.
 
-    Short inputs: one call with the bias built once per forward. Long inputs: each sequence (a padded row cut to
-    its real length, or a packed document) attends in query chunks whose bias is a view of the shared band, so
-    memory grows about linearly with length and no padding mask is needed.
+    Padded (B, S, H, d): one call with the bias built once per forward. Flat (T, H, d), for inputs whose full bias
+    would be too large: each sequence attends in query chunks whose bias is a view of the shared band, so memory
+    grows about linearly with length and no padding is computed at all.
     """
-    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     if layout.bias is not None:
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.bias, dropout_p=dropout, scale=scaling)
         return out.transpose(1, 2)
-    out = torch.zeros_like(q)
-    seq_len, chunk = q.shape[2], layout.band.shape[2]
-    for row, start, end in layout.segments:
-        rows = slice(None) if row < 0 else slice(row, row + 1)
-        keys, values = k[rows, :, start:end], v[rows, :, start:end]
-        for q0 in range(start, end, chunk):
-            q1 = min(q0 + chunk, end)
-            offset = seq_len - (q0 - start)
-            bias = layout.band[:, :, : q1 - q0, offset : offset + end - start]
-            out[rows, :, q0:q1] = F.scaled_dot_product_attention(
-                q[rows, :, q0:q1], keys, values, attn_mask=bias, dropout_p=dropout, scale=scaling
+    chunk, width = layout.band.shape[2], layout.band.shape[3] // 2
+    pieces = []
+    for start, end in layout.segments:
+        qs, ks, vs = (x[start:end].transpose(0, 1)[None] for x in (q, k, v))  # (1, H, L, d)
+        for q0 in range(0, end - start, chunk):
+            q1 = min(q0 + chunk, end - start)
+            bias = layout.band[:, :, : q1 - q0, width - q0 : width - q0 + end - start]
+            out = F.scaled_dot_product_attention(
+                qs[:, :, q0:q1], ks, vs, attn_mask=bias, dropout_p=dropout, scale=scaling
             )
-    return out.transpose(1, 2)
+            pieces.append(out[0].transpose(0, 1))
+    return torch.cat(pieces)
 
 
 @cache
@@ -270,10 +290,14 @@ class MedEIRAttention(nn.Module):
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, hidden: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
-        tokens = hidden.shape[:-1]  # (B, S) padded, or (T,) unpadded for flash-attn
+        tokens = hidden.shape[:-1]  # (B, S) padded, or (T,) flat
         q, k, v = self.qkv(hidden).view(*tokens, 3, self.num_heads, self.head_dim).unbind(dim=-3)
+        if layout.repad:
+            q, k, v = layout.pad(q), layout.pad(k), layout.pad(v)
         attend = ALIBI_ATTENTION_FUNCTIONS[layout.implementation]
         out = attend(q, k, v, layout, self.dropout if self.training else 0.0, self.scaling)
+        if layout.repad:
+            out = layout.unpad(out)
         return self.out(out.reshape(*tokens, -1))
 
 
@@ -404,10 +428,8 @@ class MedEIRModel(MedEIRPreTrainedModel):
         hidden = self.embeddings(input_ids, token_type_ids, inputs_embeds)
         layout = self._attention_layout(shape, attention_mask, cu_seqlens, max_seqlen, hidden.dtype)
 
-        if layout.indices is not None:  # flash-attn on a padded batch: unpad once, repad once
-            hidden = hidden.flatten(0, 1).index_select(0, layout.indices)
-        elif layout.implementation == "flash_attention_2":  # a packed batch is already padding-free
-            hidden = hidden[0]
+        if layout.flat:  # unpad once per forward: every layer runs on real tokens only
+            hidden = layout.unpad(hidden)
 
         all_hidden = [hidden] if output_hidden_states else None
         for layer in self.layers:
@@ -416,11 +438,8 @@ class MedEIRModel(MedEIRPreTrainedModel):
                 all_hidden.append(hidden)
 
         def to_padded(states: torch.Tensor) -> torch.Tensor:
-            if layout.indices is not None:
-                padded = states.new_zeros(shape[0] * shape[1], states.shape[-1])
-                return padded.index_copy(0, layout.indices, states).view(*shape, -1)
-            if layout.implementation == "flash_attention_2":
-                return states[None]
+            if layout.flat:
+                return layout.pad(states)
             if layout.key_mask is not None:
                 return states * layout.key_mask[..., None].to(states.dtype)
             return states
@@ -514,7 +533,7 @@ class MedEIRModel(MedEIRPreTrainedModel):
         _check_alibi_implementation(implementation)
         batch, seq_len = shape
         device = self.embeddings.word_embeddings.weight.device
-        layout = AttentionLayout(implementation, self._alibi_slopes(device))
+        layout = AttentionLayout(implementation, self._alibi_slopes(device), shape=(batch, seq_len))
 
         key_mask = None
         if cu_seqlens is None and attention_mask is not None and not bool(attention_mask.all()):
@@ -528,9 +547,18 @@ class MedEIRModel(MedEIRPreTrainedModel):
                     "a row with holes would get different ALiBi distances on different attention backends."
                 )
 
-        if implementation == "flash_attention_2":
+        heads = self.config.num_attention_heads
+        lengths = key_mask.sum(-1, dtype=torch.int32) if key_mask is not None else None
+        long_input = (batch if key_mask is not None else 1) * heads * seq_len * seq_len > SDPA_BIAS_ELEMENTS
+        heavy_padding = lengths is not None and int(lengths.sum()) < SDPA_MIN_REAL_TOKENS * batch * seq_len
+        packed = cu_seqlens is not None
+
+        # Flat tokens (unpadded once per forward): always for flash-attn; for sdpa on long inputs (each sequence
+        # attends by itself, in chunks) and on heavily padded batches, whose linear layers then skip the padding
+        # while q, k, v are padded back around the one batched kernel call.
+        if implementation == "flash_attention_2" or (implementation == "sdpa" and (long_input or heavy_padding)):
+            layout.flat = True
             if cu_seqlens is None:
-                lengths = key_mask.sum(-1, dtype=torch.int32) if key_mask is not None else None
                 if lengths is None:
                     lengths = torch.full((batch,), seq_len, dtype=torch.int32, device=device)
                 else:
@@ -538,31 +566,26 @@ class MedEIRModel(MedEIRPreTrainedModel):
                 cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
                 max_seqlen = int(lengths.max())
             layout.cu_seqlens, layout.max_seqlen = cu_seqlens, max_seqlen
-            return layout
+            if implementation == "flash_attention_2":
+                return layout
 
         layout.key_mask = key_mask
-        if cu_seqlens is not None:
-            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-            layout.doc_ids = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+        if packed:
+            doc_lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+            layout.doc_ids = torch.repeat_interleave(torch.arange(len(doc_lengths), device=device), doc_lengths)
 
-        heads = self.config.num_attention_heads
         if implementation == "flex_attention":
             layout.block_mask = self._flex_block_mask(layout, batch, seq_len, device)
         elif implementation == "eager":
             layout.bias = layout.alibi_bias(seq_len, torch.float32)
-        elif (batch if key_mask is not None else 1) * heads * seq_len * seq_len <= SDPA_BIAS_ELEMENTS:
+        elif long_input:  # sdpa, per sequence
+            width = max(layout.max_seqlen, 1)
+            chunk = min(width, max(64, SDPA_CHUNK_ELEMENTS // (heads * width) // 64 * 64))
+            layout.band = layout.alibi_band(chunk, width, dtype)
+            layout.segments = [(a, b) for a, b in pairwise(layout.cu_seqlens.tolist()) if b > a]
+        else:  # sdpa, one batched call
             layout.bias = layout.alibi_bias(seq_len, dtype)
-        else:  # sdpa on long inputs
-            chunk = min(seq_len, max(64, SDPA_CHUNK_ELEMENTS // (heads * seq_len) // 64 * 64))
-            layout.band = layout.alibi_band(chunk, seq_len, dtype)
-            if key_mask is not None:
-                lengths, starts = key_mask.sum(-1).tolist(), key_mask.int().argmax(-1).tolist()
-                layout.segments = [(row, a, a + n) for row, (a, n) in enumerate(zip(starts, lengths, strict=True)) if n]
-            elif cu_seqlens is not None:
-                bounds = cu_seqlens.tolist()
-                layout.segments = [(0, a, b) for a, b in pairwise(bounds) if b > a]
-            else:
-                layout.segments = [(-1, 0, seq_len)]
+            layout.repad = layout.flat
         return layout
 
     @staticmethod

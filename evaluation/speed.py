@@ -88,6 +88,45 @@ def measure(preset: str, backend: str, seq_len: int, batch_tokens: int, repeats:
     return {"tokens_per_s": batch * seq_len / seconds, "peak_mb": max(peak, 0) / 2**20, "batch": batch}
 
 
+def encode_throughput(
+    model, lengths: list[int], batch_tokens: int = 8192, repeats: int = 3, seed: int = 0
+) -> list[dict]:
+    """Tokens/s of an already-loaded SentenceTransformer (all its modules: encoder, pooling, normalize) at each length.
+
+    Same method as `measure`: random token ids (tokenization excluded), ~`batch_tokens` tokens per forward, one
+    warm-up forward, mean of `repeats`. A length above the model's max_seq_length is reported as skipped, since the
+    model would truncate such inputs. In-process, so peak memory is not reported here.
+    """
+    device = model.device
+    vocab = model.tokenizer.vocab_size
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for seq_len in lengths:
+        if seq_len > model.max_seq_length:
+            rows.append({"seq_len": seq_len, "skipped": f"above max_seq_length {model.max_seq_length}"})
+            continue
+        batch = max(1, batch_tokens // seq_len)
+        ids = torch.randint(min(1000, vocab // 2), vocab, (batch, seq_len), generator=generator).to(device)
+        features = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        with torch.inference_mode():
+            model(dict(features))  # warm-up
+            start = time.perf_counter()
+            for _ in range(repeats):
+                model(dict(features))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = (time.perf_counter() - start) / repeats
+        rows.append(
+            {
+                "seq_len": seq_len,
+                "batch": batch,
+                "tokens_per_s": batch * seq_len / seconds,
+                "texts_per_s": batch / seconds,
+            }
+        )
+    return rows
+
+
 def _proc_status_bytes(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):

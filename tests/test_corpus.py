@@ -64,6 +64,19 @@ def test_icd10cm_pairs_and_negatives():
     assert mi and mi[0].cardiology and mi[0].positive == "Ischemic heart diseases"
 
 
+def test_icd10cm_title_category_pairs_are_long_context_pairs():
+    icd = parsed("icd10cm")
+    pairs = icd10cm.title_category_pairs(icd)
+    assert len(pairs) > 5000
+    for p in pairs:
+        category = p.group.removeprefix("icd10cm:")
+        assert p.positive == icd10cm.category_document(icd, category)  # the benchmark's document format
+        assert f" {p.anchor}" in p.positive  # the title of one of the category's codes
+        assert len(p.positive.split()) <= icd10cm.CATEGORY_DOC_MAX_WORDS
+        assert all(p.anchor.lower() not in negative.lower() for negative, _ in p.negatives)  # no false negatives
+        assert all(group != p.group for _, group in p.negatives)
+
+
 def test_hpo_parser_reads_version_licence_and_synonyms():
     hpo = parsed("hpo")
     assert hpo.version == "2025-01-16"
@@ -217,7 +230,13 @@ def test_training_rows_come_from_their_own_split(subset_builds):
             assert len(r["negatives"]) <= 3
             assert not {normalize(n) for n in r["negatives"]} & positives[normalize(r["anchor"])]
     kinds = {r["kind"] for r in pq.read_table(a / "pairs" / "train.parquet").to_pylist()}
-    assert kinds == {"icd_inclusion_title", "icd_title_parent", "hpo_synonym_term", "hpo_term_definition"}
+    assert kinds == {
+        "icd_inclusion_title",
+        "icd_title_parent",
+        "icd_title_category",
+        "hpo_synonym_term",
+        "hpo_term_definition",
+    }
 
 
 def test_benchmarks_are_test_groups_only_and_consistent(subset_builds):

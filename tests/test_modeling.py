@@ -83,12 +83,16 @@ def test_no_position_parameters_and_no_slope_buffers(model):
 # ---- backends agree with eager -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("lengths", [LENGTHS, [37, 36, 33]], ids=["heavy-padding-unpadded", "light-padding-padded"])
 @pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
-def test_sdpa_matches_eager_on_padded_batch(model, left):
-    ids, mask = padded_batch(left=left)
+def test_sdpa_matches_eager_on_padded_batch(model, left, lengths):
+    """Heavily padded batches run unpadded (q, k, v re-padded around the kernel); lightly padded ones stay padded."""
+    ids, mask = padded_batch(lengths=lengths, left=left)
     ref = run(model, "eager", input_ids=ids, attention_mask=mask)
     out = run(model, "sdpa", input_ids=ids, attention_mask=mask)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    layout = model._attention_layout(ids.shape, mask, None, 0, torch.float32)
+    assert layout.flat == (mask.float().mean() < mm.SDPA_MIN_REAL_TOKENS) and layout.repad == layout.flat
 
 
 @pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])

@@ -32,6 +32,9 @@ NOTE_LABELS = {
     "codeAlso": "Code also",
     "notes": "Note",
 }
+CATEGORY_DOC_MIN_CODES = 6
+CATEGORY_DOC_MAX_WORDS = 512
+CATEGORY_DOC_ANCHORS = 6
 _RANGE = re.compile(r"\s*\(([A-Z]\d[0-9A-Z](?:\.[0-9A-Z-]*)?(?:-[A-Z]\d[0-9A-Z](?:\.[0-9A-Z-]*)?)?)\)\s*$")
 _REF = re.compile(r"\(([^()]*)\)")
 
@@ -183,6 +186,43 @@ def render_category(icd: Icd10cm, category: str, with_notes: bool = False) -> li
     return lines
 
 
+def category_document(icd: Icd10cm, category: str) -> str:
+    """A category written out as the long-document benchmark writes it (codes, titles, inclusion terms; no notes)."""
+    return "\n".join(line for _, line in render_category(icd, category))
+
+
+def title_category_pairs(icd: Icd10cm) -> list[Pair]:
+    """Code title -> its whole category document: long-context training pairs of the benchmark's shape.
+
+    Categories of at least CATEGORY_DOC_MIN_CODES codes and at most CATEGORY_DOC_MAX_WORDS words (so the title is
+    inside what a model reads at training length), up to CATEGORY_DOC_ANCHORS titles each; hard negatives are the
+    documents of sibling categories. The build's split keeps test categories out, as for every other pair kind.
+    """
+    documents = {}
+    for block in icd.blocks.values():
+        for category in block.categories:
+            codes = icd.category_codes(category)
+            doc = category_document(icd, category)
+            if len(codes) >= CATEGORY_DOC_MIN_CODES and len(doc.split()) <= CATEGORY_DOC_MAX_WORDS:
+                documents[category] = doc
+    categories_of: dict[str, set[str]] = {}  # a title found in two categories would make either a false negative
+    for node in icd.codes.values():
+        categories_of.setdefault(normalize(node.title), set()).add(node.category)
+    pairs = []
+    for category, doc in documents.items():
+        rng = random.Random(f"icd10cm:title_category:{category}")
+        sibs = [c for c in siblings(icd, category) if c in documents]
+        negatives = tuple((documents[c], group_of(c)) for c in _sample(rng, sibs, 3))
+        anchors = [icd.codes[c].title for c in icd.category_codes(category)[1:]]
+        anchors = [t for t in dict.fromkeys(anchors) if categories_of[normalize(t)] == {category}]
+        for title in _sample(rng, anchors, CATEGORY_DOC_ANCHORS):
+            # a sibling whose text contains the title (inside a longer title) would be a false negative
+            clean_negatives = tuple(n for n in negatives if title.lower() not in n[0].lower())
+            cardio = is_cardiology(category)
+            pairs.append(Pair(title, doc, "icd_title_category", group_of(category), "medical", cardio, clean_negatives))
+    return pairs
+
+
 def _sample(rng: random.Random, pool: list[str], k: int) -> list[str]:
     return rng.sample(pool, min(k, len(pool)))
 
@@ -229,4 +269,5 @@ def extract(icd: Icd10cm) -> SourceData:
             others = [b for b in icd.chapters[block.chapter].blocks if b != block.id]
             negs = [(icd.blocks[b].title, f"icd10cm:block:{b}") for b in _sample(rng, others, 10)]
             data.pairs.append(Pair(node.title, block.title, "icd_title_parent", group, "medical", cardio, tuple(negs)))
+    data.pairs.extend(title_category_pairs(icd))
     return data

@@ -1,0 +1,413 @@
+"""Render a report.json (written by evaluation.run) as report.md with PNG plots, models side by side.
+
+    python -m evaluation.report evaluation/results/<name>/report.json    # re-render without re-running anything
+
+Everything drawn comes from the JSON, so a committed report can be re-rendered after a change here.
+"""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from evaluation.metrics import RETRIEVAL_METRICS
+
+METRIC_LABELS = {
+    "ndcg_at_10": "nDCG@10",
+    "mrr_at_10": "MRR@10",
+    "recall_at_1": "R@1",
+    "recall_at_10": "R@10",
+    "recall_at_100": "R@100",
+}
+BENCHMARK_LABELS = {
+    "hpo_layperson": "HPO layperson",
+    "icd10cm_inclusion": "ICD-10-CM inclusion",
+    "wordnet_gloss": "WordNet gloss (general)",
+    "icd10cm_longdoc": "ICD-10-CM long-doc",
+}
+# Published MTEB nDCG@10 (x100), shown apart from anything measured: the MTEB leaderboard for the public models,
+# the MedEIR paper (arXiv 2505.13482) for MedEIR. See /work/shared/design-notes.md.
+PUBLISHED = {
+    "columns": ("ArguAna", "NFCorpus", "SciFact", "TRECCOVID", "MedicalQA"),
+    "rows": [
+        ("all-MiniLM-L6-v2", "22.7M", 256, (50.17, 31.59, 64.51, 47.23, 60.30)),
+        ("jina-embeddings-v2-small-en", "32.7M", 8192, (46.73, 30.40, 63.89, 65.18, None)),
+        ("jina-embeddings-v2-base-en", "137M", 8192, (44.18, 32.45, 66.68, 65.91, None)),
+        ("bge-small-en-v1.5", "33.4M", 512, (60.35, 34.26, 71.27, 75.52, 64.71)),
+        ("MedEIR (paper)", "n/s", 8192, (55.24, 38.44, 72.04, 79.56, 74.25)),
+    ],
+}
+
+
+def slug(name: str) -> str:
+    """A model name as a file name (model-index/<slug>.yaml, mteb/<slug>/)."""
+    return re.sub(r"[^a-z0-9._]+", "-", name.lower()).strip("-")
+
+
+def fmt(value, digits: int = 4) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def tokens_per_s(model: dict, seq_len: int) -> str:
+    for row in model.get("throughput", {}).get("rows", []):
+        if row["seq_len"] == seq_len:
+            return f"{row['tokens_per_s']:,.0f}" if "tokens_per_s" in row else "–"
+    return "–"
+
+
+def main_table(report: dict) -> list[str]:
+    """One row per model: nDCG@10 on every benchmark, pair Pearson, separation, throughput at 128 and 512 tokens."""
+    benches = list(report["benchmarks"])
+    header = ["model", "params", "max tokens", *(f"{BENCHMARK_LABELS.get(b, b)} nDCG@10" for b in benches)]
+    has_pairs = any("pairs" in m for m in report["models"])
+    if has_pairs:
+        header += ["pairs Pearson", "separation", "separation (cardiology)"]
+    header += ["tokens/s @128", "tokens/s @512"]
+    rows = []
+    for m in report["models"]:
+        row = [m["name"], f"{m['parameters'] / 1e6:.1f}M", m["max_seq_length"]]
+        row += [fmt(m["retrieval"].get(b, {}).get("ndcg_at_10")) for b in benches]
+        if has_pairs:
+            pairs = m.get("pairs", {})
+            row += [fmt(pairs.get(g, {}).get(k)) for g, k in (("all", "pearson"), ("all", "separation"))]
+            row.append(fmt(pairs.get("cardiology", {}).get("separation")))
+        rows.append([*row, tokens_per_s(m, 128), tokens_per_s(m, 512)])
+    return table(header, rows)
+
+
+def retrieval_section(report: dict) -> list[str]:
+    lines = ["## Retrieval on the held-out benchmarks (mteb custom tasks)", ""]
+    lines.append(
+        "Each benchmark runs as an mteb `AbsTaskRetrieval` over `data/benchmarks/<name>/` (docs/data-contract.md): mteb "
+        "encodes queries and documents (with the model's `query` / `document` prompts when it defines them), ranks the "
+        "whole corpus by the model's similarity and scores with pytrec_eval. Every model reads at most its own "
+        "max_seq_length tokens of a text and truncates the rest."
+    )
+    for bench, info in report["benchmarks"].items():
+        first = next((m["retrieval"][bench] for m in report["models"] if bench in m["retrieval"]), {})
+        lines += [
+            "",
+            f"### {BENCHMARK_LABELS.get(bench, bench)} (`{info['task']}`)",
+            "",
+            f"{info['description']} {first.get('queries', '?'):,} queries, {first.get('documents', '?'):,} documents.",
+            "",
+        ]
+        rows = [
+            [m["name"], *(fmt(m["retrieval"][bench][k]) for k in RETRIEVAL_METRICS), m["retrieval"][bench]["seconds"]]
+            for m in report["models"]
+            if bench in m["retrieval"]
+        ]
+        lines += table(["model", *(METRIC_LABELS[k] for k in RETRIEVAL_METRICS), "seconds"], rows)
+    return [*lines, "", "![retrieval metrics](plots/retrieval.png)"]
+
+
+def official_section(report: dict) -> list[str]:
+    lines = ["## Official MTEB tasks", ""]
+    names = list(report["models"][0]["official"]) if report["models"] else []
+    rows = []
+    for task in names:
+        row = [task]
+        for m in report["models"]:
+            r = m["official"][task]
+            row.append(f"skipped: {r['skipped']}" if "skipped" in r else fmt(r["ndcg_at_10"]))
+        rows.append(row)
+    lines += table(["task (nDCG@10)", *(m["name"] for m in report["models"])], rows)
+    cols = PUBLISHED["columns"]
+    lines += [
+        "",
+        "### Published figures (not measured here)",
+        "",
+        "MTEB nDCG@10 x100 as published (MTEB leaderboard; MedEIR: its paper, arXiv 2505.13482, whose NFCorpus / "
+        "SciFact figures differ between abstract and summary). Context only: none of these numbers was produced by "
+        "this command.",
+        "",
+    ]
+    rows = [[n, p, t, *(fmt(v, 2) for v in vals)] for n, p, t, vals in PUBLISHED["rows"]]
+    return lines + table(["model", "params", "max tokens", *cols], rows)
+
+
+def pairs_section(report: dict) -> list[str]:
+    with_pairs = [m for m in report["models"] if "pairs" in m]
+    if not with_pairs:
+        return []
+    lines = [
+        "## Pair similarity and separation score",
+        "",
+        "Held-out pairs (`data/benchmarks/pairs_test.parquet`): each related pair (label 1) from a test group is "
+        "matched by an unrelated one (label 0: the same first text with the second text of another test pair of the "
+        "same kind). text1 is encoded as a query, text2 as a document; similarity is the model's cosine. "
+        "**Pearson**: correlation between similarity and label (BiomedBERT-small's metric). **Separation score**: mean "
+        "similarity of related pairs minus mean similarity of unrelated pairs (the cardiology LoRA study's metric; "
+        "0 = no separation). Computed by the local `evaluate` module `evaluation/pair_metrics`.",
+        "",
+    ]
+    rows = []
+    for m in with_pairs:
+        for group in ("all", "medical", "general", "cardiology"):
+            g = m["pairs"].get(group)
+            if g:
+                rows.append(
+                    [
+                        m["name"],
+                        group,
+                        fmt(g["pearson"]),
+                        fmt(g["spearman"]),
+                        fmt(g["separation"]),
+                        fmt(g["related_mean"]),
+                        fmt(g["unrelated_mean"]),
+                        f"{g['related']} / {g['unrelated']}",
+                    ]
+                )
+    header = [
+        "model",
+        "pairs",
+        "Pearson",
+        "Spearman",
+        "separation",
+        "related mean",
+        "unrelated mean",
+        "n (rel / unrel)",
+    ]
+    lines += table(header, rows)
+    kinds = [k for k in with_pairs[0]["pairs"] if k not in ("all", "medical", "general", "cardiology", "histogram")]
+    lines += ["", "Separation score by pair kind:", ""]
+    rows = [[k, *(fmt(m["pairs"].get(k, {}).get("separation")) for m in with_pairs)] for k in kinds]
+    lines += table(["kind", *(m["name"] for m in with_pairs)], rows)
+    return [*lines, "", "![similarity of related vs unrelated pairs](plots/pair_similarity.png)"]
+
+
+def longdoc_section(report: dict) -> list[str]:
+    with_long = [m for m in report["models"] if "longdoc" in m]
+    if not with_long:
+        return []
+    lines = [
+        "## Long documents (does the model use its context?)",
+        "",
+        "`icd10cm_longdoc`: each held-out ICD-10-CM 3-character category written out with all its codes and inclusion "
+        "terms as one document; every query (a code title or inclusion term that names only that category) first "
+        "occurs beyond the document's 512th token. Each model reads its own max_seq_length (all-MiniLM-L6-v2: 256, "
+        "MedEIR: 8,192) and truncates the rest, so a model whose window ends before the answer can only match the "
+        "category from its opening lines. The build counts the 512 tokens in bert-base-uncased tokens; the table "
+        "counts in each model's own tokens (a more compact tokenizer moves some answers before token 512).",
+        "",
+    ]
+    built = report["data"].get("manifest_benchmarks", {}).get("icd10cm_longdoc", {})
+    if built.get("documents_tokens"):
+        d, a = built["documents_tokens"], built.get("answer_start_token", {})
+        lines += [
+            f"As built (data/manifest.json, {built.get('tokenizer', 'bert-base-uncased')} tokens): {d['count']} "
+            f"documents, min {d['min']}, median {d['median']}, p75 {d['p75']}, max {d['max']} tokens; over 1,024: "
+            f"{d['over_1024']}, over 2,048: {d['over_2048']}, over 4,096: {d['over_4096']}. Answer start: median "
+            f"{a.get('median', '?')}, max {a.get('max', '?')}.",
+            "",
+        ]
+    rows = []
+    for m in with_long:
+        ld, d = m["longdoc"], m["longdoc"]["document_tokens"]
+        answers = ld["answer_start_token"]["count"]
+        rows.append(
+            [
+                m["name"],
+                ld["max_seq_length"],
+                f"{d['min']} / {d['median']} / {d['p75']} / {d['max']}",
+                f"{d['over_window']} of {d['count']}",
+                f"{ld['answer_start_token']['over_512']} of {answers}",
+                f"{ld['answers_inside_window']} of {answers}",
+                fmt(m["retrieval"].get("icd10cm_longdoc", {}).get("ndcg_at_10")),
+                fmt(m["retrieval"].get("icd10cm_longdoc", {}).get("recall_at_1")),
+            ]
+        )
+    header = [
+        "model",
+        "window",
+        "doc tokens min / median / p75 / max",
+        "docs longer than window",
+        "answers starting after token 512",
+        "answers inside window",
+        "nDCG@10",
+        "R@1",
+    ]
+    lines += table(header, rows)
+    return [*lines, "", "![long-document lengths](plots/longdoc_lengths.png)"]
+
+
+def throughput_section(report: dict) -> list[str]:
+    with_speed = [m for m in report["models"] if m.get("throughput", {}).get("rows")]
+    if not with_speed:
+        return []
+    env = report["environment"]
+    lengths = sorted({r["seq_len"] for m in with_speed for r in m["throughput"]["rows"]})
+    lines = [
+        "## Encoding throughput",
+        "",
+        f"Hardware: {env['hardware']}, device {env['device']}, {env['torch_threads']} torch threads, torch "
+        f"{env['torch']}. Method: {with_speed[0]['throughput']['method']}. Lengths above a model's max_seq_length are "
+        "not measured (the model would truncate). On a CPU shared with other jobs these figures are rough; "
+        "`python -m evaluation.speed` on an idle machine is the model-core benchmark.",
+        "",
+    ]
+    rows = [[m["name"], *(tokens_per_s(m, n) for n in lengths)] for m in with_speed]
+    lines += table(["model (tokens/s)", *(str(n) for n in lengths)], rows)
+    return [*lines, "", "![throughput](plots/throughput.png)"]
+
+
+def timing_section(report: dict) -> list[str]:
+    sections = sorted({k for m in report["models"] for k in m.get("seconds", {})})
+    rows = [[m["name"], *(m["seconds"].get(s, "–") for s in sections)] for m in report["models"]]
+    return [
+        "## Run time (seconds)",
+        "",
+        *table(["model", *sections], rows),
+        "",
+        f"Whole command: {report['seconds']:.0f} s. Texts whose embeddings were already in the cache (same model "
+        "files, same text) are not encoded again, so these times are those of this run, not of a cold start.",
+    ]
+
+
+def markdown(report: dict) -> str:
+    env, data, settings = report["environment"], report["data"], report["settings"]
+    sample = f", a seeded sample of {settings['max_queries']} queries per benchmark" if settings["max_queries"] else ""
+    lines = [
+        f"# Evaluation: {', '.join(m['name'] for m in report['models'])}",
+        "",
+        f"`{report['command']}` ({report['created']}; data version {data['dataset_version']}{sample}; "
+        f"{env['hardware']}, {env['device']}; mteb {env['mteb']}, sentence-transformers "
+        f"{env['sentence_transformers']}, transformers {env['transformers']}, torch {env['torch']}).",
+        "",
+        "## Main table",
+        "",
+        *main_table(report),
+        "",
+        "Models: "
+        + "; ".join(
+            f"{m['name']}: {m['path']} ({m['embedding_dim']} dims, similarity {m['similarity']}, prompts "
+            f"{m['prompts'] or 'none'}, fingerprint {m['fingerprint']}){': ' + m['note'] if m.get('note') else ''}"
+            for m in report["models"]
+        ),
+        "",
+        *retrieval_section(report),
+        "",
+        *official_section(report),
+        "",
+        *pairs_section(report),
+        "",
+        *longdoc_section(report),
+        "",
+        *throughput_section(report),
+        "",
+        *timing_section(report),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_retrieval(report: dict, path: Path) -> None:
+    benches = list(report["benchmarks"])
+    fig, axes = plt.subplots(1, len(RETRIEVAL_METRICS), figsize=(3.2 * len(RETRIEVAL_METRICS), 3.6), sharey=True)
+    width = 0.8 / max(1, len(report["models"]))
+    for ax, metric in zip(np.atleast_1d(axes), RETRIEVAL_METRICS, strict=True):
+        for i, m in enumerate(report["models"]):
+            values = [m["retrieval"].get(b, {}).get(metric, 0.0) for b in benches]
+            ax.bar(np.arange(len(benches)) + i * width, values, width, label=m["name"])
+        ax.set_title(METRIC_LABELS[metric])
+        ax.set_xticks(np.arange(len(benches)) + width * (len(report["models"]) - 1) / 2)
+        ax.set_xticklabels([BENCHMARK_LABELS.get(b, b) for b in benches], rotation=35, ha="right", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.grid(axis="y", alpha=0.3)
+    np.atleast_1d(axes)[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_pairs(report: dict, path: Path) -> None:
+    with_pairs = [m for m in report["models"] if "pairs" in m]
+    fig, axes = plt.subplots(1, len(with_pairs), figsize=(4.5 * len(with_pairs), 3.4), squeeze=False)
+    for ax, m in zip(axes[0], with_pairs, strict=True):
+        h, p = m["pairs"]["histogram"], m["pairs"]["all"]
+        edges = np.asarray(h["bins"])
+        for key, color in (("related", "tab:green"), ("unrelated", "tab:red")):
+            counts = np.asarray(h[key], float)
+            ax.stairs(counts / max(counts.sum(), 1), edges, fill=True, alpha=0.45, color=color, label=key)
+        ax.axvline(p["related_mean"], color="tab:green", ls="--", lw=1)
+        ax.axvline(p["unrelated_mean"], color="tab:red", ls="--", lw=1)
+        ax.set_title(f"{m['name']}\nseparation {p['separation']:.3f}, Pearson {p['pearson']:.3f}", fontsize=9)
+        ax.set_xlabel("cosine similarity")
+        ax.set_xlim(-0.3, 1.0)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("share of pairs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_longdoc(report: dict, path: Path) -> None:
+    """Document lengths and answer positions in each model's tokens, against each model's window."""
+    with_long = [m for m in report["models"] if "longdoc" in m]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    panels = (("lengths", "document length"), ("answer_starts", "first token of the answer"))
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        top = max(max(m["longdoc"].get(key) or [0]) for m in with_long)
+        windows = [m["longdoc"]["max_seq_length"] for m in with_long]
+        right = max([top, *(w for w in windows if w <= 2 * top)]) * 1.03
+        bins = np.linspace(0, right, 45)
+        for i, m in enumerate(with_long):
+            ax.hist(m["longdoc"].get(key) or [], bins, histtype="step", lw=1.6, color=f"C{i}", label=m["name"])
+            if windows[i] <= right:
+                ax.axvline(windows[i], color=f"C{i}", ls="--", lw=1.2, label=f"{m['name']} window ({windows[i]})")
+        ax.axvline(512, color="grey", ls=":", lw=1, label="512")
+        ax.set_xlabel(f"{label} (each model's own tokens)")
+        ax.set_ylabel("documents" if key == "lengths" else "queries")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_throughput(report: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for m in report["models"]:
+        rows = [r for r in m.get("throughput", {}).get("rows", []) if "tokens_per_s" in r]
+        if rows:
+            ax.plot([r["seq_len"] for r in rows], [r["tokens_per_s"] for r in rows], marker="o", label=m["name"])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length (tokens)")
+    ax.set_ylabel("tokens/s")
+    ax.set_title(report["environment"]["hardware"], fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(report: dict, out: Path) -> list[Path]:
+    """report.md and the plots (only those whose sections ran); returns the files written."""
+    out, plots = Path(out), Path(out) / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    written = []
+    drawers = {
+        "retrieval.png": (plot_retrieval, bool(report["benchmarks"])),
+        "pair_similarity.png": (plot_pairs, any("pairs" in m for m in report["models"])),
+        "longdoc_lengths.png": (plot_longdoc, any("longdoc" in m for m in report["models"])),
+        "throughput.png": (plot_throughput, any(m.get("throughput", {}).get("rows") for m in report["models"])),
+    }
+    for name, (draw, wanted) in drawers.items():
+        if wanted:
+            draw(report, plots / name)
+            written.append(plots / name)
+    (out / "report.md").write_text(markdown(report))
+    return [out / "report.md", *written]
+
+
+if __name__ == "__main__":
+    source = Path(sys.argv[1])
+    for path in write_report(json.loads(source.read_text()), source.parent):
+        print(path)

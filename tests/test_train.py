@@ -1,0 +1,280 @@
+"""Training at toy scale on CPU: initialisation, MLM pretraining (loss, resume, 2 processes), fine-tuning with
+distillation, LoRA, recipes and accelerate configs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoTokenizer
+
+from configuration_medeir import MedEIRConfig
+from modeling_medeir import MedEIRModel
+from train.finetune import FinetuneRecipe
+from train.initialize import convert_minilm, from_scratch, source_pieces, transfer_embeddings
+from train.lora import LoraRecipe
+from train.pretrain import CRASH_AT_STEP, PretrainRecipe
+from train.recipe import load_recipe
+
+from .conftest import REPO
+
+RECIPES = REPO / "train" / "recipes"
+
+
+def run_module(module: str, *overrides: str, env: dict | None = None, launcher: list[str] | None = None):
+    command = (launcher or [sys.executable, "-m"]) + [module] + [a for o in overrides for a in ("--set", o)]
+    return subprocess.run(
+        command, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=900
+    )
+
+
+def log_entries(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ---- initialisation ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def medeir_tokenizer():
+    return AutoTokenizer.from_pretrained(REPO / "tokenizer")
+
+
+def test_minilm_conversion_keeps_embeddings_of_shared_tokens_exactly(medeir_tokenizer, minilm_path):
+    model, stats = convert_minilm(medeir_tokenizer)
+    minilm = AutoModel.from_pretrained(minilm_path)
+    source_vocab = AutoTokenizer.from_pretrained(minilm_path).get_vocab()
+    ours = model.model.embeddings.word_embeddings.weight
+    shared = [(i, source_vocab[t]) for t, i in medeir_tokenizer.get_vocab().items() if t in source_vocab]
+    assert len(shared) == stats["shared"] > 15000  # 16,302 of bert-base-uncased's tokens are also MedEIR tokens
+    assert stats["shared"] + stats["new"] == 52543
+    ids, source_ids = map(torch.tensor, zip(*shared, strict=True))
+    assert torch.equal(ours[ids], minilm.embeddings.word_embeddings.weight[source_ids])
+
+
+def test_new_tokens_start_as_the_mean_of_their_minilm_pieces(medeir_tokenizer, minilm_path):
+    source = AutoTokenizer.from_pretrained(minilm_path)
+    vocab = source.get_vocab()
+    new = [t for t in ("cardiomyopathy", "##itis") if t in medeir_tokenizer.get_vocab() and t not in vocab]
+    assert "cardiomyopathy" in new
+    embeddings = torch.randn(len(vocab), 4)
+    out, _ = transfer_embeddings(embeddings, source, medeir_tokenizer)
+    pieces = source_pieces("cardiomyopathy", source, vocab)
+    assert source.convert_ids_to_tokens(pieces) == source.tokenize("cardiomyopathy")
+    index = medeir_tokenizer.convert_tokens_to_ids("cardiomyopathy")
+    torch.testing.assert_close(out[index], embeddings[pieces].mean(0))
+    assert source.convert_ids_to_tokens(source_pieces("##opathy", source, vocab))[0].startswith("##")
+
+
+def test_minilm_conversion_maps_every_layer(minilm_path, monkeypatch):
+    """With ALiBi switched off and MiniLM's positions zeroed, the converted model IS MiniLM: every weight sits
+    where it should (query/key/value order in the fused projection included)."""
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    model, _ = convert_minilm(tokenizer)
+    model.eval()
+    minilm = AutoModel.from_pretrained(minilm_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        minilm.embeddings.position_embeddings.weight.zero_()
+    monkeypatch.setattr(MedEIRModel, "_alibi_slopes", lambda self, device: torch.zeros(12, device=device))
+    batch = tokenizer(["acute myocardial infarction", "fever"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ours = model.model(**batch).last_hidden_state
+        theirs = minilm(**batch).last_hidden_state * batch["attention_mask"][..., None]
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("preset", ["small", "base"])
+def test_from_scratch_builds_every_preset(preset, medeir_tokenizer):
+    model = from_scratch(preset, medeir_tokenizer)
+    config = MedEIRConfig.from_json_file(REPO / "presets" / f"{preset}.json")
+    assert model.config.num_hidden_layers == config.num_hidden_layers
+    assert model.model.embeddings.word_embeddings.num_embeddings == len(medeir_tokenizer)
+
+
+# ---- MLM pretraining -----------------------------------------------------------------------------------------
+
+TOY = [
+    "max_steps=6",
+    "save_every=2",
+    "eval_every=3",
+    "batch_size=8",
+    "seq_len=64",
+    "lr=1e-3",
+    "warmup_steps=1",
+    "max_train_texts=3000",
+    "eval_tokens=1024",
+    "eval_length_factors=[1, 4]",
+    "logger=none",
+]
+
+
+def pretrain(init: Path, data: Path, out: Path, *extra: str, **kwargs):
+    recipe = [f"init={init}", f"data={data / 'corpus'}", f"output_dir={out}", *TOY, *extra]
+    return run_module("train.pretrain", *recipe, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_medeir_init, icd_hpo_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pretrain")
+    result = pretrain(tiny_medeir_init, icd_hpo_data, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_pretraining_lowers_the_loss_and_reports_long_lengths(uninterrupted):
+    entries = log_entries(uninterrupted / "train_log.jsonl")
+    losses = [e["train/loss"] for e in entries if "train/loss" in e]
+    assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2])
+    evals = [e for e in entries if "eval/loss@64" in e]
+    assert evals[-1]["eval/loss@64"] < evals[0]["eval/loss@64"]
+    assert {"eval/loss@256", "eval/accuracy@64", "eval/accuracy@256"} <= evals[-1].keys()
+    final = uninterrupted / "final"
+    assert (final / "model.safetensors").exists() and (final / "modules.json").exists()
+    assert [p.name for p in sorted((uninterrupted / "checkpoints").iterdir())] == ["step-0000004", "step-0000006"]
+
+
+def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(
+    uninterrupted, tiny_medeir_init, icd_hpo_data, tmp_path
+):
+    crashed = pretrain(tiny_medeir_init, icd_hpo_data, tmp_path, env={CRASH_AT_STEP: "3"})
+    assert crashed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "final").exists()
+    assert (tmp_path / "checkpoints" / "step-0000002").exists()
+    resumed = pretrain(tiny_medeir_init, icd_hpo_data, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    expected = load_file(uninterrupted / "final" / "model.safetensors")
+    got = load_file(tmp_path / "final" / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=0, rtol=0, msg=name)
+
+
+def test_two_process_cpu_run_ends_with_identical_weights_on_both_ranks(tiny_medeir_init, icd_hpo_data, tmp_path):
+    launcher = ["accelerate", "launch", "--config_file", str(REPO / "train/accelerate/cpu-2proc.yaml"), "-m"]
+    result = pretrain(
+        tiny_medeir_init, icd_hpo_data, tmp_path, "max_steps=3", env={"ACCELERATE_USE_CPU": "true"}, launcher=launcher
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = [e for e in log_entries(tmp_path / "train_log.jsonl") if "weights_sha256" in e]
+    assert final and final[0]["ranks"] == 2  # the script gathers every rank's weight hash and fails if they differ
+
+
+# ---- fine-tuning, distillation, LoRA -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finetuned(tiny_medeir_init, icd_hpo_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finetune")
+    result = run_module(
+        "train.finetune",
+        f"init={tiny_medeir_init}",
+        f"data={icd_hpo_data}",
+        f"output_dir={out}",
+        "max_steps=12",
+        "batch_size=16",
+        "mini_batch_size=8",
+        "lr=2e-3",
+        "warmup_ratio=0.0",
+        "pair_kinds={icd_inclusion_title: 400, hpo_synonym_term: 400, icd_title_category: 64}",
+        "long_pair_kinds=[icd_title_category]",
+        "long_mini_batch_size=4",
+        "distill_mse_texts=200",
+        "distill_kl_rows=200",
+        "eval_steps=12",
+        "eval_queries=20",
+        "eval_corpus=200",
+        "save_steps=6",
+        "logging_steps=2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_finetuning_composes_pairs_and_distillation_and_lowers_the_loss(finetuned):
+    sizes = json.loads((finetuned / "datasets.json").read_text())
+    assert {"pairs_hard", "long_pairs_hard", "distill_mse", "distill_kl"} <= set(sizes)
+    losses = [e["loss"] for e in log_entries(finetuned / "train_log.jsonl") if "loss" in e]
+    assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2]), losses
+    evals = [e for e in log_entries(finetuned / "train_log.jsonl") if "eval_validation_cosine_ndcg@10" in e]
+    assert evals, "evaluation on the validation pairs must run during training"
+
+
+def test_finetuned_folder_loads_as_a_sentence_transformer(finetuned):
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(finetuned / "final"), trust_remote_code=True)
+    embeddings = model.encode(["fever", "pyrexia"], convert_to_tensor=True)
+    assert embeddings.shape == (2, 48) and torch.isfinite(embeddings).all()
+
+
+def test_lora_adapter_trains_saves_loads_and_merges(finetuned, icd_hpo_data, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from train.lora import load_adapted
+
+    base = finetuned / "final"
+    result = run_module(
+        "train.lora",
+        f"base={base}",
+        f"data={icd_hpo_data}",
+        f"output_dir={tmp_path}",
+        "max_steps=4",
+        "batch_size=16",
+        "lr=5e-3",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "separation.json").read_text())
+    assert report["train_pairs"] > 0 and report["test_pairs"] > 0
+    assert 0 < report["trainable_parameters"] < report["total_parameters"] / 5
+    for key in ("separation", "related_mean", "unrelated_mean"):
+        assert key in report["separation_before"] and key in report["separation_after"]
+    assert report["separation_after"] != report["separation_before"]
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    texts = ["atrial fibrillation", "heart failure with preserved ejection fraction"]
+    adapted = load_adapted(str(base), tmp_path / "adapter").encode(texts, convert_to_tensor=True)
+    merged = SentenceTransformer(str(tmp_path / "merged"), trust_remote_code=True).encode(texts, convert_to_tensor=True)
+    plain = SentenceTransformer(str(base), trust_remote_code=True).encode(texts, convert_to_tensor=True)
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(merged, plain, atol=1e-4)
+
+
+# ---- recipes and launch configs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_loads(path):
+    kind = {"pretrain": PretrainRecipe, "finetune": FinetuneRecipe, "distill": FinetuneRecipe, "lora": LoraRecipe}
+    cls = kind[path.name.split("-")[0]]
+    recipe = load_recipe(cls, path)
+    assert {f.name for f in fields(cls)} >= {"output_dir"} and recipe.output_dir.startswith("runs/")
+
+
+def test_unknown_recipe_keys_are_an_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown recipe keys"):
+        load_recipe(PretrainRecipe, None, ["init=x", "max_stepz=3"])
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "train" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_parse(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.num_processes >= 1
+
+
+def test_export_halves_the_weights_and_still_loads_in_float32(finetuned, tmp_path):
+    from train.export import export
+
+    report = export(finetuned / "final", tmp_path / "exported")
+    weights = load_file(tmp_path / "exported" / "model.safetensors")
+    assert all(t.dtype == torch.float16 for t in weights.values() if t.is_floating_point())
+    assert report["max_embedding_diff"] < 5e-3
+    assert json.loads((tmp_path / "exported" / "config.json").read_text())["dtype"] == "float32"
+    assert (tmp_path / "exported" / "modeling_medeir.py").read_text() == (REPO / "modeling_medeir.py").read_text()

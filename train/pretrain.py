@@ -1,0 +1,303 @@
+"""Masked language modelling with accelerate: the same script on a laptop CPU and on many GPUs.
+
+    python -m train.pretrain --recipe train/recipes/pretrain-small.yaml
+    accelerate launch --config_file train/accelerate/multi-gpu.yaml -m train.pretrain --recipe ...
+
+Packed sequences (texts concatenated, each with [CLS] ... [SEP], cut into `seq_len` blocks), dynamic masking
+(15%, 80/10/10, whole-word optional) by transformers' collator, bf16 on GPU, gradient accumulation. A checkpoint
+(`accelerator.save_state`) every `save_every` steps; a restarted run resumes from the newest one, skips the
+batches it already saw and ends where an uninterrupted run ends. Evaluation reports MLM loss and masked-token
+accuracy (a local `evaluate` metric) at the training length and at `eval_length_factors` times it, which shows
+whether ALiBi extrapolates. Logs go to tensorboard and to `train_log.jsonl`; the final model to `<output_dir>/final`.
+"""
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import datasets
+import evaluate
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import gather_object, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, DataCollatorForLanguageModeling, get_linear_schedule_with_warmup
+
+from hub.sentence_transformers_files import write_sentence_transformers_files
+from modeling_medeir import MedEIRForMaskedLM
+from train.recipe import add_recipe_arguments, load_recipe, save_recipe
+
+METRIC = str(Path(__file__).parent / "metrics" / "masked_accuracy")
+CRASH_AT_STEP = "MEDEIR_CRASH_AT_STEP"  # fault injection for the resume test: SIGKILL after this step
+
+
+@dataclass
+class PretrainRecipe:
+    init: str  # a MedEIRForMaskedLM folder (train.initialize writes one)
+    data: str = "data/corpus"  # train.parquet and validation.parquet with a `text` column
+    output_dir: str = "runs/pretrain"
+    seq_len: int = 128
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    max_grad_norm: float = 1.0
+    mlm_probability: float = 0.15
+    whole_word_mask: bool = False
+    max_train_texts: int | None = None  # a seeded sample of the corpus, for toy runs
+    eval_every: int = 200
+    eval_tokens: int = 32768  # validation tokens per evaluated length
+    eval_length_factors: list[int] = field(default_factory=lambda: [1, 4, 16])
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    attn_implementation: str = "sdpa"
+    mixed_precision: str = "auto"  # auto: bf16 on CUDA, fp32 elsewhere
+    logger: str = "tensorboard"
+    seed: int = 0
+
+
+def packed_blocks(
+    path: Path, tokenizer, seq_len: int, whole_word: bool, max_texts: int | None = None, seed: int = 0
+) -> datasets.Dataset:
+    """Tokenize a parquet of texts and pack the token stream into `seq_len` blocks (the remainder is dropped)."""
+    texts = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    if max_texts is not None and max_texts < len(texts):
+        texts = texts.shuffle(seed=seed).select(range(max_texts))
+
+    def tokenize(batch):
+        return tokenizer(
+            batch["text"], return_special_tokens_mask=True, return_offsets_mapping=whole_word, verbose=False
+        )
+
+    def pack(batch):
+        columns = {key: list(itertools.chain.from_iterable(values)) for key, values in batch.items()}
+        total = len(columns["input_ids"]) // seq_len * seq_len
+        return {key: [seq[i : i + seq_len] for i in range(0, total, seq_len)] for key, seq in columns.items()}
+
+    tokens = texts.map(tokenize, batched=True, remove_columns=texts.column_names, desc="tokenize")
+    tokens = tokens.remove_columns([c for c in tokens.column_names if c == "token_type_ids"])
+    return tokens.map(pack, batched=True, batch_size=2000, desc=f"pack into {seq_len}-token blocks")
+
+
+def evaluation_batches(recipe: PretrainRecipe, tokenizer, validation: Path) -> dict[int, list[dict]]:
+    """Masked validation batches per length, masked once with a fixed seed so every evaluation sees the same."""
+    collator = DataCollatorForLanguageModeling(
+        tokenizer, mlm_probability=recipe.mlm_probability, whole_word_mask=recipe.whole_word_mask, seed=recipe.seed
+    )
+    out = {}
+    for factor in recipe.eval_length_factors:
+        length = recipe.seq_len * factor
+        blocks = packed_blocks(validation, tokenizer, length, recipe.whole_word_mask)
+        blocks = blocks.select(range(min(len(blocks), max(1, recipe.eval_tokens // length))))
+        rows = [blocks[i] for i in range(len(blocks))]
+        size = max(1, recipe.batch_size // factor)
+        out[length] = [collator(rows[i : i + size]) for i in range(0, len(rows), size)]
+    return out
+
+
+@torch.no_grad()
+def evaluate_lengths(model, batches: dict[int, list[dict]], accelerator: Accelerator) -> dict[str, float]:
+    model.eval()
+    results = {}
+    for length, length_batches in batches.items():
+        metric = evaluate.load(METRIC)
+        loss_sum = count = 0.0
+        for batch in length_batches[accelerator.process_index :: accelerator.num_processes]:
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            out = model(**batch)
+            labelled = int((batch["labels"] != -100).sum())
+            loss_sum += out.loss.item() * labelled
+            count += labelled
+            metric.add_batch(
+                predictions=out.logits.argmax(-1).flatten().cpu(), references=batch["labels"].flatten().cpu()
+            )
+        totals = accelerator.reduce(torch.tensor([loss_sum, count], device=accelerator.device), reduction="sum")
+        accuracy = metric.compute()["accuracy"] if count else float("nan")
+        accuracy = accelerator.reduce(torch.tensor([accuracy * count], device=accelerator.device), "sum")
+        results[f"eval/loss@{length}"] = (totals[0] / totals[1]).item()
+        results[f"eval/accuracy@{length}"] = (accuracy[0] / totals[1]).item()
+    model.train()
+    return results
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = sorted((output_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int) -> None:
+    accelerator.save_state(output_dir / "checkpoints" / f"step-{step:07d}")
+    if accelerator.is_main_process:
+        older = sorted((output_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        for path in older[:-keep]:
+            shutil.rmtree(path)
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def mixed_precision(name: str) -> str:
+    if name == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return name
+
+
+def train(recipe: PretrainRecipe) -> Path:
+    output_dir = Path(recipe.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=recipe.grad_accum,
+        mixed_precision=mixed_precision(recipe.mixed_precision),
+        log_with=recipe.logger if recipe.logger != "none" else None,
+        project_dir=str(output_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(recipe.seed)
+    tokenizer = AutoTokenizer.from_pretrained(recipe.init, trust_remote_code=True)
+    model = MedEIRForMaskedLM.from_pretrained(recipe.init, attn_implementation=recipe.attn_implementation)
+
+    data = Path(recipe.data)
+    with accelerator.main_process_first():
+        train_blocks = packed_blocks(
+            data / "train.parquet",
+            tokenizer,
+            recipe.seq_len,
+            recipe.whole_word_mask,
+            recipe.max_train_texts,
+            recipe.seed,
+        )
+        eval_batches = evaluation_batches(recipe, tokenizer, data / "validation.parquet")
+    collator = DataCollatorForLanguageModeling(
+        tokenizer, mlm_probability=recipe.mlm_probability, whole_word_mask=recipe.whole_word_mask
+    )
+    # The loader yields unmasked rows; each batch is masked in the loop with a generator seeded by (seed, rank,
+    # batch index), so a resumed run draws the same masks whatever the loader had prefetched before the kill.
+    loader = DataLoader(train_blocks, batch_size=recipe.batch_size, shuffle=True, collate_fn=list, drop_last=True)
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr,
+        fused=True,  # one kernel over all parameters (CPU and CUDA): the 52,543-row embedding dominates the update
+    )
+    # a prepared scheduler steps once per process at every optimizer step
+    processes = accelerator.num_processes
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, recipe.warmup_steps * processes, recipe.max_steps * processes
+    )
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    steps_per_epoch = len(loader) // recipe.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{len(train_blocks)} training blocks make no full step of {recipe.batch_size} x {recipe.grad_accum}"
+        )
+
+    step = 0
+    if (checkpoint := latest_checkpoint(output_dir)) is not None:
+        accelerator.load_state(checkpoint)
+        step = int(checkpoint.name.split("-")[1])
+        accelerator.print(f"resumed from {checkpoint} at step {step}")
+    if accelerator.is_main_process:
+        save_recipe(recipe, output_dir / "recipe.json")
+    accelerator.init_trackers("pretrain", config={k: str(v) for k, v in asdict(recipe).items()})
+    log_file = output_dir / "train_log.jsonl"
+
+    def log(values: dict) -> None:
+        accelerator.log(values, step=step)
+        if accelerator.is_main_process:
+            with log_file.open("a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+
+    progress = tqdm(
+        total=recipe.max_steps, initial=step, desc="pretrain", disable=not accelerator.is_local_main_process
+    )
+    model.train()
+    tokens_seen, started = 0, time.perf_counter()
+    epoch = step // steps_per_epoch
+    batches_seen = step * recipe.grad_accum
+    while step < recipe.max_steps:
+        loader.set_epoch(epoch)
+        skip = (step - epoch * steps_per_epoch) * recipe.grad_accum
+        for rows in accelerator.skip_first_batches(loader, skip) if skip else loader:
+            collator.generator = torch.Generator().manual_seed(
+                (recipe.seed * 1_000_003 + accelerator.process_index) * 1_000_000_007 + batches_seen
+            )
+            batch = {k: v.to(accelerator.device) for k, v in collator(rows).items()}
+            batches_seen += 1
+            with accelerator.accumulate(model):
+                loss = model(**batch, sparse_prediction=True).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            tokens_seen += batch["input_ids"].numel()
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            progress.update(1)
+            elapsed = time.perf_counter() - started
+            log(
+                {
+                    "train/loss": loss.item(),
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/tokens_per_s": tokens_seen * accelerator.num_processes / elapsed,
+                }
+            )
+            if os.environ.get(CRASH_AT_STEP) == str(step):
+                os.kill(os.getpid(), signal.SIGKILL)
+            if step % recipe.save_every == 0 or step == recipe.max_steps:
+                save_checkpoint(accelerator, output_dir, step, recipe.keep_checkpoints)
+            if step % recipe.eval_every == 0 or step == recipe.max_steps:
+                results = evaluate_lengths(model, eval_batches, accelerator)
+                log(results)
+                progress.set_postfix(loss=f"{results[f'eval/loss@{recipe.seq_len}']:.3f}")
+            if step >= recipe.max_steps:
+                break
+        epoch += 1
+    progress.close()
+
+    # Every rank must end with the same weights; a divergence (e.g. a rank that skipped a step) fails loudly.
+    hashes = gather_object([weights_sha256(accelerator.unwrap_model(model))])
+    if len(set(hashes)) != 1:
+        raise RuntimeError(f"ranks ended with different weights: {hashes}")
+    log({"weights_sha256": hashes[0], "ranks": len(hashes)})
+
+    final = output_dir / "final"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(final, safe_serialization=True)
+        tokenizer.save_pretrained(final)
+        write_sentence_transformers_files(final, hidden_size=unwrapped.config.hidden_size)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # last: it also tears down the process group
+    return final
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_recipe_arguments(parser)
+    args = parser.parse_args()
+    recipe = load_recipe(PretrainRecipe, args.recipe, args.overrides)
+    print(f"final model: {train(recipe)}")
+
+
+if __name__ == "__main__":
+    main()
