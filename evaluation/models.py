@@ -5,6 +5,7 @@
                         the MedEIR tokenizer with ALiBi in place of position embeddings, before any training
     medeir-random       MedEIR-small as `python -m train.initialize scratch` writes it: random weights, the floor
     anything else       a folder SentenceTransformer(path, trust_remote_code=True) loads (a MedEIR folder, any ST model)
+    NAME=SPEC           any of the above, shown in the report as NAME
 
 The two MedEIR starting points are built once per tokenizer version under the cache folder.
 """
@@ -37,11 +38,13 @@ def initialized_medeir(start: str, cache_dir: Path) -> Path:
     from train import initialize
 
     tag = hashlib.sha256((initialize.DEFAULT_TOKENIZER / "tokenizer.json").read_bytes()).hexdigest()[:8]
-    out = Path(cache_dir) / "models" / f"medeir-small-{start}-tokenizer-{tag}"
+    fold = initialize.DEFAULT_FOLD_POSITIONS
+    suffix = f"-fold{fold}" if start == "minilm" else ""
+    out = Path(cache_dir) / "models" / f"medeir-small-{start}-tokenizer-{tag}{suffix}"
     if not (out / "modules.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(initialize.DEFAULT_TOKENIZER)
         if start == "minilm":
-            model, stats = initialize.convert_minilm(tokenizer)
+            model, stats = initialize.convert_minilm(tokenizer, fold_positions=fold)
         else:
             model, stats = initialize.from_scratch("small", tokenizer), {"preset": "small", "seed": 0}
         initialize.save(model, tokenizer, out, stats)
@@ -50,6 +53,9 @@ def initialized_medeir(start: str, cache_dir: Path) -> Path:
 
 def resolve(spec: str, cache_dir: Path) -> tuple[str, Path]:
     """(display name, folder) of a model spec."""
+    name, sep, rest = spec.partition("=")
+    if sep and name and rest:
+        return name, resolve(rest, cache_dir)[1]
     if spec == "minilm":
         return "all-MiniLM-L6-v2", minilm_path()
     if spec == "medeir-minilm-init":

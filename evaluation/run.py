@@ -250,7 +250,7 @@ def describe(name: str, spec: str, path: Path, model, fingerprint: str) -> dict:
         "max_seq_length": model.max_seq_length,
         "prompts": {k: v for k, v in (model.prompts or {}).items() if v},
         "similarity": str(model.similarity_fn_name),
-        "note": models.NOTES.get(spec, ""),
+        "note": models.NOTES.get(spec.rpartition("=")[2], ""),
     }
 
 

@@ -163,14 +163,11 @@ def test_negatives_never_include_a_positive_of_the_anchor():
 
 
 @pytest.fixture(scope="session")
-def subset_builds(tmp_path_factory) -> tuple[Path, Path, dict]:
-    """`--only icd10cm,hpo` built twice into two folders."""
-    fetched("icd10cm")
-    fetched("hpo")
-    a, b = tmp_path_factory.mktemp("build_a"), tmp_path_factory.mktemp("build_b")
-    manifest = build_mod.build(a, cache_dir(), ["icd10cm", "hpo"], {})
+def subset_builds(icd_hpo_data, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """`--only icd10cm,hpo` built twice into two folders: the session's shared build, and one more."""
+    b = tmp_path_factory.mktemp("build_b")
     build_mod.build(b, cache_dir(), ["icd10cm", "hpo"], {})
-    return a, b, manifest
+    return icd_hpo_data, b, json.loads((icd_hpo_data / "manifest.json").read_text())
 
 
 def test_build_is_byte_identical(subset_builds):
@@ -265,6 +262,12 @@ def test_longdoc_answers_lie_beyond_512_tokens(subset_builds):
         assert 512 < len(offsets) <= 8192
         first = doc.lower().find(query.lower())
         assert first >= 0 and sum(s < first for s in offsets) >= 512
+    relevant = {q["doc_id"] for q in pq.read_table(base / "qrels.parquet").to_pylist()}
+    distractors = set(docs) - relevant
+    assert distractors, "non-test categories too long to be training positives join as distractors"
+    for category in distractors:
+        assert split_of(f"icd10cm:{category}") != "test"
+        assert len(docs[category].split()) > icd10cm.CATEGORY_DOC_MAX_WORDS
 
 
 def test_pairs_test_is_balanced_and_marks_cardiology(subset_builds):

@@ -191,6 +191,7 @@ def test_model_specs_resolve_to_folders(tmp_path, minilm_path):
 
     assert models.resolve("minilm", tmp_path) == ("all-MiniLM-L6-v2", minilm_path)
     assert models.resolve(str(minilm_path), tmp_path) == ("model", minilm_path)
+    assert models.resolve(f"MiniLM fp32={minilm_path}", tmp_path) == ("MiniLM fp32", minilm_path)
     with pytest.raises(FileNotFoundError, match="medeir-random"):
         models.resolve(str(tmp_path / "no-such-model"), tmp_path)
 

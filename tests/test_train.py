@@ -206,6 +206,52 @@ def test_finetuning_composes_pairs_and_distillation_and_lowers_the_loss(finetune
     assert evals, "evaluation on the validation pairs must run during training"
 
 
+def test_mined_negatives_are_never_a_positive_of_their_anchor(tiny_medeir_init, icd_hpo_data):
+    import datasets
+    from sentence_transformers import SentenceTransformer
+
+    from train import finetune
+
+    recipe = load_recipe(
+        FinetuneRecipe,
+        None,
+        [
+            f"init={tiny_medeir_init}",
+            f"data={icd_hpo_data}",
+            "pair_kinds={icd_inclusion_title: 300, icd_title_parent: 300}",
+            "mined_negatives=2",
+        ],
+    )
+    from evaluation.models import minilm_path
+
+    model = SentenceTransformer(str(minilm_path()))  # a trained model, so the margin filter keeps most rows
+    sets = finetune.pair_datasets(recipe, model)
+    mined = sets["pairs_hard"]
+    assert mined.column_names == ["anchor", "positive", "mined_1", "mined_2", "negative_1"]
+    assert len(mined) > 0.5 * 300
+    pairs = datasets.load_dataset("parquet", data_files=f"{icd_hpo_data}/pairs/train.parquet", split="train")
+    positives: dict[str, set[str]] = {}
+    for a, p in zip(pairs["anchor"], pairs["positive"], strict=True):
+        positives.setdefault(a, set()).add(p)
+    for row in mined:
+        assert row["mined_1"] != row["mined_2"]
+        assert not {row["mined_1"], row["mined_2"]} & positives[row["anchor"]], row
+
+
+def test_teacher_targets_are_cached_for_a_resumed_run(finetuned, monkeypatch):
+    from train import finetune
+
+    recipe = load_recipe(FinetuneRecipe, finetuned / "recipe.json")
+    monkeypatch.setattr(finetune, "compute_teacher_targets", lambda r: pytest.fail("targets recomputed"))
+    cached = finetune.distill_datasets(recipe)
+    assert {name: len(ds) for name, ds in cached.items()} == {"distill_mse": 200, "distill_kl": 200}
+    assert len(cached["distill_kl"][0]["label"]) == 2 and len(cached["distill_mse"][0]["label"]) == 384
+    # another data build or another size is another key: recomputed, never served stale
+    recipe.distill_kl_rows = 100
+    with pytest.raises(pytest.fail.Exception, match="targets recomputed"):
+        finetune.distill_datasets(recipe)
+
+
 def test_finetuned_folder_loads_as_a_sentence_transformer(finetuned):
     from sentence_transformers import SentenceTransformer
 

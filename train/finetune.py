@@ -21,6 +21,7 @@ the newest one. The result is a SentenceTransformer folder (MedEIR remote code i
 import argparse
 import json
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,9 +160,31 @@ def mine(dataset: datasets.Dataset, model: SentenceTransformer, recipe: Finetune
 
 
 def distill_datasets(recipe: FinetuneRecipe) -> dict[str, datasets.Dataset]:
-    """Teacher targets, computed once: embeddings of corpus texts, similarity scores over hard-negative rows."""
+    """Teacher targets, computed once per run and cached in the output folder, so a resumed run skips them."""
     if not recipe.teacher or not (recipe.distill_mse_texts or recipe.distill_kl_rows):
         return {}
+    manifest = Path(recipe.data) / "manifest.json"
+    key = {
+        "teacher": recipe.teacher,
+        "data": json.loads(manifest.read_text())["dataset_version"] if manifest.exists() else str(recipe.data),
+        "mse_texts": recipe.distill_mse_texts,
+        "kl_rows": recipe.distill_kl_rows,
+        "seed": recipe.seed,
+    }
+    cache = Path(recipe.output_dir) / "teacher-targets"
+    if (cache / "key.json").exists() and json.loads((cache / "key.json").read_text()) == key:
+        print(f"teacher targets from {cache}")
+        return {name.name: datasets.load_from_disk(str(name)) for name in sorted(cache.iterdir()) if name.is_dir()}
+    out = compute_teacher_targets(recipe)
+    shutil.rmtree(cache, ignore_errors=True)
+    for name, dataset in out.items():
+        dataset.save_to_disk(str(cache / name))
+    (cache / "key.json").write_text(json.dumps(key, indent=2) + "\n")  # written last: marks the cache complete
+    return out
+
+
+def compute_teacher_targets(recipe: FinetuneRecipe) -> dict[str, datasets.Dataset]:
+    """Embeddings of corpus texts (for MSE) and similarity scores over hard-negative rows (for KL)."""
     teacher = SentenceTransformer(teacher_path(recipe.teacher), device="cuda" if torch.cuda.is_available() else "cpu")
     out = {}
     if recipe.distill_mse_texts:
