@@ -184,6 +184,17 @@ def pairs_section(report: dict) -> list[str]:
     return [*lines, "", "![similarity of related vs unrelated pairs](plots/pair_similarity.png)"]
 
 
+def distractor_sentence(built: dict) -> str:
+    """The long-document benchmark's distractors: long category documents that answer no query."""
+    t = built.get("distractor_tokens")
+    if not built.get("distractors") or not t:
+        return ""
+    return (
+        f" Distractors (long documents of training categories, relevant to no query): {built['distractors']}, "
+        f"median {t['median']}, max {t['max']} tokens."
+    )
+
+
 def longdoc_section(report: dict) -> list[str]:
     with_long = [m for m in report["models"] if "longdoc" in m]
     if not with_long:
@@ -203,10 +214,10 @@ def longdoc_section(report: dict) -> list[str]:
     if built.get("documents_tokens"):
         d, a = built["documents_tokens"], built.get("answer_start_token", {})
         lines += [
-            f"As built (data/manifest.json, {built.get('tokenizer', 'bert-base-uncased')} tokens): {d['count']} "
+            f"As built (data/manifest.json, {built.get('tokenizer', 'bert-base-uncased')} tokens): {d['count']} answer "
             f"documents, min {d['min']}, median {d['median']}, p75 {d['p75']}, max {d['max']} tokens; over 1,024: "
             f"{d['over_1024']}, over 2,048: {d['over_2048']}, over 4,096: {d['over_4096']}. Answer start: median "
-            f"{a.get('median', '?')}, max {a.get('max', '?')}.",
+            f"{a.get('median', '?')}, max {a.get('max', '?')}." + distractor_sentence(built),
             "",
         ]
     rows = []

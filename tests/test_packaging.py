@@ -176,3 +176,43 @@ def test_8192_token_forward_of_the_small_preset_stays_in_linear_memory(tmp_path)
         + 150 * 2**20
     ) / 2**20
     assert peak_mb < bound, f"peak {peak_mb:.0f} MB over the derived bound {bound:.0f} MB"
+
+
+# ---- the shipped model --------------------------------------------------------------------------------------------
+SHIPPED = REPO / "models" / "medeir-small"
+
+
+def test_shipped_model_carries_the_current_remote_code():
+    for name in ("modeling_medeir.py", "configuration_medeir.py"):
+        assert (SHIPPED / name).read_text() == (REPO / name).read_text(), f"{name}: rerun python -m train.export"
+
+
+def test_shipped_model_loads_both_ways_in_a_fresh_offline_process(tmp_path):
+    code = textwrap.dedent(
+        f"""
+        import json, torch, torch.nn.functional as F
+        from sentence_transformers import SentenceTransformer
+        from transformers import AutoModel, AutoTokenizer
+        path = {str(SHIPPED)!r}
+        texts = ["heart attack", "Acute myocardial infarction", "Hypoglycemia"]
+        st = SentenceTransformer(path, trust_remote_code=True)
+        a = st.encode(texts, convert_to_tensor=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        model = AutoModel.from_pretrained(path, trust_remote_code=True)
+        batch = tokenizer(texts, padding=True, return_tensors="pt")
+        with torch.inference_mode():
+            hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        b = F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+        print(json.dumps({{
+            "max_seq_length": st.max_seq_length, "dtype": str(next(model.parameters()).dtype),
+            "diff": float((a - b).abs().max()), "related": float(a[0] @ a[1]), "unrelated": float(a[0] @ a[2]),
+        }}))
+        """
+    )
+    result = run_fresh(code, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["max_seq_length"] == 8192 and out["dtype"] == "torch.float32"
+    assert out["diff"] < 1e-5
+    assert out["related"] > out["unrelated"] + 0.2, out  # a trained model, not the random or MiniLM-converted start

@@ -324,3 +324,11 @@ def test_export_halves_the_weights_and_still_loads_in_float32(finetuned, tmp_pat
     assert report["max_embedding_diff"] < 5e-3
     assert json.loads((tmp_path / "exported" / "config.json").read_text())["dtype"] == "float32"
     assert (tmp_path / "exported" / "modeling_medeir.py").read_text() == (REPO / "modeling_medeir.py").read_text()
+    # trained at 512 tokens, shipped with its whole context and legacy module types any sentence-transformers loads
+    modules = json.loads((tmp_path / "exported" / "modules.json").read_text())
+    assert modules[0]["type"] == "sentence_transformers.models.Transformer"
+    tokenizer_config = json.loads((tmp_path / "exported" / "tokenizer_config.json").read_text())
+    assert tokenizer_config["model_max_length"] == 8192 and "local_files_only" not in tokenizer_config
+    from sentence_transformers import SentenceTransformer
+
+    assert SentenceTransformer(str(tmp_path / "exported"), trust_remote_code=True).max_seq_length == 8192

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from hub.sentence_transformers_files import write_sentence_transformers_files
+
 REPO = Path(__file__).resolve().parents[1]
 REMOTE_CODE = ("modeling_medeir.py", "configuration_medeir.py")
 CHECK_TEXTS = [
@@ -42,8 +44,27 @@ def export(source: Path, target: Path, half: bool = True) -> dict:
     config = json.loads(config_file.read_text())
     config["dtype"] = "float32"  # compute dtype on load; the stored weights may be float16
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    publishable_sentence_transformers_files(target, config)
     difference = check(source, target)
     return {"weights_mb": round(weights_file.stat().st_size / 2**20, 1), "half": half, "max_embedding_diff": difference}
+
+
+def publishable_sentence_transformers_files(target: Path, config: dict) -> None:
+    """The trainer saves sentence-transformers 6 files with the training length (512) as the model's limit; the
+    shipped model reads its whole context and loads in every sentence-transformers version (legacy module types)."""
+    prompts = json.loads((target / "config_sentence_transformers.json").read_text()).get("prompts") or {}
+    write_sentence_transformers_files(
+        target,
+        config["hidden_size"],
+        max_seq_length=config["max_position_embeddings"],
+        prompts={k: v for k, v in prompts.items() if v},
+    )
+    tokenizer_file = target / "tokenizer_config.json"
+    tokenizer = json.loads(tokenizer_file.read_text())
+    for key in ("is_local", "local_files_only"):  # facts about the training machine, not settings of the model
+        tokenizer.pop(key, None)
+    tokenizer["model_max_length"] = config["max_position_embeddings"]
+    tokenizer_file.write_text(json.dumps(tokenizer, indent=2, sort_keys=True) + "\n")
 
 
 def check(source: Path, target: Path) -> float:

@@ -1,0 +1,739 @@
+"""MedEIR: a bidirectional BERT-style encoder with ALiBi position biases (no position embeddings).
+
+Attention adds the symmetric ALiBi bias `-slope_h * |i - j|` to the scaled scores of head `h`. Every backend
+applies it itself, because transformers' own sdpa / flash_attention_2 integrations drop it:
+
+    eager              the reference: fp32 scores and softmax over a full bias
+    sdpa (default)     torch SDPA with the bias as a float mask, built once per forward and shared by all
+                       layers; long inputs attend in query chunks so memory grows about linearly
+    flex_attention     ALiBi as a score_mod, padding or packed documents as a block mask
+    flash_attention_2  flash_attn_varlen_func(alibi_slopes=...) on unpadded tokens (unpadded once per forward)
+
+Any other implementation raises instead of running without the bias. Padded batches (any padding side) and
+packed batches (sentence-transformers' `cu_seq_lens_q` / `max_length_q`) are both supported by every backend.
+Padding positions of `last_hidden_state` are zero.
+
+This file is Hub remote code: it imports only torch and transformers at top level and stays self-contained.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from itertools import pairwise
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput, SequenceClassifierOutput
+from transformers.utils import logging
+
+try:  # loaded as Hub remote code (a package): the config sits next to this file
+    from .configuration_medeir import MedEIRConfig
+except ImportError:  # imported from a checkout of the repository
+    from configuration_medeir import MedEIRConfig
+
+logger = logging.get_logger(__name__)
+
+# sdpa builds the whole (batch, heads, S, S) bias once per forward when it has at most this many elements
+# (256 MB in fp32). Longer inputs attend in query chunks whose score blocks hold about SDPA_CHUNK_ELEMENTS.
+SDPA_BIAS_ELEMENTS = 1 << 26
+SDPA_CHUNK_ELEMENTS = 1 << 24
+# sdpa unpads a batch whose real tokens are fewer than this share of its positions: the linear layers (most of the
+# compute at short lengths) then skip the padding, and q, k, v are padded back only around the attention kernel.
+SDPA_MIN_REAL_TOKENS = 0.75
+
+FLASH_ATTN_HELP = (
+    "attn_implementation='flash_attention_2' needs the flash-attn package (FlashAttention-2, which has ALiBi; "
+    "FlashAttention-3 and the `kernels` Hub kernels do not). Install it on a CUDA machine with "
+    "`pip install flash-attn --no-build-isolation` (or `pip install 'medeir[flash]'`), or use "
+    "attn_implementation='sdpa' (the default) or 'flex_attention'."
+)
+
+
+def alibi_slopes(num_heads: int) -> list[float]:
+    """ALiBi head slopes (Press et al., 2022): a geometric sequence, interleaved when heads are not a power of 2."""
+
+    def power_of_two_slopes(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(num_heads).is_integer():
+        return power_of_two_slopes(num_heads)
+    closest = 2 ** math.floor(math.log2(num_heads))
+    return power_of_two_slopes(closest) + alibi_slopes(2 * closest)[0::2][: num_heads - closest]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention layout: how the tokens of one forward pass attend, built once and shared by every layer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AttentionLayout:
+    """Everything the attention kernels need besides q, k, v, and where the tokens are.
+
+    Tokens are either padded, (B, S, ...), or flat: the real tokens of every sequence back to back, (T, ...),
+    unpadded once per forward (`indices` are their positions in the flattened (B * S) batch, None when there is
+    no padding to drop). `cu_seqlens` / `segments` give the sequence boundaries in the flat stream. Padded
+    batches carry `key_mask` (B, S); packed batches (B == 1, padded layout) carry `doc_ids` (S,).
+    """
+
+    implementation: str
+    slopes: torch.Tensor  # (H,) fp32, on the compute device
+    shape: tuple[int, int] = (0, 0)  # (B, S) of the input
+    flat: bool = False
+    repad: bool = False  # flat tokens, but the kernel needs (B, S, H, d): pad q, k, v around it
+    key_mask: torch.Tensor | None = None
+    doc_ids: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+    segments: list[tuple[int, int]] | None = None  # sdpa on long inputs: [start, end) of each sequence
+    bias: torch.Tensor | None = None  # eager / sdpa: full additive bias (B or 1, H, S, S)
+    band: torch.Tensor | None = None  # sdpa on long inputs: (1, H, chunk, 2S), see `alibi_band`
+    block_mask: object = None  # flex_attention: torch BlockMask
+
+    def pad(self, flat: torch.Tensor) -> torch.Tensor:
+        """(T, ...) real tokens -> (B, S, ...), zeros at padding."""
+        batch, seq_len = self.shape
+        if self.indices is None:
+            return flat.view(batch, seq_len, *flat.shape[1:])
+        padded = flat.new_zeros(batch * seq_len, *flat.shape[1:])
+        return padded.index_copy(0, self.indices, flat).view(batch, seq_len, *flat.shape[1:])
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """(B, S, ...) -> (T, ...) real tokens."""
+        flat = padded.flatten(0, 1)
+        return flat if self.indices is None else flat.index_select(0, self.indices)
+
+    def alibi_bias(self, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive (B or 1, H, S, S) bias: ALiBi where a query may attend, dtype-min elsewhere.
+
+        `masked_fill` (not addition) keeps fully masked rows finite: softmax over equal minima is uniform, not NaN.
+        """
+        pos = torch.arange(seq_len, device=self.slopes.device)
+        bias = (-self.slopes[:, None, None] * (pos[:, None] - pos[None, :]).abs()).to(dtype)[None]
+        if self.key_mask is not None:
+            allowed = self.key_mask[:, None, None, :]
+        elif self.doc_ids is not None:
+            allowed = (self.doc_ids[:, None] == self.doc_ids[None, :])[None, None]
+        else:
+            return bias
+        return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+
+    def alibi_band(self, chunk: int, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
+        """(1, H, chunk, 2S) with band[..., i, t] = -slope * |i + S - t|.
+
+        ALiBi depends on i - j only, so the bias of queries [q0, q0 + chunk) against keys [0, L) is the view
+        band[..., S - q0 : S - q0 + L]: one tensor, linear in S, serves every chunk of every layer.
+        """
+        i = torch.arange(chunk, device=self.slopes.device)
+        t = torch.arange(2 * seq_len, device=self.slopes.device)
+        return (-self.slopes[:, None, None] * (i[:, None] + seq_len - t[None, :]).abs()).to(dtype)[None]
+
+
+def eager_attention(q, k, v, layout: AttentionLayout, dropout: float, scaling: float) -> torch.Tensor:
+    """Reference attention: fp32 scores, bias and softmax. q, k, v: (B, S, H, d)."""
+    dtype = q.dtype
+    q, k, v = (x.transpose(1, 2).float() for x in (q, k, v))
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling + layout.bias
+    probs = F.dropout(scores.softmax(dim=-1), p=dropout, training=dropout > 0)
+    return torch.matmul(probs, v).transpose(1, 2).to(dtype)
+
+
+def sdpa_attention(q, k, v, layout: AttentionLayout, dropout: float, scaling: float) -> torch.Tensor:
+    """torch SDPA with the ALiBi bias as a float mask.
+
+    Padded (B, S, H, d): one call with the bias built once per forward. Flat (T, H, d), for inputs whose full bias
+    would be too large: each sequence attends in query chunks whose bias is a view of the shared band, so memory
+    grows about linearly with length and no padding is computed at all.
+    """
+    if layout.bias is not None:
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.bias, dropout_p=dropout, scale=scaling)
+        return out.transpose(1, 2)
+    chunk, width = layout.band.shape[2], layout.band.shape[3] // 2
+    pieces = []
+    for start, end in layout.segments:
+        qs, ks, vs = (x[start:end].transpose(0, 1)[None] for x in (q, k, v))  # (1, H, L, d)
+        for q0 in range(0, end - start, chunk):
+            q1 = min(q0 + chunk, end - start)
+            bias = layout.band[:, :, : q1 - q0, width - q0 : width - q0 + end - start]
+            out = F.scaled_dot_product_attention(
+                qs[:, :, q0:q1], ks, vs, attn_mask=bias, dropout_p=dropout, scale=scaling
+            )
+            pieces.append(out[0].transpose(0, 1))
+    return torch.cat(pieces)
+
+
+@cache
+def _compiled_flex_attention(device_type: str) -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Uncompiled flex_attention materialises the full score matrix; compiled it is a fused kernel. Inductor's CPU
+    # template miscompiles dynamic shapes (torch 2.13: undeclared `cur_kvSplitSize` symbols), so on CPU every new
+    # input shape compiles anew (~15 s); CUDA (Triton) keeps automatic dynamic shapes.
+    return torch.compile(flex_attention, dynamic=None if device_type == "cuda" else False)
+
+
+def flex_attention(q, k, v, layout: AttentionLayout, dropout: float, scaling: float) -> torch.Tensor:
+    """FlexAttention: ALiBi as a score_mod, padding / document boundaries as the block mask."""
+    if dropout > 0:
+        raise ValueError("flex_attention has no attention dropout: set attention_probs_dropout_prob=0.0")
+    slopes = layout.slopes
+
+    def alibi(score, batch, head, q_idx, kv_idx):
+        return score - slopes[head] * (q_idx - kv_idx).abs()
+
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    kernel = _compiled_flex_attention(q.device.type)
+    return kernel(q, k, v, score_mod=alibi, block_mask=layout.block_mask, scale=scaling).transpose(1, 2)
+
+
+def _flash_attn_varlen() -> Callable:
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception as error:  # a broken build (ABI mismatch) raises more than ModuleNotFoundError
+        raise ImportError(FLASH_ATTN_HELP) from error
+    return flash_attn_varlen_func
+
+
+def flash_attention(q, k, v, layout: AttentionLayout, dropout: float, scaling: float) -> torch.Tensor:
+    """flash-attn 2 varlen kernel; it adds -slope*|i-j| in fp32 with positions restarting at every sequence.
+
+    q, k, v: (T, H, d) unpadded tokens.
+    """
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.device.type != "cuda":
+        raise TypeError(
+            f"flash_attention_2 runs in float16/bfloat16 on CUDA, got {q.dtype} on {q.device}: load the model with "
+            "dtype=torch.bfloat16 and move it to a GPU, or use attn_implementation='sdpa'."
+        )
+    return _flash_attn_varlen()(
+        q,
+        k,
+        v,
+        cu_seqlens_q=layout.cu_seqlens,
+        cu_seqlens_k=layout.cu_seqlens,
+        max_seqlen_q=layout.max_seqlen,
+        max_seqlen_k=layout.max_seqlen,
+        dropout_p=dropout,
+        softmax_scale=scaling,
+        causal=False,
+        alibi_slopes=layout.slopes,
+    )
+
+
+# The only attention implementations MedEIR accepts: each one applies ALiBi. Names are transformers' own, so
+# `attn_implementation=` and `set_attn_implementation()` select them.
+ALIBI_ATTENTION_FUNCTIONS: dict[str, Callable] = {
+    "eager": eager_attention,
+    "sdpa": sdpa_attention,
+    "flex_attention": flex_attention,
+    "flash_attention_2": flash_attention,
+}
+
+
+def _check_alibi_implementation(name: str | None) -> None:
+    if name not in ALIBI_ATTENTION_FUNCTIONS:
+        raise ValueError(
+            f"attn_implementation={name!r} cannot apply MedEIR's ALiBi position bias, and without it the model "
+            f"gives wrong embeddings. Choose one of {sorted(ALIBI_ATTENTION_FUNCTIONS)}."
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class MedEIREmbeddings(nn.Module):
+    """Word + token-type embeddings, LayerNorm, dropout. No position embeddings: ALiBi is in attention."""
+
+    def __init__(self, config: MedEIRConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.token_type_embeddings = (
+            nn.Embedding(config.type_vocab_size, config.hidden_size) if config.type_vocab_size > 0 else None
+        )
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        token_type_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+    ) -> torch.Tensor:
+        hidden = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.token_type_embeddings is not None:
+            if token_type_ids is None:
+                hidden = hidden + self.token_type_embeddings.weight[0]
+            else:
+                hidden = hidden + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.norm(hidden))
+
+
+class MedEIRAttention(nn.Module):
+    """Multi-head self-attention; the kernel comes from ALIBI_ATTENTION_FUNCTIONS by the config's implementation."""
+
+    def __init__(self, config: MedEIRConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.dropout = config.attention_probs_dropout_prob
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.out = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
+        tokens = hidden.shape[:-1]  # (B, S) padded, or (T,) flat
+        q, k, v = self.qkv(hidden).view(*tokens, 3, self.num_heads, self.head_dim).unbind(dim=-3)
+        if layout.repad:
+            q, k, v = layout.pad(q), layout.pad(k), layout.pad(v)
+        attend = ALIBI_ATTENTION_FUNCTIONS[layout.implementation]
+        out = attend(q, k, v, layout, self.dropout if self.training else 0.0, self.scaling)
+        if layout.repad:
+            out = layout.unpad(out)
+        return self.out(out.reshape(*tokens, -1))
+
+
+class MedEIRFeedForward(nn.Module):
+    """BERT's Linear -> act -> Linear ("mlp"), or Jina v2's gated act(gate) * up -> Linear ("glu")."""
+
+    def __init__(self, config: MedEIRConfig):
+        super().__init__()
+        self.gated = config.feed_forward_type == "glu"
+        width = 2 * config.intermediate_size if self.gated else config.intermediate_size
+        self.up = nn.Linear(config.hidden_size, width, bias=not self.gated)
+        self.act = ACT2FN[config.hidden_act]
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            up, gate = self.up(hidden).chunk(2, dim=-1)
+            return self.down(self.act(gate) * up)
+        return self.down(self.act(self.up(hidden)))
+
+
+class MedEIRLayer(GradientCheckpointingLayer):
+    """Post-LayerNorm encoder block, as in BERT: x = LN(x + attn(x)); x = LN(x + ffn(x))."""
+
+    def __init__(self, config: MedEIRConfig):
+        super().__init__()
+        self.attention = MedEIRAttention(config)
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.feed_forward = MedEIRFeedForward(config)
+        self.feed_forward_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
+        hidden = self.attention_norm(hidden + self.dropout(self.attention(hidden, layout)))
+        return self.feed_forward_norm(hidden + self.dropout(self.feed_forward(hidden)))
+
+
+class MedEIRPreTrainedModel(PreTrainedModel):
+    config_class = MedEIRConfig
+    config: MedEIRConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MedEIREmbeddings", "MedEIRLayer"]
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_flash_attn = True
+    # Packed batches (cu_seq_lens_q / max_length_q, or position_ids restarting at 0) work on every backend.
+    _supports_attention_backend = True
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # Attention is dispatched through ALIBI_ATTENTION_FUNCTIONS at every forward, so switching is always safe.
+        return True
+
+    def _check_and_adjust_attn_implementation(
+        self, attn_implementation: str | None, is_init_check: bool = False, allow_all_kernels: bool = False
+    ) -> str:
+        # Checked before transformers can swap a missing flash-attn for a Hub kernel that knows nothing of ALiBi.
+        if attn_implementation is not None:
+            _check_alibi_implementation(attn_implementation)
+        if attn_implementation == "flash_attention_2":
+            _flash_attn_varlen()
+        chosen = super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, allow_all_kernels)
+        _check_alibi_implementation(chosen)
+        return chosen
+
+
+class MedEIRModel(MedEIRPreTrainedModel):
+    """The encoder: returns `last_hidden_state` (zeros at padding positions) and, on request, every layer's output."""
+
+    def __init__(self, config: MedEIRConfig):
+        super().__init__(config)
+        self.embeddings = MedEIREmbeddings(config)
+        self.layers = nn.ModuleList([MedEIRLayer(config) for _ in range(config.num_hidden_layers)])
+        self._slopes: dict[torch.device, torch.Tensor] = {}
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = value
+
+    def _alibi_slopes(self, device: torch.device) -> torch.Tensor:
+        # Computed from the config, never stored as a buffer that meta-device loading could leave uninitialised.
+        if device not in self._slopes:
+            slopes = alibi_slopes(self.config.num_attention_heads)
+            self._slopes[device] = torch.tensor(slopes, dtype=torch.float32, device=device)
+        return self._slopes[device]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        cu_seq_lens_k: torch.Tensor | None = None,
+        max_length_q: int | None = None,
+        max_length_k: int | None = None,
+        **kwargs,
+    ) -> BaseModelOutput | tuple:
+        r"""
+        position_ids: only used to find packed documents (positions restarting at 0) when `cu_seq_lens_q` is
+            absent; ALiBi itself needs no positions.
+        cu_seq_lens_q / cu_seq_lens_k / max_length_q / max_length_k: a packed batch (batch size 1) from
+            sentence-transformers or transformers' DataCollatorWithFlattening: documents never attend across.
+        """
+        output_hidden_states = bool(output_hidden_states or self.config.output_hidden_states)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, token_type_ids)
+        shape = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        device = self.embeddings.word_embeddings.weight.device
+
+        if shape[0] == 0 or shape[1] == 0:  # an empty batch is a defined no-op
+            empty = torch.zeros(*shape, self.config.hidden_size, device=device, dtype=self.dtype)
+            hidden_states = (empty,) * (self.config.num_hidden_layers + 1) if output_hidden_states else None
+            out = BaseModelOutput(last_hidden_state=empty, hidden_states=hidden_states)
+            return out if return_dict else out.to_tuple()
+
+        cu_seqlens, max_seqlen = self._packed_documents(
+            shape, attention_mask, position_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k
+        )
+        hidden = self.embeddings(input_ids, token_type_ids, inputs_embeds)
+        layout = self._attention_layout(shape, attention_mask, cu_seqlens, max_seqlen, hidden.dtype)
+
+        if layout.flat:  # unpad once per forward: every layer runs on real tokens only
+            hidden = layout.unpad(hidden)
+
+        all_hidden = [hidden] if output_hidden_states else None
+        for layer in self.layers:
+            hidden = layer(hidden, layout)
+            if all_hidden is not None:
+                all_hidden.append(hidden)
+
+        def to_padded(states: torch.Tensor) -> torch.Tensor:
+            if layout.flat:
+                return layout.pad(states)
+            if layout.key_mask is not None:
+                return states * layout.key_mask[..., None].to(states.dtype)
+            return states
+
+        out = BaseModelOutput(
+            last_hidden_state=to_padded(hidden),
+            hidden_states=tuple(to_padded(h) for h in all_hidden) if all_hidden is not None else None,
+        )
+        return out if return_dict else out.to_tuple()
+
+    # -- input checks --------------------------------------------------------------------------------------------
+
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, token_type_ids) -> None:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        weight = self.embeddings.word_embeddings.weight
+        if input_ids is not None:
+            if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+                raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}.")
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}.")
+            self._check_device("input_ids", input_ids, weight.device)
+            if input_ids.numel() and not torch.compiler.is_compiling():
+                low, high = int(input_ids.min()), int(input_ids.max())
+                if low < 0 or high >= self.config.vocab_size:
+                    bad = low if low < 0 else high
+                    raise ValueError(
+                        f"input_ids contains token id {bad}, outside the vocabulary [0, {self.config.vocab_size}): "
+                        "was the text tokenized with this model's tokenizer?"
+                    )
+            shape = input_ids.shape
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+                raise ValueError(
+                    f"inputs_embeds must be (batch, sequence, {self.config.hidden_size}), "
+                    f"got shape {tuple(inputs_embeds.shape)}."
+                )
+            self._check_device("inputs_embeds", inputs_embeds, weight.device)
+            if inputs_embeds.dtype != weight.dtype:
+                raise TypeError(
+                    f"inputs_embeds is {inputs_embeds.dtype} but the model runs in {weight.dtype}: "
+                    f"cast it with .to({weight.dtype})."
+                )
+            shape = inputs_embeds.shape[:2]
+        for name, tensor in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+            if tensor is not None:
+                self._check_device(name, tensor, weight.device)
+                if tensor.shape != shape:
+                    raise ValueError(f"{name} has shape {tuple(tensor.shape)} but the input is {tuple(shape)}.")
+        if shape[1] > self.config.max_position_embeddings:
+            logger.warning_once(
+                f"Input of {shape[1]} tokens is longer than the {self.config.max_position_embeddings} tokens MedEIR "
+                "was trained for; ALiBi extrapolates, but quality beyond that length was not measured."
+            )
+
+    @staticmethod
+    def _check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
+        if tensor.device != device:
+            raise ValueError(
+                f"{name} is on {tensor.device} but the model is on {device}: move the inputs with .to(model.device)."
+            )
+
+    # -- attention layout ----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _packed_documents(shape, attention_mask, position_ids, cu_q, cu_k, max_q, max_k):
+        """Document boundaries of a packed batch (batch size 1), or (None, 0) for an ordinary padded batch."""
+        if cu_q is None and position_ids is not None and shape[0] == 1 and shape[1] > 1:
+            starts = (position_ids[0] == 0).nonzero().flatten()
+            if starts.numel() > 1 or (starts.numel() == 1 and int(starts[0]) != 0):
+                boundaries = torch.cat([starts, starts.new_tensor([shape[1]])])
+                if int(boundaries[0]) != 0:
+                    boundaries = torch.cat([boundaries.new_zeros(1), boundaries])
+                cu_q = boundaries
+        if cu_q is None:
+            return None, 0
+        if cu_k is not None and not torch.equal(cu_q, cu_k):
+            raise ValueError("MedEIR is an encoder: cu_seq_lens_k must equal cu_seq_lens_q.")
+        if shape[0] != 1:
+            raise ValueError(f"A packed batch (cu_seq_lens_q) must have batch size 1, got {shape[0]}.")
+        if int(cu_q[-1]) != shape[1]:
+            raise ValueError(f"cu_seq_lens_q ends at {int(cu_q[-1])} but the packed input has {shape[1]} tokens.")
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("A packed batch has no padding: drop attention_mask or pass a padded batch instead.")
+        cu_seqlens = cu_q.to(torch.int32)
+        max_seqlen = max_q or max_k or int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        return cu_seqlens, int(max_seqlen)
+
+    def _attention_layout(self, shape, attention_mask, cu_seqlens, max_seqlen, dtype) -> AttentionLayout:
+        implementation = self.config._attn_implementation
+        _check_alibi_implementation(implementation)
+        batch, seq_len = shape
+        device = self.embeddings.word_embeddings.weight.device
+        layout = AttentionLayout(implementation, self._alibi_slopes(device), shape=(batch, seq_len))
+
+        key_mask = None
+        if cu_seqlens is None and attention_mask is not None and not bool(attention_mask.all()):
+            key_mask = attention_mask.bool()
+            # One contiguous run per row (left or right padding): then ALiBi distances are the same whether a
+            # backend keeps the padded positions (sdpa, eager, flex) or drops them (flash-attn).
+            runs = key_mask[:, 0].int() + (key_mask[:, 1:] & ~key_mask[:, :-1]).sum(-1)
+            if bool((runs > 1).any()):
+                raise ValueError(
+                    "attention_mask must mark one contiguous run of tokens per row (left or right padding); "
+                    "a row with holes would get different ALiBi distances on different attention backends."
+                )
+
+        heads = self.config.num_attention_heads
+        lengths = key_mask.sum(-1, dtype=torch.int32) if key_mask is not None else None
+        long_input = (batch if key_mask is not None else 1) * heads * seq_len * seq_len > SDPA_BIAS_ELEMENTS
+        heavy_padding = lengths is not None and int(lengths.sum()) < SDPA_MIN_REAL_TOKENS * batch * seq_len
+        packed = cu_seqlens is not None
+
+        # Flat tokens (unpadded once per forward): always for flash-attn; for sdpa on long inputs (each sequence
+        # attends by itself, in chunks) and on heavily padded batches, whose linear layers then skip the padding
+        # while q, k, v are padded back around the one batched kernel call.
+        if implementation == "flash_attention_2" or (implementation == "sdpa" and (long_input or heavy_padding)):
+            layout.flat = True
+            if cu_seqlens is None:
+                if lengths is None:
+                    lengths = torch.full((batch,), seq_len, dtype=torch.int32, device=device)
+                else:
+                    layout.indices = key_mask.flatten().nonzero().flatten()
+                cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+                max_seqlen = int(lengths.max())
+            layout.cu_seqlens, layout.max_seqlen = cu_seqlens, max_seqlen
+            if implementation == "flash_attention_2":
+                return layout
+
+        layout.key_mask = key_mask
+        if packed:
+            doc_lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+            layout.doc_ids = torch.repeat_interleave(torch.arange(len(doc_lengths), device=device), doc_lengths)
+
+        if implementation == "flex_attention":
+            layout.block_mask = self._flex_block_mask(layout, batch, seq_len, device)
+        elif implementation == "eager":
+            layout.bias = layout.alibi_bias(seq_len, torch.float32)
+        elif long_input:  # sdpa, per sequence
+            width = max(layout.max_seqlen, 1)
+            chunk = min(width, max(64, SDPA_CHUNK_ELEMENTS // (heads * width) // 64 * 64))
+            layout.band = layout.alibi_band(chunk, width, dtype)
+            layout.segments = [(a, b) for a, b in pairwise(layout.cu_seqlens.tolist()) if b > a]
+        else:  # sdpa, one batched call
+            layout.bias = layout.alibi_bias(seq_len, dtype)
+            layout.repad = layout.flat
+        return layout
+
+    @staticmethod
+    def _flex_block_mask(layout: AttentionLayout, batch: int, seq_len: int, device: torch.device):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        if layout.key_mask is not None:
+            key_mask = layout.key_mask
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return key_mask[b, kv_idx]
+
+        elif layout.doc_ids is not None:
+            doc_ids = layout.doc_ids
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return doc_ids[q_idx] == doc_ids[kv_idx]
+
+        else:
+            return None
+        rows = batch if layout.key_mask is not None else None
+        return create_block_mask(mask_mod, rows, None, seq_len, seq_len, device=device)
+
+
+class MedEIRPredictionHead(nn.Module):
+    def __init__(self, config: MedEIRConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.act(self.dense(hidden)))
+
+
+class MedEIRForMaskedLM(MedEIRPreTrainedModel):
+    """Masked language modelling head; the decoder is tied to the word embeddings.
+
+    With `labels`, the vocabulary projection runs only on labelled positions when `sparse_prediction=True`
+    is passed (the 52,543-token projection of every position dominates MLM cost); `logits` are then (N, V)
+    for the N labelled tokens in row-major order.
+    """
+
+    _tied_weights_keys = {"decoder.weight": "model.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: MedEIRConfig):
+        super().__init__(config)
+        self.model = MedEIRModel(config)
+        self.head = MedEIRPredictionHead(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.decoder = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        sparse_prediction: bool = False,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MaskedLMOutput | tuple:
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        if labels is not None and sparse_prediction:
+            labels = labels.flatten()
+            keep = labels != -100
+            hidden, labels = hidden.flatten(0, 1)[keep], labels[keep]
+        logits = self.decoder(self.head(hidden))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+        out = MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return out if return_dict else out.to_tuple()
+
+
+class MedEIRForSequenceClassification(MedEIRPreTrainedModel):
+    """Mean pooling over real tokens, dropout, a linear head (e.g. medical abstract classification)."""
+
+    def __init__(self, config: MedEIRConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = MedEIRModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput | tuple:
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden = outputs.last_hidden_state  # zeros at padding, so a sum over positions sums the real tokens
+        if attention_mask is None:
+            counts = torch.full((hidden.shape[0], 1), hidden.shape[1], device=hidden.device, dtype=hidden.dtype)
+        else:
+            counts = attention_mask.sum(dim=1, keepdim=True).clamp(min=1).to(hidden.dtype)
+        logits = self.classifier(self.dropout(hidden.sum(dim=1) / counts))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+        out = SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return out if return_dict else out.to_tuple()
+
+
+MedEIRModel.register_for_auto_class("AutoModel")
+MedEIRForMaskedLM.register_for_auto_class("AutoModelForMaskedLM")
+MedEIRForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+
+__all__ = [
+    "MedEIRForMaskedLM",
+    "MedEIRForSequenceClassification",
+    "MedEIRModel",
+    "MedEIRPreTrainedModel",
+    "alibi_slopes",
+]
