@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test speed lint demo
+.PHONY: install test speed lint demo space-index
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ speed: install  ## tokens/s and peak memory against length, per attention backen
 MODEL ?= models/medeir-small
 demo: install  ## the Gradio demo on $(MODEL) at http://127.0.0.1:7860 (builds its ICD-10-CM + HPO index first if needed)
 	$(BIN)/python -m space.app --model $(MODEL)
+
+space-index: install  ## precompute the demo's compact index embeddings of $(MODEL) (re-run after retraining it)
+	$(BIN)/python -m space.index --precompute --model $(MODEL)
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

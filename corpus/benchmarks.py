@@ -70,6 +70,36 @@ def hpo_layperson(hpo: hpo_source.Hpo) -> Benchmark:
     return _finish("hpo_layperson", corpus, relevant, {"test_candidates": candidates, "dropped_shared": ambiguous})
 
 
+PROSE_MIN_WORDS = 12
+
+
+def hpo_definition(hpo: hpo_source.Hpo) -> Benchmark:
+    """Running prose -> term: a held-out term's definition (full sentences, at least PROSE_MIN_WORDS words) must find
+    the term's name among the names of all terms. The query is the source's own text, never rewritten; a definition
+    shared by several terms is kept only if every one of them is a test term (then all are relevant).
+    """
+    roles: dict[str, set[str]] = {}
+    for tid, term in hpo.terms.items():
+        if term.definition:
+            roles.setdefault(normalize(term.definition), set()).add(tid)
+    relevant: dict[str, tuple[str, set[str]]] = {}
+    candidates = ambiguous = 0
+    for tid, term in hpo.terms.items():
+        if tid == hpo_source.ROOT or split_of(hpo_source.group_of(tid)) != "test":
+            continue
+        if len(term.definition.split()) < PROSE_MIN_WORDS:
+            continue
+        candidates += 1
+        key = normalize(term.definition)
+        if any(split_of(hpo_source.group_of(t)) != "test" for t in roles[key]):
+            ambiguous += 1
+            continue
+        relevant.setdefault(key, (term.definition, set()))[1].add(tid)
+    corpus = {tid: t.name for tid, t in hpo.terms.items() if tid != hpo_source.ROOT}
+    report = {"test_candidates": candidates, "dropped_shared": ambiguous, "min_words": PROSE_MIN_WORDS}
+    return _finish("hpo_definition", corpus, relevant, report)
+
+
 def icd10cm_inclusion(icd: icd10cm.Icd10cm) -> Benchmark:
     """Inclusion term -> the code it is listed under; documents are all code titles."""
     roles: dict[str, set[str]] = {}

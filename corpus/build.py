@@ -128,6 +128,7 @@ def build_benchmarks(parsed: dict) -> list[benchmarks.Benchmark]:
     out = []
     if "hpo" in parsed:
         out.append(benchmarks.hpo_layperson(parsed["hpo"]))
+        out.append(benchmarks.hpo_definition(parsed["hpo"]))
     if "icd10cm" in parsed:
         out.append(benchmarks.icd10cm_inclusion(parsed["icd10cm"]))
         starts = bert_token_starts()

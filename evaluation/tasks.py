@@ -8,6 +8,7 @@ import json
 import os
 import random
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -18,30 +19,73 @@ from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 
 from evaluation.metrics import K_VALUES
 
-# benchmark folder -> (mteb task name, what it measures)
-BENCHMARKS = {
-    "hpo_layperson": (
+
+@dataclass(frozen=True)
+class BenchmarkInfo:
+    """One held-out benchmark: its mteb task, the registry source it is built from (the unit of leave-one-source-out)
+    and whether its queries are running prose or terms (short phrases)."""
+
+    task: str
+    label: str
+    source: str
+    queries: str  # "prose" | "terms"
+    description: str
+    control: bool = False  # general-English control: a medical model must not lose it
+
+
+# The registry: every benchmark the report knows, in report order. `corpus.build` writes their folders.
+BENCHMARKS: dict[str, BenchmarkInfo] = {
+    "hpo_layperson": BenchmarkInfo(
         "HPOLaypersonRetrieval",
+        "HPO layperson",
+        "hpo",
+        "terms",
         "HPO layperson synonym (e.g. 'Short stature') -> the 'name. definition' of its phenotype term; "
         "queries from held-out HPO terms, documents: every HPO term.",
     ),
-    "icd10cm_inclusion": (
+    "hpo_definition": BenchmarkInfo(
+        "HPODefinitionRetrieval",
+        "HPO definition (prose)",
+        "hpo",
+        "prose",
+        "Running prose -> term: queries are the definitions of held-out HPO terms, the source's own full sentences of "
+        "at least 12 words, never rewritten; documents: the names of every HPO term.",
+    ),
+    "icd10cm_inclusion": BenchmarkInfo(
         "ICD10CMInclusionRetrieval",
+        "ICD-10-CM inclusion",
+        "icd10cm",
+        "terms",
         "ICD-10-CM inclusion term -> the title of the code it is listed under; queries from held-out "
         "3-character categories, documents: every code title.",
     ),
-    "wordnet_gloss": (
+    "wordnet_gloss": BenchmarkInfo(
         "WordNetGlossRetrieval",
+        "WordNet gloss (general)",
+        "wordnet",
+        "terms",
         "General-English control: monosemous WordNet lemma -> its gloss; documents: the glosses of all held-out "
         "general-English synsets.",
+        control=True,
     ),
-    "icd10cm_longdoc": (
+    "icd10cm_longdoc": BenchmarkInfo(
         "ICD10CMLongDocRetrieval",
+        "ICD-10-CM long-doc",
+        "icd10cm",
+        "terms",
         "Long documents: each held-out ICD-10-CM 3-character category written out with all its codes and "
         "inclusion terms as one document; a query (a code title or inclusion term naming only that category) "
         "first appears beyond the document's first 512 tokens.",
     ),
 }
+SOURCES = tuple(dict.fromkeys(b.source for b in BENCHMARKS.values()))  # hpo, icd10cm, wordnet
+
+
+def benchmarks_of(source: str) -> list[str]:
+    """The benchmarks built from one registry source: what a model trained without that source is scored on."""
+    return [name for name, info in BENCHMARKS.items() if info.source == source]
+
+
 OFFICIAL_TASKS = ("ArguAna", "NFCorpus", "SciFact", "TRECCOVID", "MedicalQARetrieval")
 
 
@@ -91,13 +135,13 @@ class LocalRetrievalTask(AbsTaskRetrieval):
 
 def local_task(benchmark: str, data_dir: Path, max_queries: int | None = None, seed: int = 0) -> LocalRetrievalTask:
     """The mteb task of one benchmark folder of the data build."""
-    name, description = BENCHMARKS[benchmark]
+    info = BENCHMARKS[benchmark]
     folder = Path(data_dir) / "benchmarks" / benchmark
     if not (folder / "qrels.parquet").exists():
         raise FileNotFoundError(f"no benchmark files in {folder}: run `python -m corpus.build`")
     metadata = TaskMetadata(
-        name=name,
-        description=description,
+        name=info.task,
+        description=info.description,
         dataset={"path": str(folder), "revision": dataset_version(data_dir)},
         type="Retrieval",
         category="t2t",
@@ -105,12 +149,12 @@ def local_task(benchmark: str, data_dir: Path, max_queries: int | None = None, s
         eval_splits=["test"],
         eval_langs=["eng-Latn"],
         main_score="ndcg_at_10",
-        domains=["Medical"] if benchmark != "wordnet_gloss" else ["Encyclopaedic"],
+        domains=["Encyclopaedic"] if info.control else ["Medical"],
         license="not specified",
         annotations_creators="derived",
         sample_creation="found",
     )
-    cls = type(name, (LocalRetrievalTask,), {"metadata": metadata, "benchmark": benchmark, "folder": folder})
+    cls = type(info.task, (LocalRetrievalTask,), {"metadata": metadata, "benchmark": benchmark, "folder": folder})
     return cls(max_queries, seed)
 
 

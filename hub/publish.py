@@ -6,10 +6,11 @@
                                 [--check-model models/medeir-small] [--repo-id ORG/SPACE [--token T]] [--dry-run]
 
 `model` copies into one folder what the Hub repository holds: the two remote-code files, config and safetensors
-weights, tokenizer, sentence-transformers files, model_card.md as README.md, the Endpoints handler.py and its
-requirements.txt. It then loads that folder in a fresh offline process (AutoModel, SentenceTransformer, the
-handler) and requires the same embeddings as the source folder. `space` copies the Gradio app with its index built
-from the data build and the bert-base-uncased tokenizer files, and runs `app.py --check` on it in a fresh process.
+weights, tokenizer, sentence-transformers files, the onnx/ folder (fp32 and int8, where the model folder has one),
+model_card.md as README.md, the Endpoints handler.py and its requirements.txt. It then loads that folder in a fresh
+offline process (AutoModel, SentenceTransformer, the handler) and requires the same embeddings as the source folder.
+`space` copies the Gradio app with its index built from the data build and the bert-base-uncased tokenizer files,
+and runs `app.py --check` on it in a fresh process.
 With --repo-id and a token each creates the repository (exist_ok) and uploads the folder; --dry-run lists what would
 be uploaded and touches no network.
 """
@@ -125,8 +126,14 @@ def assemble_model(model_dir: Path, out: Path, card: Path | None = None) -> list
     normalize = out / "2_Normalize"
     if normalize.is_dir() and not any(normalize.iterdir()):
         normalize.rmdir()  # the Hub keeps no empty folders; sentence-transformers loads Normalize without one
+    onnx_files = sorted((model_dir / "onnx").glob("*.onnx"))  # ONNX Runtime / TEI / transformers.js files
+    if not onnx_files:
+        print(f"note: {model_dir} has no onnx/ files; `python -m hub.onnx_export {model_dir}` writes them")
+    for path in onnx_files:
+        _copy(path, out / "onnx" / path.name)
     _copy(card_path, out / "README.md")
     _copy(REPO / "hub" / "handler.py", out / "handler.py")
+    _copy(REPO / "hub" / "onnx_encoder.py", out / "onnx_encoder.py")  # the handler's MEDEIR_BACKEND=onnx
     _copy(REPO / "hub" / "requirements.txt", out / "requirements.txt")
     return listing(out)
 
@@ -236,6 +243,8 @@ def assemble_space(
     out = fresh_folder(out)
     for target, source in SPACE_FILES.items():
         _copy(REPO / source, out / target)
+    for path in sorted((REPO / "space" / "precomputed").glob("*.npz")):  # the shipped model's compact index
+        _copy(path, out / "space" / "precomputed" / path.name)
     (out / "README.md").write_text(space_readme(model_repo_id, hardware))
     write_index(table, out / "index.parquet")
     for path in reference_tokenizer_files():

@@ -30,7 +30,7 @@ import pandas as pd
 # The published Space keeps this layout: app.py at its root next to the space/ package (engine.py, index.py).
 from space.engine import (
     DEFAULT_MODEL,
-    MAX_CHARS,
+    PRECISIONS,
     SOURCE_CHOICES,
     Engine,
     Hit,
@@ -40,7 +40,15 @@ from space.engine import (
     load_tokenizer,
     pick_device,
 )
-from space.index import EmbeddingCache, build_index, corpus_files, ensure_data, read_index, write_index
+from space.index import (
+    PRECOMPUTED_DIR,
+    EmbeddingCache,
+    build_index,
+    corpus_files,
+    ensure_data,
+    read_index,
+    write_index,
+)
 
 logger = logging.getLogger("medeir.space")
 
@@ -132,7 +140,11 @@ def reference_tokenizer_path() -> Path | None:
 
 
 def create_engine(
-    model: str | None = None, index: Path | None = None, cache_dir: Path | None = None, device: str | None = None
+    model: str | None = None,
+    index: Path | None = None,
+    cache_dir: Path | None = None,
+    device: str | None = None,
+    compact_folder: Path = PRECOMPUTED_DIR,
 ) -> Engine:
     """Load the model, index and reference tokenizer; route encoding through the GPU function; set ENGINE."""
     global ENGINE
@@ -143,7 +155,9 @@ def create_engine(
     table = read_index(Path(index) if index else default_index(cache_dir))
     # small chunks on a CPU keep the progress bar moving; on a GPU each chunk is one (ZeroGPU) call
     cache = EmbeddingCache(cache_dir, chunk_size=4096 if device.startswith("cuda") else 512)
-    engine = Engine(st_model, name, device, table, cache, load_tokenizer(reference_tokenizer_path()))
+    engine = Engine(
+        st_model, name, device, table, cache, load_tokenizer(reference_tokenizer_path()), compact_folder=compact_folder
+    )
     engine.encoder = encode_on_device
     ENGINE = engine
     return engine
@@ -189,12 +203,21 @@ def progress_callback(progress: gr.Progress):
 
 
 @guarded(EMPTY_HITS)
-def search(query: str, top_k: float, source: str, progress=gr.Progress()):  # noqa: B008 (Gradio's progress idiom)
-    if not isinstance(top_k, int | float):
-        raise InputError(f"The number of results must be a number, not {type(top_k).__name__}.")
-    hits, tokens = ENGINE.search(query, int(top_k), source, progress_callback(progress))
+def search(
+    query: str,
+    top_k: float,
+    source: str,
+    precision: str = "float32",
+    dimensions: object = None,
+    progress=gr.Progress(),  # noqa: B008 (Gradio's progress idiom)
+):
+    dims = None if dimensions in (None, "", ENGINE.dimension) else dimensions
+    hits, tokens = ENGINE.search(query, top_k, source, progress_callback(progress), precision, dims)
     where = "" if source == "All" else f" from {source}"
-    return hits_frame(hits), f"{len(hits)} results{where} for a {tokens:,}-token query (cosine similarity)."
+    how = "cosine similarity" if precision == "float32" else f"{precision} embeddings"
+    if dims is not None:
+        how += f", first {int(dims)} dimensions"
+    return hits_frame(hits), f"{len(hits)} results{where} for a {tokens:,}-token query ({how})."
 
 
 @guarded()
@@ -235,7 +258,7 @@ def count_tokens(text: str) -> str:
     """Live counter under the long-document box (cheap: tokenizing only)."""
     if not isinstance(text, str) or not text.strip():
         return f"0 / {ENGINE.max_tokens:,} tokens"
-    if len(text) > MAX_CHARS:
+    if len(text) > ENGINE.max_chars:
         return warning_markdown(f"{len(text):,} characters: far over the {ENGINE.max_tokens:,}-token limit")
     tokens = ENGINE.count_tokens(text)
     over = tokens > ENGINE.max_tokens
@@ -287,10 +310,23 @@ def build_demo(engine: Engine) -> gr.Blocks:
             with gr.Row():
                 top_k = gr.Slider(1, 50, value=10, step=1, label="Results", elem_id="search-top-k")
                 source = gr.Radio(list(SOURCE_CHOICES), value="All", label="Source", elem_id="search-source")
+            with gr.Row():
+                precision = gr.Radio(
+                    list(PRECISIONS), value="float32", label="Embedding precision", elem_id="search-precision"
+                )
+                full = engine.dimension
+                dimensions = gr.Dropdown(
+                    [full, *(d for d in (full // 2, full // 4, full // 8) if d >= 8)],
+                    value=full,
+                    label="Dimensions (Matryoshka truncation)",
+                    elem_id="search-dimensions",
+                )
             search_button = gr.Button("Search", variant="primary", elem_id="search-button")
             search_status = gr.Markdown(
                 "The index embeddings are computed on the first search, with a progress bar, then cached on disk."
                 if not engine.index_cached
+                else "The index embeddings are precomputed for this model."
+                if engine.compact is not None
                 else "The index embeddings are cached.",
                 elem_id="search-status",
             )
@@ -305,7 +341,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
             )
             gr.Examples(SEARCH_EXAMPLES, inputs=query, label="Try")
             for trigger in (search_button.click, query.submit):
-                trigger(search, [query, top_k, source], [results, search_status])
+                trigger(search, [query, top_k, source, precision, dimensions], [results, search_status])
 
         with gr.Tab("Similarity", id="similarity"):
             with gr.Row():

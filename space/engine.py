@@ -2,8 +2,10 @@
 two texts, show how the tokenizers cut a text. Free of Gradio, so tests and the publish check drive it directly.
 """
 
+import math
 import os
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,11 +13,21 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from space.index import EmbeddingCache, Progress, index_fingerprint, model_fingerprint
+from space.index import CompactIndex, EmbeddingCache, Progress, index_fingerprint, model_fingerprint
 
 DEFAULT_MODEL = "models/medeir-small"
-MAX_CHARS = 200_000  # refused before tokenizing: far beyond 8,192 tokens of any real text
+# Deployer-set limits (environment variable -> default), checked when the demo starts.
+LIMITS = {
+    "MEDEIR_MAX_CHARS": 100_000,  # characters per text, refused before tokenizing (8,192 tokens are ~35,000)
+    "MEDEIR_BATCH_SIZE": 0,  # encoding batch size; 0: 256 on a GPU, 32 on a CPU
+}
+MAX_RESULTS = 100
 SOURCE_CHOICES = ("All", "ICD-10-CM", "HPO")
+PRECISIONS = ("float32", "int8", "binary")  # what search compares: float, int8 or sign-bit embeddings
+# A search on the compact index keeps the HAMMING_K nearest by bits, reranks them against the float query, and
+# embeds the best RESCORE_FACTOR x top_k exactly (recall@10 against float search: see `python -m space.index`).
+HAMMING_K = 400
+RESCORE_FACTOR = 3
 
 
 class InputError(ValueError):
@@ -24,6 +36,27 @@ class InputError(ValueError):
 
 class ModelUnavailable(RuntimeError):
     """The model could not be loaded; the message says which model and what to do instead."""
+
+
+def read_limits(environ=os.environ) -> dict[str, int]:
+    """The demo's limits from the environment; a bad value stops the demo at start-up with the variable named."""
+    limits = {}
+    for name, default in LIMITS.items():
+        raw = (environ.get(name) or "").strip()
+        try:
+            value = int(raw.replace("_", "")) if raw else default
+        except ValueError:
+            value = -1
+        if value < (0 if name == "MEDEIR_BATCH_SIZE" else 1):
+            raise ValueError(f"{name}={raw!r} is not a positive integer (default {default:,}); fix the setting.")
+        limits[name] = value
+    return limits
+
+
+def has_visible_text(text: str) -> bool:
+    """True if `text` has a letter, digit, punctuation mark or symbol (the handler's rule, hub/handler.py): NUL,
+    control and zero-width characters and lone combining marks are dropped by the tokenizer's normaliser."""
+    return any(unicodedata.category(char)[0] in "LNPS" for char in text)
 
 
 def pick_device() -> str:
@@ -62,7 +95,11 @@ def load_model(name: str, device: str):
         )
         raise ModelUnavailable(f"No MedEIR model folder at {name}.{reason} {how}")
     try:
-        return SentenceTransformer(name, trust_remote_code=True, device=device)
+        model = SentenceTransformer(name, trust_remote_code=True, device=device)
+        config = getattr(getattr(model[0], "auto_model", None), "config", None)
+        if hasattr(config, "check_tokenizer"):  # the tokenizer object the demo uses must be the model's own
+            config.check_tokenizer(model.tokenizer, f"the tokenizer of {name}")
+        return model
     except Exception as err:  # any loader error becomes one readable line
         offline = " (HF_HUB_OFFLINE=1 is set: only models already in the local cache load)" if _offline() else ""
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
@@ -106,6 +143,7 @@ class Engine:
         reference_tokenizer=None,
         reference_name: str = "bert-base-uncased",
         batch_size: int | None = None,
+        compact_folder: Path | None = None,
     ):
         self.model = model
         self.model_name = model_name
@@ -118,10 +156,15 @@ class Engine:
         self.cache = cache
         self.reference_tokenizer = reference_tokenizer
         self.reference_name = reference_name
-        self.batch_size = batch_size or (256 if device.startswith("cuda") else 32)
+        limits = read_limits()
+        self.max_chars = limits["MEDEIR_MAX_CHARS"]
+        self.batch_size = batch_size or limits["MEDEIR_BATCH_SIZE"] or (256 if device.startswith("cuda") else 32)
         # Replaced by the app with the same function behind @spaces.GPU: the only code that needs the GPU.
         self.encoder: Callable[[list[str]], np.ndarray] = self.encode_local
         self._index_embeddings: np.ndarray | None = None
+        self._int8_index: tuple[int, np.ndarray, np.ndarray] | None = None  # (dims, dequantized index, ranges)
+        # Precomputed bits made for exactly this model and index (`python -m space.index --precompute`), else None
+        self.compact = CompactIndex.find(compact_folder, self.model_key, self.index_key) if compact_folder else None
 
     # -- inputs -----------------------------------------------------------------------------------------------
     @property
@@ -134,17 +177,30 @@ class Engine:
         """Tokens the model reads for `text`, [CLS] and [SEP] included, without truncation."""
         return len(self.model.tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
 
-    def check_text(self, text: object, what: str = "The text") -> int:
-        """Return the token count of a valid input, or raise InputError saying what is wrong with it."""
+    def check_chars(self, text: object, what: str = "The text") -> None:
+        """The checks that need no tokenizer: type, size, valid Unicode, something visible."""
         if not isinstance(text, str):
             raise InputError(f"{what} must be text, not {type(text).__name__}.")
         if not text.strip():
             raise InputError(f"{what} is empty: type something first.")
-        if len(text) > MAX_CHARS:
+        if len(text) > self.max_chars:
             raise InputError(
-                f"{what} is {len(text):,} characters long; the limit is {MAX_CHARS:,} characters "
+                f"{what} is {len(text):,} characters long; the limit is {self.max_chars:,} characters "
                 f"(and {self.max_tokens:,} tokens)."
             )
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise InputError(
+                    f"{what} has an invalid character (a lone surrogate) at position {err.start}."
+                ) from None
+        if not has_visible_text(text):
+            raise InputError(f"{what} is empty: it has no letters, digits or symbols, only invisible characters.")
+
+    def check_text(self, text: object, what: str = "The text") -> int:
+        """Return the token count of a valid input, or raise InputError saying what is wrong with it."""
+        self.check_chars(text, what)
         tokens = self.count_tokens(text)
         if tokens > self.max_tokens:
             raise InputError(
@@ -170,31 +226,136 @@ class Engine:
 
     @property
     def index_cached(self) -> bool:
+        """True when a search needs no embedding of the index: in memory, in the disk cache, or precomputed."""
+        return self.compact is not None or self._has_float_index()
+
+    def without_float_index(self) -> "Engine":
+        """This engine as a fresh start would see it with only the compact index (for measuring it)."""
+        import copy
+
+        clone = copy.copy(self)
+        clone._index_embeddings, clone._int8_index = None, None
+        clone.cache = EmbeddingCache(self.cache.folder / "none")  # a folder with no cached embeddings
+        return clone
+
+    def _has_float_index(self) -> bool:
         return self._index_embeddings is not None or self.cache.path(self.model_key, self.index_key).is_file()
+
+    # -- ranking ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _truncated(vectors: np.ndarray, dims: int | None) -> np.ndarray:
+        if dims is None or dims == vectors.shape[-1]:
+            return vectors
+        cut = vectors[..., :dims]
+        norms = np.linalg.norm(cut, axis=-1, keepdims=True)
+        return cut / np.where(norms > 0, norms, 1)
+
+    def _int8(self, dims: int | None, progress: Progress | None) -> tuple[np.ndarray, np.ndarray]:
+        """The index as int8 (calibrated on the index itself), dequantized for scoring; and the ranges."""
+        from sentence_transformers.util.quantization import quantize_embeddings
+
+        dims = dims or self.dimension
+        if self._int8_index is None or self._int8_index[0] != dims:
+            floats = self._truncated(self.index_embeddings(progress), dims)
+            ranges = np.stack([floats.min(axis=0), floats.max(axis=0)]).astype(np.float32)
+            self._int8_index = (
+                dims,
+                self._dequantize(quantize_embeddings(floats, "int8", ranges=ranges), ranges),
+                ranges,
+            )
+        return self._int8_index[1], self._int8_index[2]
+
+    @staticmethod
+    def _dequantize(ints: np.ndarray, ranges: np.ndarray) -> np.ndarray:
+        steps = (ranges[1] - ranges[0]) / 255
+        return ranges[0] + (ints.astype(np.float32) + 128.5) * np.where(steps == 0, 1, steps)
+
+    @property
+    def dimension(self) -> int:
+        return int(self.model.get_embedding_dimension())
+
+    def rank(
+        self,
+        query: np.ndarray,
+        k: int,
+        keep: np.ndarray | None = None,
+        precision: str = "float32",
+        dims: int | None = None,
+        progress: Progress | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and scores of the `k` index entries closest to a query embedding, best first.
+
+        float32: exact cosine over the float index, or, while only the compact index exists, bits + exact rescoring
+        of the best candidates. int8: cosine of int8 embeddings (dequantized). binary: 1 - 2 * Hamming / dims, the
+        agreement of sign bits.
+        """
+        query = self._truncated(np.asarray(query, dtype=np.float32), dims)
+        if precision == "binary":
+            bits = self.compact or CompactIndex.from_embeddings(self.index_embeddings(progress), "", "")
+            rows = bits.candidates(query, keep, hamming_k=k, rescore_k=k, dims=dims)
+            agreement = bits.signs(rows, dims) @ np.where(query > 0, 1.0, -1.0).astype(np.float32) / query.shape[0]
+            order = np.argsort(-agreement, kind="stable")
+            return rows[order], agreement[order]
+        if precision == "float32" and self.compact is not None and not self._has_float_index():
+            rows = self.compact.candidates(query, keep, HAMMING_K, max(RESCORE_FACTOR * k, k), dims)
+            exact = self._truncated(np.asarray(self.encoder([self.texts[i] for i in rows]), dtype=np.float32), dims)
+            scores = exact @ query
+        else:
+            if precision == "int8":
+                index, ranges = self._int8(dims, progress)
+                from sentence_transformers.util.quantization import quantize_embeddings
+
+                query = self._dequantize(quantize_embeddings(query[None], "int8", ranges=ranges), ranges)[0]
+            else:
+                index = self._truncated(self.index_embeddings(progress), dims)
+            scores = index @ query
+            rows = np.arange(len(scores))
+            if keep is not None:
+                rows, scores = rows[keep], scores[keep]
+        top = np.argsort(-scores, kind="stable")[:k]
+        return rows[top], scores[top]
 
     # -- the three jobs ---------------------------------------------------------------------------------------
     def search(
-        self, query: object, top_k: int = 10, source: str = "All", progress: Progress | None = None
+        self,
+        query: object,
+        top_k: object = 10,
+        source: str = "All",
+        progress: Progress | None = None,
+        precision: str = "float32",
+        truncate_dim: object = None,
     ) -> tuple[list[Hit], int]:
-        """The `top_k` index entries closest to `query` (cosine), optionally from one source; and the query's tokens."""
+        """The `top_k` index entries closest to `query` (cosine), optionally from one source; and the query's tokens.
+
+        `precision` (float32, int8, binary) and `truncate_dim` (the first N dimensions, renormalised) show what
+        smaller embeddings cost in ranking.
+        """
         tokens = self.check_text(query, "The query")
-        if not isinstance(top_k, int | float) or not 1 <= int(top_k) <= 100:
-            raise InputError(f"The number of results must be between 1 and 100, not {top_k!r}.")
+        top_k = self.check_count(top_k, "The number of results", MAX_RESULTS)
         if source not in SOURCE_CHOICES:
             raise InputError(f"Source must be one of {', '.join(SOURCE_CHOICES)}, not {source!r}.")
-        embeddings = self.index_embeddings(progress)
+        if precision not in PRECISIONS:
+            raise InputError(f"Precision must be one of {', '.join(PRECISIONS)}, not {precision!r}.")
+        dims = None if truncate_dim is None else self.check_count(truncate_dim, "The dimension", self.dimension)
+        keep = None if source == "All" else self.sources == source
         query_embedding = np.asarray(self.encoder([query]), dtype=np.float32)[0]
-        scores = embeddings @ query_embedding
-        if source != "All":
-            scores = np.where(self.sources == source, scores, -np.inf)
-        k = min(int(top_k), int(np.isfinite(scores).sum()))
-        top = np.argpartition(-scores, k - 1)[:k] if k else np.array([], dtype=int)
-        top = top[np.argsort(-scores[top], kind="stable")]
+        rows, scores = self.rank(query_embedding, top_k, keep, precision, dims, progress)
         hits = [
-            Hit(rank, float(scores[i]), self.codes[i], str(self.sources[i]), self.texts[i])
-            for rank, i in enumerate(top, start=1)
+            Hit(rank, float(score), self.codes[i], str(self.sources[i]), self.texts[i])
+            for rank, (i, score) in enumerate(zip(rows, scores, strict=True), start=1)
         ]
         return hits, tokens
+
+    @staticmethod
+    def check_count(value: object, what: str, high: int) -> int:
+        """A whole number in [1, high], given as an int or an integral float (sliders send 10.0)."""
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InputError(f"{what} must be a whole number, not {type(value).__name__}.")
+        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+            raise InputError(f"{what} must be a whole number between 1 and {high}, not {value!r}.")
+        if not 1 <= value <= high:
+            raise InputError(f"{what} must be between 1 and {high}, not {value!r}.")
+        return int(value)
 
     def similarity(self, first: object, second: object) -> tuple[float, int, int]:
         """Cosine similarity of two texts, and their token counts."""
@@ -212,20 +373,15 @@ class Engine:
 
     def nearest(self, embedding: np.ndarray, top_k: int = 5, progress: Progress | None = None) -> list[Hit]:
         """Index entries closest to an embedding already computed (the long-document tab)."""
-        scores = self.index_embeddings(progress) @ embedding
-        top = np.argsort(-scores, kind="stable")[:top_k]
+        rows, scores = self.rank(embedding, top_k, progress=progress)
         return [
-            Hit(r, float(scores[i]), self.codes[i], str(self.sources[i]), self.texts[i]) for r, i in enumerate(top, 1)
+            Hit(r, float(score), self.codes[i], str(self.sources[i]), self.texts[i])
+            for r, (i, score) in enumerate(zip(rows, scores, strict=True), 1)
         ]
 
     def tokenize(self, text: object, limit: int = 512) -> dict:
         """How the MedEIR tokenizer and the reference (bert-base-uncased) cut `text`: pieces and counts."""
-        if not isinstance(text, str):
-            raise InputError(f"The text must be text, not {type(text).__name__}.")
-        if not text.strip():
-            raise InputError("The text is empty: type something first.")
-        if len(text) > MAX_CHARS:
-            raise InputError(f"The text is {len(text):,} characters long; the limit is {MAX_CHARS:,} characters.")
+        self.check_chars(text, "The text")
         result = {"words": len(text.split()), "limit": limit}
         for key, tokenizer in (("medeir", self.model.tokenizer), ("reference", self.reference_tokenizer)):
             if tokenizer is None:

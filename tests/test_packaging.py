@@ -216,3 +216,68 @@ def test_shipped_model_loads_both_ways_in_a_fresh_offline_process(tmp_path):
     assert out["max_seq_length"] == 8192 and out["dtype"] == "torch.float32"
     assert out["diff"] < 1e-5
     assert out["related"] > out["unrelated"] + 0.2, out  # a trained model, not the random or MiniLM-converted start
+
+
+# -- issue 14: the tokenizer next to the weights must be the model's own, checked at load --------------------------
+def _folder_with(source, tmp_path, tokenizer_from=None, delete=()):
+    import shutil
+
+    folder = tmp_path / "broken"
+    shutil.copytree(source, folder)
+    for name in delete:
+        (folder / name).unlink()
+    if tokenizer_from is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+            (folder / name).unlink(missing_ok=True)
+            if (tokenizer_from / name).is_file():
+                shutil.copy(tokenizer_from / name, folder / name)
+    return folder
+
+
+def _every_loader_refuses(folder, message):
+    import pytest
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    from hub.handler import EndpointHandler
+
+    with pytest.raises(ValueError, match=message):
+        AutoModel.from_pretrained(folder, trust_remote_code=True)
+    with pytest.raises(ValueError, match=message):
+        SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
+    with pytest.raises(ValueError, match=message):
+        EndpointHandler(str(folder))
+
+
+def test_a_missing_tokenizer_json_stops_every_loader(tmp_path):
+    folder = _folder_with(REPO / "models" / "medeir-small", tmp_path, delete=["tokenizer.json"])
+    _every_loader_refuses(folder, r"has tokenizer settings \(tokenizer_config.json\) but no vocabulary")
+
+
+def test_another_models_tokenizer_stops_every_loader(tmp_path, minilm_path):
+    folder = _folder_with(REPO / "models" / "medeir-small", tmp_path, tokenizer_from=minilm_path)
+    _every_loader_refuses(folder, r"tokenizer.json has 30,522 tokens but the model's vocab_size is 52,543")
+
+
+def test_a_tokenizer_object_is_checked_against_the_config(tiny_model_dir):
+    import pytest
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny_model_dir, trust_remote_code=True)
+    config.check_tokenizer(AutoTokenizer.from_pretrained(tiny_model_dir))  # its own: no error
+    with pytest.raises(ValueError, match="has 52,543 tokens but the model's vocab_size is 30,522"):
+        config.check_tokenizer(AutoTokenizer.from_pretrained(REPO / "tokenizer"))
+    own = AutoTokenizer.from_pretrained(tiny_model_dir)
+    own.pad_token = "[UNK]"
+    with pytest.raises(ValueError, match=r"padding token '\[UNK\]' has id 100 but the model's pad_token_id is 0"):
+        config.check_tokenizer(own)
+
+
+def test_a_checkpoint_without_tokenizer_files_still_loads(tiny_model_dir, tmp_path):
+    """Training checkpoints carry no tokenizer: nothing to compare, and AutoModel loads them as before."""
+    from transformers import AutoModel
+
+    folder = _folder_with(tiny_model_dir, tmp_path, delete=["tokenizer.json", "tokenizer_config.json"])
+    for extra in ("special_tokens_map.json", "vocab.txt"):
+        (folder / extra).unlink(missing_ok=True)
+    assert AutoModel.from_pretrained(folder, trust_remote_code=True).config.vocab_size == 30522

@@ -30,6 +30,7 @@ MODEL_FILES = {
     "config_sentence_transformers.json",
     "1_Pooling/config.json",
     "handler.py",
+    "onnx_encoder.py",
     "requirements.txt",
 }
 CARD = "---\nlibrary_name: sentence-transformers\npipeline_tag: sentence-similarity\n---\n# MedEIR tiny (test)\n"
@@ -64,6 +65,7 @@ def test_model_folder_holds_exactly_what_the_hub_repository_needs(hub_model, car
     assert (hub_model / "README.md").read_text() == CARD
     for copied, source in [
         ("handler.py", "hub/handler.py"),
+        ("onnx_encoder.py", "hub/onnx_encoder.py"),
         ("requirements.txt", "hub/requirements.txt"),
         ("modeling_medeir.py", "modeling_medeir.py"),
         ("configuration_medeir.py", "configuration_medeir.py"),
@@ -174,7 +176,9 @@ def test_space_folder_front_matter_index_and_reference_tokenizer(hub_space):
     import gradio
 
     names = {name for name, _ in listing(hub_space)}
-    assert names == {
+    precomputed = {f"space/precomputed/{p.name}" for p in (REPO / "space" / "precomputed").glob("*.npz")}
+    assert precomputed <= names  # the shipped model's compact index travels with the Space
+    assert names - precomputed == {
         "app.py",
         "requirements.txt",
         "README.md",

@@ -14,9 +14,11 @@ import torch
 import yaml
 
 from space import app
-from space.engine import Engine, InputError, ModelUnavailable, load_model, load_tokenizer, pick_device
+from space.engine import LIMITS, Engine, InputError, ModelUnavailable, load_model, load_tokenizer, pick_device
 from space.index import (
+    CompactIndex,
     EmbeddingCache,
+    benchmark_queries,
     build_index,
     corpus_files,
     ensure_data,
@@ -250,7 +252,11 @@ def test_long_document_up_to_the_limit_is_embedded_and_counted(page_engine):
         (None, "must be text, not NoneType"),
         (42, "must be text, not int"),
         (["a list"], "must be text, not list"),
-        ("x" * 200_001, "200,001 characters long; the limit is 200,000"),
+        ("x" * 100_001, "100,001 characters long; the limit is 100,000"),
+        ("\x00\x00", "is empty: it has no letters"),
+        ("\u200b\ufeff", "is empty: it has no letters"),
+        ("\x07 \x1b \u0301", "is empty: it has no letters"),
+        ("fever \udc80", "invalid character \\(a lone surrogate\\) at position 6"),
         (LONG, "9,002 tokens long; MedEIR reads at most 8,192 tokens. Shorten it by 810 tokens"),
     ],
 )
@@ -372,3 +378,158 @@ def test_space_front_matter_and_requirements():
     requirements = (REPO / "space" / "requirements.txt").read_text()
     assert "sentence-transformers" in requirements and "\ngradio" not in requirements
     json.dumps(meta)  # plain YAML types only
+
+
+# -- issue 14: counts, invisible text, limits at start-up ------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("top_k", "message"),
+    [
+        (1.5, "whole number between 1 and 100, not 1.5"),
+        (float("nan"), "whole number between 1 and 100, not nan"),
+        (float("inf"), "whole number between 1 and 100, not inf"),
+        (True, "must be a whole number, not bool"),
+        ("10", "must be a whole number, not str"),
+        (101, "between 1 and 100, not 101"),
+    ],
+)
+def test_a_bad_result_count_is_refused_not_rounded(page_engine, top_k, message):
+    with pytest.raises(InputError, match=message):
+        page_engine.search("fever", top_k)
+    with pytest.warns(UserWarning):
+        assert message.split(",")[0] in app.search("fever", top_k, "All")[1]
+    assert len(page_engine.search("fever", 3.0)[0]) == 3  # a slider's 3.0 is a whole number
+
+
+def test_two_invisible_texts_are_refused_not_scored_as_identical(engine):
+    with pytest.raises(InputError, match="The first text is empty"):
+        engine.similarity("\x00\x00", "\u200b\ufeff")
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "2.5"])
+def test_a_bad_limit_setting_stops_the_demo_at_start_up(tiny_model_dir, index, tmp_path, monkeypatch, capsys, value):
+    monkeypatch.setenv("MEDEIR_MAX_CHARS", value)
+    with pytest.raises(SystemExit) as exit_info:
+        app.main(["--model", str(tiny_model_dir), "--index", str(write_index(index, tmp_path / "i.parquet")),
+                  "--cache", str(tmp_path / "cache"), "--check"])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert f"MedEIR demo cannot start: MEDEIR_MAX_CHARS='{value}' is not a positive integer" in capsys.readouterr().err
+    monkeypatch.setenv("MEDEIR_MAX_CHARS", "50")
+    monkeypatch.setenv("MEDEIR_BATCH_SIZE", "7")
+    small = Engine(
+        engine_model := load_model(str(tiny_model_dir), "cpu"), "tiny", "cpu", index, EmbeddingCache(tmp_path)
+    )
+    assert small.batch_size == 7 and engine_model is small.model
+    with pytest.raises(InputError, match="51 characters long; the limit is 50"):
+        small.check_text("x" * 51)
+    assert set(LIMITS) == {"MEDEIR_MAX_CHARS", "MEDEIR_BATCH_SIZE"}
+
+
+def test_a_foreign_tokenizer_stops_the_demo(tiny_model_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "foreign"
+    shutil.copytree(tiny_model_dir, folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(REPO / "tokenizer" / name, folder / name)
+    with pytest.raises(ModelUnavailable, match=r"has 52,543 tokens but the model's vocab_size is 30,522"):
+        load_model(str(folder), "cpu")
+
+
+# -- issue 14 item 10: the compact precomputed index ------------------------------------------------------------------
+@pytest.fixture
+def compact_engine(st_model, index, shared_cache, tmp_path) -> Engine:
+    """An engine that finds a compact file made for it and has no float index (as `make demo` starts)."""
+    full = Engine(st_model, "tiny", "cpu", index, EmbeddingCache(shared_cache, chunk_size=64))
+    CompactIndex.from_embeddings(full.index_embeddings(), full.model_key, full.index_key).save(
+        tmp_path / "c" / "tiny.npz"
+    )
+    return Engine(st_model, "tiny", "cpu", index, EmbeddingCache(tmp_path / "empty"), compact_folder=tmp_path / "c")
+
+
+def test_the_compact_index_answers_without_embedding_the_index(compact_engine, engine, monkeypatch):
+    assert compact_engine.compact is not None and compact_engine.index_cached
+    embedded = []
+    compact_engine.encoder = lambda texts: embedded.append(len(texts)) or compact_engine.encode_local(texts)
+    title = compact_engine.texts[7]
+    hits, _ = compact_engine.search(title, top_k=10)
+    assert embedded == [1, 30]  # the query, then the 3 x top_k best candidates: never the 300-entry index
+    assert hits[0].code == compact_engine.codes[7] and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    scores = [h.score for h in hits]
+    assert scores == sorted(scores, reverse=True)
+    query = compact_engine.encode_local([title])[0]
+    exact = compact_engine.encode_local([h.text for h in hits]) @ query
+    np.testing.assert_allclose(scores, exact, atol=1e-5)  # shown scores are true cosines
+    assert not compact_engine.cache.path(compact_engine.model_key, compact_engine.index_key).is_file()
+    # when every entry survives to the exact rescoring, the answer is the float search's, entry for entry
+    monkeypatch.setattr("space.engine.RESCORE_FACTOR", 30)
+    everything, _ = compact_engine.search(title, top_k=10)
+    float_hits, _ = engine.search(title, top_k=10)
+    assert [h.code for h in everything] == [h.code for h in float_hits]
+    np.testing.assert_allclose([h.score for h in everything], [h.score for h in float_hits], atol=2e-3)
+
+
+def test_a_compact_file_for_another_model_or_index_is_ignored(st_model, index, shared_cache, tmp_path):
+    full = Engine(st_model, "tiny", "cpu", index, EmbeddingCache(shared_cache, chunk_size=64))
+    bits = full.index_embeddings()
+    CompactIndex.from_embeddings(bits, "another-model", full.index_key).save(tmp_path / "c" / "a.npz")
+    CompactIndex.from_embeddings(bits, full.model_key, "another-index").save(tmp_path / "c" / "b.npz")
+    again = Engine(st_model, "tiny", "cpu", index, EmbeddingCache(tmp_path / "empty"), compact_folder=tmp_path / "c")
+    assert again.compact is None and not again.index_cached  # the first search embeds the index, with progress
+
+
+def test_precompute_command_writes_a_keyed_file_the_demo_then_uses(tiny_model_dir, index, shared_cache, tmp_path):
+    from space import index as index_module
+
+    index_path = write_index(index, tmp_path / "i.parquet")
+    out = tmp_path / "precomputed"
+    index_module.main(["--precompute", "--model", str(tiny_model_dir), "--index", str(index_path),
+                       "--cache", str(shared_cache), "--device", "cpu", "--out", str(out)])  # fmt: skip
+    path = out / f"{tiny_model_dir.name}.npz"
+    compact = CompactIndex.load(path)
+    assert compact.bits.shape == (300, 6) and compact.bits.dtype == np.uint8 and path.stat().st_size < 10_000
+    engine = app.create_engine(str(tiny_model_dir), index_path, tmp_path / "cache", "cpu", out)
+    assert engine.compact is not None and (compact.model_key, compact.index_key) == (engine.model_key, engine.index_key)
+
+
+def test_recall_measurement_on_real_benchmark_queries(compact_engine, engine, data_dir, tmp_path, monkeypatch):
+    from space.index import measure
+
+    for name in ("icd10cm_inclusion", "hpo_layperson"):  # queries of the real benchmark texts (their own titles)
+        rows = pq.read_table(data_dir / "benchmarks" / name / "corpus.parquet").slice(0, 20)
+        path = tmp_path / "benchmarks" / name / "queries.parquet"
+        path.parent.mkdir(parents=True)
+        pq.write_table(rows, path)
+    queries = benchmark_queries(tmp_path, 10)
+    assert len(queries) == 20
+    compact_engine._index_embeddings = engine.index_embeddings()  # the float reference, for measuring only
+    result = measure(compact_engine, queries)
+    assert result["queries"] == 20 and 0 < result["recall@10"] <= 1.0
+    # every entry rescored exactly: only float16 rounding of the cached reference can swap a near-tie at rank 10
+    monkeypatch.setattr("space.engine.RESCORE_FACTOR", 30)
+    assert measure(compact_engine, queries)["recall@10"] >= 0.95
+
+
+# -- issue 15 item 4: precision and Matryoshka dimensions in search ---------------------------------------------------
+def test_search_with_int8_binary_or_fewer_dimensions(engine):
+    title = engine.texts[7]
+    for precision in ("int8", "binary"):
+        hits, _ = engine.search(title, top_k=5, precision=precision)
+        assert hits[0].code == engine.codes[7] and len(hits) == 5, precision
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    binary, _ = engine.search(title, top_k=1, precision="binary")
+    assert binary[0].score == 1.0  # every sign bit agrees with itself
+    cut, _ = engine.search(title, top_k=5, truncate_dim=16)
+    assert cut[0].code == engine.codes[7] and cut[0].score == pytest.approx(1.0, abs=2e-3)
+    both, _ = engine.search(title, top_k=3, precision="int8", truncate_dim=24, source="ICD-10-CM")
+    assert {h.source for h in both} == {"ICD-10-CM"}
+    with pytest.raises(InputError, match="Precision must be one of float32, int8, binary"):
+        engine.search(title, precision="int4")
+    with pytest.raises(InputError, match="The dimension must be between 1 and 48, not 49"):
+        engine.search(title, truncate_dim=49)
+
+
+def test_the_page_passes_precision_and_dimensions(page_engine):
+    frame, status = app.search(page_engine.texts[0], 5, "All", "binary", 24)
+    assert status.endswith("(binary embeddings, first 24 dimensions).") and len(frame) == 5
+    frame, status = app.search(page_engine.texts[0], 5, "All", "float32", 48)
+    assert status.endswith("(cosine similarity).")

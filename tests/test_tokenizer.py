@@ -93,6 +93,20 @@ def test_training_is_reproducible_on_a_slice():
     assert set(laid_out) == set(first)
 
 
+def test_superset_layout_adds_learned_tokens_after_the_base():
+    rows = _slice_rows()
+    _, recipe = train.load_recipe()
+    learned = train.train_vocab(rows, {**recipe, "vocab_size": 2000})
+    base = train.bert_vocab()
+    size = len(base) + 100
+    laid_out = train.superset_layout(base, learned, size)
+    assert laid_out[: len(base)] == base and len(laid_out) == size == len(set(laid_out))
+    added = laid_out[len(base) :]
+    assert added == [t for t in learned if t not in set(base)][:100]  # trained order, nothing BERT has
+    with pytest.raises(ValueError, match="learned tokens are new"):
+        train.superset_layout(base, learned, len(base) + 5000)
+
+
 def test_weighting_repeats_by_domain_or_source():
     rows = [
         {"text": "a", "source": "hpo", "domain": "medical"},

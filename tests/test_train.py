@@ -9,12 +9,14 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
 
 from configuration_medeir import MedEIRConfig
+from corpus.text import normalize
 from modeling_medeir import MedEIRModel
 from train.finetune import FinetuneRecipe
 from train.initialize import convert_minilm, from_scratch, source_pieces, transfer_embeddings
@@ -157,7 +159,9 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(
 
 
 def test_two_process_cpu_run_ends_with_identical_weights_on_both_ranks(tiny_medeir_init, icd_hpo_data, tmp_path):
-    launcher = ["accelerate", "launch", "--config_file", str(REPO / "train/accelerate/cpu-2proc.yaml"), "-m"]
+    # the venv's own interpreter: `make test` does not put .venv/bin on PATH, so a bare `accelerate` is not found
+    config = str(REPO / "train/accelerate/cpu-2proc.yaml")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "-m"]
     result = pretrain(
         tiny_medeir_init, icd_hpo_data, tmp_path, "max_steps=3", env={"ACCELERATE_USE_CPU": "true"}, launcher=launcher
     )
@@ -242,14 +246,79 @@ def test_teacher_targets_are_cached_for_a_resumed_run(finetuned, monkeypatch):
     from train import finetune
 
     recipe = load_recipe(FinetuneRecipe, finetuned / "recipe.json")
-    monkeypatch.setattr(finetune, "compute_teacher_targets", lambda r: pytest.fail("targets recomputed"))
+    assert list((finetuned / "teacher-cache").glob("*/shard-*.parquet")), "the run must leave its teacher cache"
+    monkeypatch.setattr(finetune, "SentenceTransformer", lambda *a, **k: pytest.fail("teacher loaded"))
     cached = finetune.distill_datasets(recipe)
     assert {name: len(ds) for name, ds in cached.items()} == {"distill_mse": 200, "distill_kl": 200}
     assert len(cached["distill_kl"][0]["label"]) == 2 and len(cached["distill_mse"][0]["label"]) == 384
-    # another data build or another size is another key: recomputed, never served stale
-    recipe.distill_kl_rows = 100
-    with pytest.raises(pytest.fail.Exception, match="targets recomputed"):
+    # texts never encoded before need the teacher: the cache never invents an embedding
+    recipe.distill_mse_texts = 400
+    with pytest.raises(pytest.fail.Exception, match="teacher loaded"):
         finetune.distill_datasets(recipe)
+
+
+def test_cached_teacher_embeddings_equal_fresh_ones(finetuned, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from train import finetune
+    from train.initialize import minilm_path
+
+    recipe = load_recipe(FinetuneRecipe, finetuned / "recipe.json")
+    texts = finetune.mse_texts(recipe)[:20]
+    cached = finetune.TeacherCache(str(finetuned / "teacher-cache"), "minilm", None).encode(texts)
+    teacher = SentenceTransformer(str(minilm_path()))  # at its own window, as the recipe leaves it
+    np.testing.assert_allclose(cached, teacher.encode(texts), atol=1e-5)
+
+
+def test_excluded_sources_reach_no_objective(tiny_medeir_init, icd_hpo_data):
+    """Leave-one-source-out: no pair, corpus text or distillation text of an excluded source is trained on."""
+    import datasets
+
+    from train import finetune
+
+    overrides = [f"init={tiny_medeir_init}", f"data={icd_hpo_data}", "exclude_sources=[hpo]"]
+    recipe = load_recipe(
+        FinetuneRecipe, None, [*overrides, "distill_mse_texts=100000", "distill_mse_pool=[corpus, pairs]"]
+    )
+    hpo_texts = set()
+    for part in ("corpus", "pairs"):
+        table = datasets.load_dataset("parquet", data_files=f"{icd_hpo_data}/{part}/train.parquet", split="train")
+        table = table.filter(lambda source: source == "hpo", input_columns="source")
+        for column in ("text", "anchor", "positive"):
+            hpo_texts |= {normalize(t) for t in table[column]} if column in table.column_names else set()
+    assert hpo_texts
+    texts = finetune.mse_texts(recipe)
+    assert texts and not hpo_texts & {normalize(t) for t in texts}
+    sets = finetune.pair_datasets(load_recipe(FinetuneRecipe, None, overrides), model=None)
+    for dataset in sets.values():
+        for column in dataset.column_names:
+            assert not hpo_texts & {normalize(t) for t in dataset[column]}, column
+    # the same recipe runs without the excluded source's kinds (the other kinds unchanged)
+    recipe = load_recipe(
+        FinetuneRecipe, None, [*overrides, "pair_kinds={hpo_synonym_term: 10, icd_inclusion_title: 10}"]
+    )
+    assert sum(len(d) for d in finetune.pair_datasets(recipe, None).values()) == 10
+    with pytest.raises(ValueError, match="exclude_sources names sources not in"):
+        finetune.mse_texts(
+            load_recipe(FinetuneRecipe, None, [*overrides[:2], "exclude_sources=[pubmed]", "distill_mse_texts=5"])
+        )
+
+
+def test_matryoshka_wraps_pair_and_kl_losses(tiny_medeir_init):
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import losses as st_losses
+
+    from train import finetune
+
+    model = SentenceTransformer(str(tiny_medeir_init), trust_remote_code=True)
+    recipe = load_recipe(FinetuneRecipe, None, [f"init={tiny_medeir_init}", "matryoshka_dims=[16, 48, 32]"])
+    loss = finetune.matryoshka(st_losses.MultipleNegativesRankingLoss(model), recipe)
+    assert isinstance(loss, st_losses.MatryoshkaLoss) and list(loss.matryoshka_dims) == [48, 32, 16]
+    plain = load_recipe(FinetuneRecipe, None, [f"init={tiny_medeir_init}"])
+    assert isinstance(
+        finetune.matryoshka(st_losses.MultipleNegativesRankingLoss(model), plain),
+        st_losses.MultipleNegativesRankingLoss,
+    )
 
 
 def test_finetuned_folder_loads_as_a_sentence_transformer(finetuned):

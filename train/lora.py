@@ -135,7 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_recipe_arguments(parser)
     args = parser.parse_args()
-    report = train(load_recipe(LoraRecipe, args.recipe, args.overrides))
+    report = train(load_recipe(LoraRecipe, args.recipe, args.overrides, check_paths=True))
     before, after = report["separation_before"], report["separation_after"]
     print(f"separation score: {before['separation']:.4f} -> {after['separation']:.4f} ({report['steps']} steps)")
 

@@ -295,7 +295,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_recipe_arguments(parser)
     args = parser.parse_args()
-    recipe = load_recipe(PretrainRecipe, args.recipe, args.overrides)
+    recipe = load_recipe(PretrainRecipe, args.recipe, args.overrides, check_paths=True)
     print(f"final model: {train(recipe)}")
 
 

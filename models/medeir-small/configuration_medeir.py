@@ -3,6 +3,10 @@
 This file is Hub remote code: it imports only torch and transformers at top level and stays self-contained.
 """
 
+import json
+import math
+import os
+from pathlib import Path
 from typing import Literal
 
 # `strict` is huggingface_hub's dataclass validator, re-exported by transformers (BertConfig uses the same one).
@@ -63,15 +67,131 @@ class MedEIRConfig(PreTrainedConfig):
         self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
 
     def validate_medeir(self) -> None:
-        """Part of `@strict` validation: shapes every attention kernel needs."""
+        """Part of `@strict` validation: every value a module or kernel would otherwise trip over later, named here."""
+        from transformers.activations import ACT2FN
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.max_position_embeddings < 1:
+            raise ValueError("max_position_embeddings must be positive")
+        if self.type_vocab_size < 0:
+            raise ValueError(f"type_vocab_size must be 0 or more, got {self.type_vocab_size}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads ({self.num_attention_heads})"
             )
         if self.feed_forward_type not in ("mlp", "glu"):
             raise ValueError(f"feed_forward_type must be 'mlp' or 'glu', got {self.feed_forward_type!r}")
-        if self.max_position_embeddings < 1:
-            raise ValueError("max_position_embeddings must be positive")
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(
+                f"hidden_act {self.hidden_act!r} is not an activation transformers knows: {sorted(ACT2FN)}"
+            )
+        # `not (a < x)` rather than `x <= a`, so that NaN is refused too
+        if not (0 < self.layer_norm_eps < 1):
+            raise ValueError(f"layer_norm_eps must be a small positive number, got {self.layer_norm_eps}")
+        if not (0 <= self.initializer_range < math.inf):
+            raise ValueError(f"initializer_range must be 0 or more, got {self.initializer_range}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+            value = getattr(self, name)
+            if value is not None and not (0 <= value < 1):
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        if self.pad_token_id is not None and not (0 <= self.pad_token_id < self.vocab_size):
+            raise ValueError(f"pad_token_id must be a token id in [0, {self.vocab_size}), got {self.pad_token_id}")
+
+    # -- the tokenizer that goes with this config ---------------------------------------------------------------
+    def check_tokenizer(self, tokenizer, where: str = "the tokenizer") -> None:
+        """Raise ValueError unless `tokenizer` (a loaded transformers tokenizer) is the one this model was trained with.
+
+        A missing tokenizer.json makes transformers build a 5-token tokenizer, and another model's tokenizer loads
+        just as quietly: either way every embedding comes out wrong without an error. Size and [PAD] are what a
+        config can check; the token ids themselves are checked again at every forward (they must be < vocab_size).
+        """
+        pad = tokenizer.pad_token_id if tokenizer.pad_token is not None else None
+        self._check_vocabulary(len(tokenizer), pad, tokenizer.pad_token, where)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load the config and, where the folder (or the Hub cache) holds tokenizer files, check them against it.
+
+        AutoModel, SentenceTransformer and the Inference Endpoints handler all load the config through here, so a
+        folder whose tokenizer does not belong to its weights fails at load time, naming the file. AutoModel alone
+        loads no tokenizer: this file check is all it can do; the handler and the demo also check the tokenizer
+        object they loaded (`check_tokenizer`).
+        """
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if isinstance(config, MedEIRConfig):
+            config._check_tokenizer_files(pretrained_model_name_or_path, kwargs)
+        return loaded
+
+    def _check_tokenizer_files(self, name_or_path, kwargs: dict) -> None:
+        def find(filename: str) -> Path | None:
+            folder = Path(name_or_path) / (kwargs.get("subfolder") or "")
+            if Path(name_or_path).is_file():  # a config.json given directly: no folder to look in
+                return None
+            if Path(name_or_path).is_dir():
+                return folder / filename if (folder / filename).is_file() else None
+            try:  # a Hub id: only files already in the cache, never a download
+                from transformers.utils import cached_file
+
+                found = cached_file(
+                    str(name_or_path),
+                    filename,
+                    cache_dir=kwargs.get("cache_dir"),
+                    revision=kwargs.get("revision"),
+                    subfolder=kwargs.get("subfolder") or "",
+                    local_files_only=True,
+                    _raise_exceptions_for_missing_entries=False,
+                    _raise_exceptions_for_connection_errors=False,
+                )
+            except Exception:
+                return None
+            return Path(found) if found else None
+
+        tokenizer_json, vocab_txt = find("tokenizer.json"), find("vocab.txt")
+        tokenizer_config = find("tokenizer_config.json")
+        where = str(Path(name_or_path) / (kwargs.get("subfolder") or ""))
+        if tokenizer_json is None and vocab_txt is None:
+            if tokenizer_config is not None or find("special_tokens_map.json") is not None:
+                raise ValueError(
+                    f"{where} has tokenizer settings (tokenizer_config.json) but no vocabulary (tokenizer.json): "
+                    "transformers would build a tokenizer of special tokens only and every word would become [UNK]. "
+                    "Copy the tokenizer.json this model was trained with back into the folder."
+                )
+            return  # no tokenizer here at all (a training checkpoint): the tokenizer comes from elsewhere
+        ids: dict[str, int] = {}
+        if tokenizer_json is not None:
+            spec = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+            vocab = spec.get("model", {}).get("vocab", {})
+            if isinstance(vocab, list):  # Unigram: [[piece, score], ...]
+                vocab = {piece: i for i, (piece, _) in enumerate(vocab)}
+            ids.update(vocab)
+            ids.update({token["content"]: token["id"] for token in spec.get("added_tokens", [])})
+            source = f"{where}{os.sep}tokenizer.json"
+        else:
+            lines = vocab_txt.read_text(encoding="utf-8").splitlines()
+            ids.update({token: i for i, token in enumerate(lines)})
+            source = f"{where}{os.sep}vocab.txt"
+        pad_token = None
+        if tokenizer_config is not None:
+            pad_token = json.loads(tokenizer_config.read_text(encoding="utf-8")).get("pad_token")
+            pad_token = pad_token.get("content") if isinstance(pad_token, dict) else pad_token
+        size = len(set(ids.values()))
+        self._check_vocabulary(size, ids.get(pad_token) if pad_token else None, pad_token, source)
+
+    def _check_vocabulary(self, size: int, pad_id: int | None, pad_token: str | None, where: str) -> None:
+        if size != self.vocab_size:
+            raise ValueError(
+                f"{where} has {size:,} tokens but the model's vocab_size is {self.vocab_size:,}: it is not the "
+                "tokenizer this model was trained with (a missing tokenizer.json, or another model's tokenizer), and "
+                "its embeddings would be wrong. Load the model's own tokenizer."
+            )
+        if self.pad_token_id is not None and pad_token is not None and pad_id != self.pad_token_id:
+            raise ValueError(
+                f"{where}: its padding token {pad_token!r} has id {pad_id} but the model's pad_token_id is "
+                f"{self.pad_token_id}: it is not the tokenizer this model was trained with."
+            )
 
 
 MedEIRConfig.register_for_auto_class()

@@ -18,7 +18,7 @@ This file is Hub remote code: it imports only torch and transformers at top leve
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from itertools import pairwise
 
@@ -45,6 +45,13 @@ SDPA_CHUNK_ELEMENTS = 1 << 24
 # sdpa unpads a batch whose real tokens are fewer than this share of its positions: the linear layers (most of the
 # compute at short lengths) then skip the padding, and q, k, v are padded back only around the attention kernel.
 SDPA_MIN_REAL_TOKENS = 0.75
+# Exact windowed ALiBi on sequences of at least ALIBI_WINDOW_MIN_LENGTH tokens (sdpa's chunked path, flex_attention,
+# flash_attention_2): a head skips the keys that `alibi_windows` proves carry less than exp(-tau) of any query's
+# attention mass in this forward. The output then differs from full attention by at most 2 exp(-tau) max|v|: at
+# tau = 20 that is 4e-9 of |v|, below fp32 rounding. `config.alibi_window_tau` overrides tau; None turns it off.
+ALIBI_WINDOW_TAU = 20.0
+ALIBI_WINDOW_MIN_LENGTH = 1024
+FLEX_BLOCK_SIZE = 128  # create_block_mask's default block size
 
 FLASH_ATTN_HELP = (
     "attn_implementation='flash_attention_2' needs the flash-attn package (FlashAttention-2, which has ALiBi; "
@@ -96,6 +103,9 @@ class AttentionLayout:
     bias: torch.Tensor | None = None  # eager / sdpa: full additive bias (B or 1, H, S, S)
     band: torch.Tensor | None = None  # sdpa on long inputs: (1, H, chunk, 2S), see `alibi_band`
     block_mask: object = None  # flex_attention: torch BlockMask
+    mask_mod: Callable | None = None  # flex_attention: the padding / document mask behind `block_mask`
+    window_tau: float | None = None  # exact windowed ALiBi with this tolerance (see `alibi_windows`), or full attention
+    window_masks: dict = field(default_factory=dict)  # flex_attention: block masks per tuple of head windows
 
     def pad(self, flat: torch.Tensor) -> torch.Tensor:
         """(T, ...) real tokens -> (B, S, ...), zeros at padding."""
@@ -145,24 +155,111 @@ def eager_attention(q, k, v, layout: AttentionLayout, dropout: float, scaling: f
     return torch.matmul(probs, v).transpose(1, 2).to(dtype)
 
 
+def alibi_windows(
+    q: torch.Tensor, k: torch.Tensor, slopes: torch.Tensor, scaling: float, tau: float, keys: int
+) -> list[int]:
+    """Per head, the distance beyond which keys together carry less than exp(-tau) of any query's attention mass.
+
+    q, k: (H, N, d), every query and key of this forward; `keys`: the most keys one query sees. Relative to its own
+    (diagonal) key, key j has weight exp(scaling * q_i.(k_j - k_i) - s_h |i - j|) <= exp(B_h - s_h |i - j|) with
+    B_h = scaling * max_i |q_i| (|k_i - c| + max_j |k_j - c|) for any c (Cauchy-Schwarz; c = the mean key, which
+    tightens it), and the diagonal's weight is at most the row's total. The keys beyond w_h, at most two per
+    distance and fewer than `keys` in all, carry at most exp(B_h - s_h w_h) * min(keys, 2 / (1 - exp(-s_h))), which
+    is below exp(-tau) at w_h = (B_h + tau + ln min(keys, 2 / (1 - exp(-s_h)))) / s_h. The bound comes from this
+    forward's q and k, never assumed; a window is at most `keys` (full attention).
+    """
+    with torch.no_grad():
+        q, k = q.detach().float(), k.detach().float()
+        q_norm, k_norm = q.norm(dim=-1), (k - k.mean(dim=1, keepdim=True)).norm(dim=-1)  # (H, N)
+        bound = scaling * (q_norm * (k_norm + k_norm.amax(-1, keepdim=True))).amax(-1)
+        tail = torch.log(torch.clamp(2 / -torch.expm1(-slopes), max=max(keys, 1)))
+        width = ((bound + tau + tail) / slopes).clamp(max=keys)
+    return [math.ceil(w) if math.isfinite(w) else keys for w in width.tolist()]  # NaN or inf: attend in full
+
+
+def _window_groups(windows: list[int], length: int) -> list[tuple[list[int], int]] | None:
+    """Heads grouped by window (within a factor 2 of the group's narrowest), as (heads, window) with window <= L - 1;
+    None when every head's window covers the sequence (full attention, unchanged)."""
+    full = length - 1
+    if min(windows) >= full:
+        return None
+    groups: list[tuple[list[int], int, int]] = []  # heads, narrowest, widest
+    for head in sorted(range(len(windows)), key=windows.__getitem__):
+        window = min(windows[head], full)
+        if groups and window <= 2 * groups[-1][1]:
+            groups[-1][0].append(head)
+            groups[-1] = (groups[-1][0], groups[-1][1], window)
+        else:
+            groups.append(([head], window, window))
+    return [(heads, widest) for heads, _, widest in groups]
+
+
+def _window_chunk(heads: int, window: int, length: int) -> int:
+    """Query chunk of a windowed head group: about the window (64 at least), its scores at most SDPA_CHUNK_ELEMENTS."""
+    chunk = max(64, -(-window // 64) * 64)
+    cap = SDPA_CHUNK_ELEMENTS // (heads * (chunk + 2 * window)) // 64 * 64
+    return min(length, max(64, min(chunk, cap)))
+
+
+def _windowed_sdpa(q, k, v, slopes: torch.Tensor, groups, dropout: float, scaling: float) -> torch.Tensor:
+    """(1, H, L, d) one sequence: each head group attends in query chunks to the keys within its window only.
+
+    The bias of queries [q0, q1) against keys [k0, k1) is a view of one (1, h, chunk, chunk + 2w) band per group,
+    band[..., i, t] = -slope * |i + w - t|, sliced at t = k0 - q0 + w: no bias larger than a chunk's is built.
+    """
+    length = q.shape[2]
+    outs, order = [], []
+    for heads, window in groups:
+        index = torch.tensor(heads, device=q.device)
+        qg, kg, vg = (x.index_select(1, index) for x in (q, k, v))
+        chunk = _window_chunk(len(heads), window, length)
+        i = torch.arange(chunk, device=q.device)
+        t = torch.arange(chunk + 2 * window, device=q.device)
+        band = (-slopes[index, None, None] * (i[:, None] + window - t[None, :]).abs()).to(q.dtype)[None]
+        pieces = []
+        for q0 in range(0, length, chunk):
+            q1 = min(q0 + chunk, length)
+            k0, k1 = max(0, q0 - window), min(length, q1 + window)
+            bias = band[:, :, : q1 - q0, k0 - q0 + window : k1 - q0 + window]
+            pieces.append(
+                F.scaled_dot_product_attention(
+                    qg[:, :, q0:q1], kg[:, :, k0:k1], vg[:, :, k0:k1], attn_mask=bias, dropout_p=dropout, scale=scaling
+                )
+            )
+        outs.append(torch.cat(pieces, dim=2))
+        order += heads
+    inverse = torch.tensor(order, device=q.device).argsort()
+    return torch.cat(outs, dim=1).index_select(1, inverse)
+
+
 def sdpa_attention(q, k, v, layout: AttentionLayout, dropout: float, scaling: float) -> torch.Tensor:
     """torch SDPA with the ALiBi bias as a float mask.
 
     Padded (B, S, H, d): one call with the bias built once per forward. Flat (T, H, d), for inputs whose full bias
     would be too large: each sequence attends in query chunks whose bias is a view of the shared band, so memory
-    grows about linearly with length and no padding is computed at all.
+    grows about linearly with length and no padding is computed at all; a sequence of ALIBI_WINDOW_MIN_LENGTH tokens
+    or more skips, per head group, the keys `alibi_windows` proves negligible (exact windowed ALiBi).
     """
     if layout.bias is not None:
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.bias, dropout_p=dropout, scale=scaling)
+        bias = layout.bias if layout.bias.dtype == q.dtype else layout.bias.to(q.dtype)  # autocast: bf16 q, fp32 bias
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scaling)
         return out.transpose(1, 2)
     chunk, width = layout.band.shape[2], layout.band.shape[3] // 2
+    band = layout.band if layout.band.dtype == q.dtype else layout.band.to(q.dtype)
     pieces = []
     for start, end in layout.segments:
         qs, ks, vs = (x[start:end].transpose(0, 1)[None] for x in (q, k, v))  # (1, H, L, d)
+        groups = None
+        if layout.window_tau is not None and end - start >= ALIBI_WINDOW_MIN_LENGTH:
+            windows = alibi_windows(qs[0], ks[0], layout.slopes, scaling, layout.window_tau, end - start)
+            groups = _window_groups(windows, end - start)
+        if groups is not None:
+            pieces.append(_windowed_sdpa(qs, ks, vs, layout.slopes, groups, dropout, scaling)[0].transpose(0, 1))
+            continue
         for q0 in range(0, end - start, chunk):
             q1 = min(q0 + chunk, end - start)
-            bias = layout.band[:, :, : q1 - q0, width - q0 : width - q0 + end - start]
+            bias = band[:, :, : q1 - q0, width - q0 : width - q0 + end - start]
             out = F.scaled_dot_product_attention(
                 qs[:, :, q0:q1], ks, vs, attn_mask=bias, dropout_p=dropout, scale=scaling
             )
@@ -190,8 +287,43 @@ def flex_attention(q, k, v, layout: AttentionLayout, dropout: float, scaling: fl
         return score - slopes[head] * (q_idx - kv_idx).abs()
 
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    block_mask = layout.block_mask if layout.window_tau is None else _flex_window_mask(q, k, layout, scaling)
     kernel = _compiled_flex_attention(q.device.type)
-    return kernel(q, k, v, score_mod=alibi, block_mask=layout.block_mask, scale=scaling).transpose(1, 2)
+    return kernel(q, k, v, score_mod=alibi, block_mask=block_mask, scale=scaling).transpose(1, 2)
+
+
+def _flex_window_mask(q: torch.Tensor, k: torch.Tensor, layout: AttentionLayout, scaling: float):
+    """The block mask of exact windowed ALiBi for this layer's q, k (B, H, S, d): per head, keys within its window.
+
+    Windows are rounded up to a power of two times the block size (a superset of each, so still exact), which keeps
+    the distinct masks of a forward few: they are built once and cached in the layout. None of the heads windowed
+    (every window covers the sequence): the layout's own mask.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    block = FLEX_BLOCK_SIZE
+    batch, heads, seq_len, _ = q.shape
+    windows = alibi_windows(
+        q.transpose(0, 1).flatten(1, 2),
+        k.transpose(0, 1).flatten(1, 2),
+        layout.slopes,
+        scaling,
+        layout.window_tau,
+        seq_len,
+    )
+    reach = tuple(min(seq_len, block << max(0, math.ceil(math.log2(max(w, 1) / block)))) for w in windows)
+    if min(reach) + block >= seq_len:  # no head can skip a whole block of keys
+        return layout.block_mask
+    if reach not in layout.window_masks:
+        limit, base = torch.tensor(reach, device=q.device), layout.mask_mod
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            near = (q_idx - kv_idx).abs() <= limit[h]
+            return near if base is None else near & base(b, h, q_idx, kv_idx)
+
+        rows = batch if layout.key_mask is not None else None
+        layout.window_masks[reach] = create_block_mask(mask_mod, rows, heads, seq_len, seq_len, device=q.device)
+    return layout.window_masks[reach]
 
 
 def _flash_attn_varlen() -> Callable:
@@ -212,19 +344,26 @@ def flash_attention(q, k, v, layout: AttentionLayout, dropout: float, scaling: f
             f"flash_attention_2 runs in float16/bfloat16 on CUDA, got {q.dtype} on {q.device}: load the model with "
             "dtype=torch.bfloat16 and move it to a GPU, or use attn_implementation='sdpa'."
         )
-    return _flash_attn_varlen()(
-        q,
-        k,
-        v,
-        cu_seqlens_q=layout.cu_seqlens,
-        cu_seqlens_k=layout.cu_seqlens,
-        max_seqlen_q=layout.max_seqlen,
-        max_seqlen_k=layout.max_seqlen,
-        dropout_p=dropout,
-        softmax_scale=scaling,
-        causal=False,
-        alibi_slopes=layout.slopes,
-    )
+    attend = _flash_attn_varlen()
+    lengths = dict(cu_seqlens_q=layout.cu_seqlens, cu_seqlens_k=layout.cu_seqlens, max_seqlen_q=layout.max_seqlen)
+    options = dict(**lengths, max_seqlen_k=layout.max_seqlen, dropout_p=dropout, softmax_scale=scaling, causal=False)
+    groups = None
+    if layout.window_tau is not None:  # exact windowed ALiBi: flash-attn's window_size per head group
+        windows = alibi_windows(
+            q.transpose(0, 1), k.transpose(0, 1), layout.slopes, scaling, layout.window_tau, layout.max_seqlen
+        )
+        groups = _window_groups(windows, layout.max_seqlen)
+    if groups is None:
+        return attend(q, k, v, **options, alibi_slopes=layout.slopes)
+    outs, order = [], []
+    for heads, window in groups:
+        index = torch.tensor(heads, device=q.device)
+        size = -1 if window >= layout.max_seqlen - 1 else window  # -1: no window
+        qg, kg, vg = (x.index_select(1, index) for x in (q, k, v))
+        slopes = layout.slopes.index_select(0, index)
+        outs.append(attend(qg, kg, vg, **options, alibi_slopes=slopes, window_size=(size, size)))
+        order += heads
+    return torch.cat(outs, dim=1).index_select(1, torch.tensor(order, device=q.device).argsort())
 
 
 # The only attention implementations MedEIR accepts: each one applies ALiBi. Names are transformers' own, so
@@ -250,6 +389,11 @@ def _check_alibi_implementation(name: str | None) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _index_dtype(ids: torch.Tensor) -> torch.Tensor:
+    """nn.Embedding takes int32 / int64 ids only; narrower integer ids (uint8, int16) are widened, not refused."""
+    return ids if ids.dtype in (torch.int32, torch.int64) else ids.long()
+
+
 class MedEIREmbeddings(nn.Module):
     """Word + token-type embeddings, LayerNorm, dropout. No position embeddings: ALiBi is in attention."""
 
@@ -268,12 +412,12 @@ class MedEIREmbeddings(nn.Module):
         token_type_ids: torch.Tensor | None,
         inputs_embeds: torch.Tensor | None,
     ) -> torch.Tensor:
-        hidden = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        hidden = self.word_embeddings(_index_dtype(input_ids)) if inputs_embeds is None else inputs_embeds
         if self.token_type_embeddings is not None:
             if token_type_ids is None:
                 hidden = hidden + self.token_type_embeddings.weight[0]
             else:
-                hidden = hidden + self.token_type_embeddings(token_type_ids)
+                hidden = hidden + self.token_type_embeddings(_index_dtype(token_type_ids))
         return self.dropout(self.norm(hidden))
 
 
@@ -412,11 +556,12 @@ class MedEIRModel(MedEIRPreTrainedModel):
         """
         output_hidden_states = bool(output_hidden_states or self.config.output_hidden_states)
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        self._check_inputs(input_ids, inputs_embeds, attention_mask, token_type_ids)
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, token_type_ids, cu_seq_lens_q)
         shape = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         device = self.embeddings.word_embeddings.weight.device
 
-        if shape[0] == 0 or shape[1] == 0:  # an empty batch is a defined no-op
+        # An empty batch, or one whose rows are all padding, has no token to attend from: zeros, as at any padding.
+        if shape[0] == 0 or shape[1] == 0 or (attention_mask is not None and not bool(attention_mask.any())):
             empty = torch.zeros(*shape, self.config.hidden_size, device=device, dtype=self.dtype)
             hidden_states = (empty,) * (self.config.num_hidden_layers + 1) if output_hidden_states else None
             out = BaseModelOutput(last_hidden_state=empty, hidden_states=hidden_states)
@@ -452,17 +597,29 @@ class MedEIRModel(MedEIRPreTrainedModel):
 
     # -- input checks --------------------------------------------------------------------------------------------
 
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, token_type_ids) -> None:
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, token_type_ids, cu_seq_lens_q=None) -> None:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        for name, value in (
+            ("input_ids", input_ids),
+            ("inputs_embeds", inputs_embeds),
+            ("attention_mask", attention_mask),
+            ("token_type_ids", token_type_ids),
+            ("cu_seq_lens_q", cu_seq_lens_q),
+        ):
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise TypeError(
+                    f"{name} must be a torch.Tensor, got {type(value).__name__}: tokenize with return_tensors='pt' "
+                    "or wrap it with torch.tensor(...)."
+                )
         weight = self.embeddings.word_embeddings.weight
+        checking_values = not torch.compiler.is_compiling()
         if input_ids is not None:
-            if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-                raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}.")
+            self._check_integer("input_ids", input_ids)
             if input_ids.dim() != 2:
                 raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}.")
             self._check_device("input_ids", input_ids, weight.device)
-            if input_ids.numel() and not torch.compiler.is_compiling():
+            if input_ids.numel() and checking_values:
                 low, high = int(input_ids.min()), int(input_ids.max())
                 if low < 0 or high >= self.config.vocab_size:
                     bad = low if low < 0 else high
@@ -489,11 +646,38 @@ class MedEIRModel(MedEIRPreTrainedModel):
                 self._check_device(name, tensor, weight.device)
                 if tensor.shape != shape:
                     raise ValueError(f"{name} has shape {tuple(tensor.shape)} but the input is {tuple(shape)}.")
+        if token_type_ids is not None:
+            self._check_integer("token_type_ids", token_type_ids)
+            if token_type_ids.numel() and checking_values:
+                types = self.config.type_vocab_size
+                low, high = int(token_type_ids.min()), int(token_type_ids.max())
+                if low < 0 or high >= max(types, 1):  # without token-type embeddings only 0 (ignored) is allowed
+                    raise ValueError(
+                        f"token_type_ids contains {low if low < 0 else high}, outside [0, {max(types, 1)}) "
+                        f"(type_vocab_size is {types})."
+                    )
+        if cu_seq_lens_q is not None:
+            self._check_integer("cu_seq_lens_q", cu_seq_lens_q)
+            self._check_device("cu_seq_lens_q", cu_seq_lens_q, weight.device)
+            if cu_seq_lens_q.dim() != 1 or cu_seq_lens_q.numel() < 2:
+                raise ValueError(
+                    f"cu_seq_lens_q must be 1-D [0, end_1, ..., total], got shape {tuple(cu_seq_lens_q.shape)}."
+                )
+            if checking_values and (int(cu_seq_lens_q[0]) != 0 or not bool((cu_seq_lens_q.diff() > 0).all())):
+                raise ValueError(
+                    "cu_seq_lens_q must start at 0 and strictly increase (one boundary per packed document), "
+                    f"got {cu_seq_lens_q.tolist()[:16]}."
+                )
         if shape[1] > self.config.max_position_embeddings:
             logger.warning_once(
                 f"Input of {shape[1]} tokens is longer than the {self.config.max_position_embeddings} tokens MedEIR "
                 "was trained for; ALiBi extrapolates, but quality beyond that length was not measured."
             )
+
+    @staticmethod
+    def _check_integer(name: str, tensor: torch.Tensor) -> None:
+        if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got {tensor.dtype}.")
 
     @staticmethod
     def _check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
@@ -552,6 +736,7 @@ class MedEIRModel(MedEIRPreTrainedModel):
         long_input = (batch if key_mask is not None else 1) * heads * seq_len * seq_len > SDPA_BIAS_ELEMENTS
         heavy_padding = lengths is not None and int(lengths.sum()) < SDPA_MIN_REAL_TOKENS * batch * seq_len
         packed = cu_seqlens is not None
+        tau = getattr(self.config, "alibi_window_tau", ALIBI_WINDOW_TAU)  # exact windowed ALiBi; None: full attention
 
         # Flat tokens (unpadded once per forward): always for flash-attn; for sdpa on long inputs (each sequence
         # attends by itself, in chunks) and on heavily padded batches, whose linear layers then skip the padding
@@ -567,6 +752,7 @@ class MedEIRModel(MedEIRPreTrainedModel):
                 max_seqlen = int(lengths.max())
             layout.cu_seqlens, layout.max_seqlen = cu_seqlens, max_seqlen
             if implementation == "flash_attention_2":
+                layout.window_tau = tau if max_seqlen >= ALIBI_WINDOW_MIN_LENGTH else None
                 return layout
 
         layout.key_mask = key_mask
@@ -576,6 +762,7 @@ class MedEIRModel(MedEIRPreTrainedModel):
 
         if implementation == "flex_attention":
             layout.block_mask = self._flex_block_mask(layout, batch, seq_len, device)
+            layout.window_tau = tau if seq_len >= ALIBI_WINDOW_MIN_LENGTH else None
         elif implementation == "eager":
             layout.bias = layout.alibi_bias(seq_len, torch.float32)
         elif long_input:  # sdpa, per sequence
@@ -583,6 +770,7 @@ class MedEIRModel(MedEIRPreTrainedModel):
             chunk = min(width, max(64, SDPA_CHUNK_ELEMENTS // (heads * width) // 64 * 64))
             layout.band = layout.alibi_band(chunk, width, dtype)
             layout.segments = [(a, b) for a, b in pairwise(layout.cu_seqlens.tolist()) if b > a]
+            layout.window_tau = tau  # used on segments of ALIBI_WINDOW_MIN_LENGTH tokens or more
         else:  # sdpa, one batched call
             layout.bias = layout.alibi_bias(seq_len, dtype)
             layout.repad = layout.flat
@@ -606,6 +794,7 @@ class MedEIRModel(MedEIRPreTrainedModel):
 
         else:
             return None
+        layout.mask_mod = mask_mod  # windowed ALiBi intersects its windows with it
         rows = batch if layout.key_mask is not None else None
         return create_block_mask(mask_mod, rows, None, seq_len, seq_len, device=device)
 

@@ -1,0 +1,111 @@
+"""hub.onnx_export and hub.onnx_encoder: the shipped model's ONNX files against torch and sentence-transformers."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from .conftest import REPO
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from hub import onnx_export
+from hub.onnx_encoder import OnnxEncoder
+
+SHIPPED = REPO / "models" / "medeir-small"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A copy of the shipped folder with its onnx/ files (export without the built-in check: the tests check)."""
+    folder = tmp_path_factory.mktemp("onnx") / "medeir-small"
+    shutil.copytree(SHIPPED, folder, ignore=shutil.ignore_patterns("onnx"))
+    onnx_export.export_folder(folder, quantize=True, check=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def texts():
+    """Real texts of very different lengths: ICD-10-CM titles and one long category document (~1,900 tokens)."""
+    from corpus.sources import icd10cm
+
+    from .data_fixtures import parsed
+
+    icd = parsed("icd10cm")
+    titles = [icd.codes[code].title for code in ("A00.0", "I21.01", "J45.20", "E11.9", "S06.0X0")]
+    return [*titles, icd10cm.category_document(icd, "S06")[:9000]]
+
+
+@pytest.fixture(scope="module")
+def reference(texts):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(SHIPPED), trust_remote_code=True, device="cpu").encode(texts)
+
+
+def test_graph_inputs_outputs_and_dynamic_axes(exported):
+    import onnx
+
+    model = onnx.load(str(exported / "onnx" / "model.onnx"), load_external_data=False)
+    inputs = {i.name: i.type.tensor_type for i in model.graph.input}
+    assert set(inputs) == {"input_ids", "attention_mask"}
+    for tensor in inputs.values():
+        assert tensor.elem_type == onnx.TensorProto.INT64
+        assert all(d.dim_param and not d.dim_value for d in tensor.shape.dim)  # batch and length are dynamic
+    (output,) = model.graph.output
+    assert output.name == "last_hidden_state" and len(output.type.tensor_type.shape.dim) == 3
+    assert (exported / "onnx" / "model_qint8_avx512_vnni.onnx").stat().st_size < 0.4 * (
+        exported / "onnx" / "model.onnx"
+    ).stat().st_size
+
+
+def test_fp32_onnx_matches_sentence_transformers(exported, texts, reference):
+    encoder = OnnxEncoder(exported)
+    embeddings = encoder.encode(texts, batch_size=4)  # two batches, each padded to its own length
+    assert embeddings.shape == reference.shape and embeddings.dtype == np.float32
+    cosine = (embeddings * reference).sum(-1)
+    assert cosine.min() >= 0.9999, cosine
+    single = encoder.encode(texts[0])
+    assert single.shape == (reference.shape[1],) and float(single @ reference[0]) >= 0.9999
+
+
+def test_fp32_onnx_hidden_states_match_torch_with_padding(exported, texts):
+    """last_hidden_state itself, on a padded batch of a long and a short text: ALiBi and padding are in the graph."""
+    import torch
+
+    encoder = OnnxEncoder(exported)
+    features = encoder.tokenize([texts[-1][:3000], texts[1]])
+    (hidden,) = encoder.session.run(["last_hidden_state"], features)
+    model = onnx_export.load_encoder(SHIPPED)
+    with torch.no_grad():
+        torch_hidden = model(**{k: torch.from_numpy(v) for k, v in features.items()}).last_hidden_state.numpy()
+    assert features["attention_mask"][1].sum() < features["attention_mask"].shape[1]  # really padded
+    np.testing.assert_allclose(hidden, torch_hidden, atol=2e-4, rtol=0)
+    assert not hidden[1][features["attention_mask"][1] == 0].any()  # zeros at padding
+
+
+def test_int8_onnx_stays_close(exported, texts, reference):
+    embeddings = OnnxEncoder(exported, "onnx/model_qint8_avx512_vnni.onnx").encode(texts)
+    cosine = (embeddings * reference).sum(-1)
+    assert cosine.mean() >= 0.99, cosine
+
+
+def test_encoder_follows_prompts_like_sentence_transformers(exported, texts):
+    import json
+
+    from sentence_transformers import SentenceTransformer
+
+    config = exported / "config_sentence_transformers.json"
+    saved = config.read_text()
+    config.write_text(json.dumps({**json.loads(saved), "prompts": {"query": "query: "}}))
+    try:
+        expected = SentenceTransformer(str(exported), trust_remote_code=True, device="cpu").encode(
+            texts[:3], prompt_name="query"
+        )
+        got = OnnxEncoder(exported).encode(texts[:3], prompt_name="query")
+    finally:
+        config.write_text(saved)
+    assert (got * expected).sum(-1).min() >= 0.9999
+    with pytest.raises(ValueError, match="Unknown prompt_name"):
+        OnnxEncoder(exported).encode(texts[:1], prompt_name="passage")
