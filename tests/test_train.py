@@ -369,6 +369,7 @@ def test_every_recipe_loads(path):
     cls = kind[path.name.split("-")[0]]
     recipe = load_recipe(cls, path)
     assert {f.name for f in fields(cls)} >= {"output_dir"} and recipe.output_dir.startswith("runs/")
+    json.dumps(recipe.__dict__, default=str)  # what each run writes to its recipe.json
 
 
 def test_unknown_recipe_keys_are_an_error(tmp_path):

@@ -13,10 +13,10 @@ PY=${PYTHON:-python}
 [ -f runs/recovery-small/init/config.json ] || $PY -m train.initialize minilm --fold-positions 32 \
   --tokenizer runs/tokenizer-superset --out runs/recovery-small/init
 # stage 1, recovery distillation (no HPO or ICD-10-CM text: shared by the main and the LOSO models)
-$PY -m train.finetune --recipe train/recipes/recovery-distill-small.yaml
+$PY -m train.finetune --recipe train/recipes/distill-recovery-small.yaml
 # stage 2, domain training: the main model, then the same recipe with one source left out entirely
-$PY -m train.finetune --recipe train/recipes/recovery-finetune-small.yaml
+$PY -m train.finetune --recipe train/recipes/finetune-recovery-small.yaml
 for source in hpo icd10cm; do
-  $PY -m train.finetune --recipe train/recipes/recovery-finetune-small.yaml \
+  $PY -m train.finetune --recipe train/recipes/finetune-recovery-small.yaml \
     --set "exclude_sources=[$source]" --set "output_dir=runs/recovery-small/loso-$source"
 done
