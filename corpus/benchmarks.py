@@ -12,6 +12,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from corpus import dataset
 from corpus.sources import hpo as hpo_source
 from corpus.sources import icd10cm
 from corpus.sources import wordnet as wordnet_source
@@ -67,7 +68,9 @@ def hpo_layperson(hpo: hpo_source.Hpo) -> Benchmark:
                 continue
             relevant.setdefault(key, (syn.text, set()))[1].add(tid)
     corpus = {tid: hpo_source.document(t) for tid, t in hpo.terms.items() if tid != hpo_source.ROOT}
-    return _finish("hpo_layperson", corpus, relevant, {"test_candidates": candidates, "dropped_shared": ambiguous})
+    return _finish(
+        dataset.HPO_LAYPERSON.name, corpus, relevant, {"test_candidates": candidates, "dropped_shared": ambiguous}
+    )
 
 
 PROSE_MIN_WORDS = 12
@@ -97,7 +100,7 @@ def hpo_definition(hpo: hpo_source.Hpo) -> Benchmark:
         relevant.setdefault(key, (term.definition, set()))[1].add(tid)
     corpus = {tid: t.name for tid, t in hpo.terms.items() if tid != hpo_source.ROOT}
     report = {"test_candidates": candidates, "dropped_shared": ambiguous, "min_words": PROSE_MIN_WORDS}
-    return _finish("hpo_definition", corpus, relevant, report)
+    return _finish(dataset.HPO_DEFINITION.name, corpus, relevant, report)
 
 
 def icd10cm_inclusion(icd: icd10cm.Icd10cm) -> Benchmark:
@@ -121,7 +124,9 @@ def icd10cm_inclusion(icd: icd10cm.Icd10cm) -> Benchmark:
                 continue
             relevant.setdefault(key, (term, set()))[1].add(code)
     corpus = {code: node.title for code, node in icd.codes.items()}
-    return _finish("icd10cm_inclusion", corpus, relevant, {"test_candidates": candidates, "dropped_shared": ambiguous})
+    return _finish(
+        dataset.ICD10CM_INCLUSION.name, corpus, relevant, {"test_candidates": candidates, "dropped_shared": ambiguous}
+    )
 
 
 def wordnet_gloss(wn: wordnet_source.WordNet) -> Benchmark:
@@ -138,7 +143,7 @@ def wordnet_gloss(wn: wordnet_source.WordNet) -> Benchmark:
             if index[normalize(lemma)] == {sid}:
                 relevant.setdefault(normalize(lemma), (lemma, set()))[1].add(sid)
     corpus = {sid: wn.synsets[sid].definition for sid in test}
-    return _finish("wordnet_gloss", corpus, relevant, {"test_synsets": len(test)})
+    return _finish(dataset.WORDNET_GLOSS.name, corpus, relevant, {"test_synsets": len(test)})
 
 
 def _distribution(values: list[int]) -> dict:
@@ -198,7 +203,7 @@ def icd10cm_longdoc(icd: icd10cm.Icd10cm, token_starts: Callable[[str], list[int
             continue
         corpus[category] = doc
         kept_lengths.append(len(starts))
-        rng = random.Random(f"icd10cm_longdoc:{category}")
+        rng = random.Random(f"{dataset.ICD10CM_LONGDOC.name}:{category}")
         for key, text, token in sorted(rng.sample(found, min(LONGDOC_QUERIES_PER_DOC, len(found)))):
             relevant[key] = (text, {category})
             positions.append(token)
@@ -221,4 +226,4 @@ def icd10cm_longdoc(icd: icd10cm.Icd10cm, token_starts: Callable[[str], list[int
         "distractors": len(distractor_lengths),
         "distractor_tokens": _distribution(distractor_lengths),
     }
-    return _finish("icd10cm_longdoc", dict(sorted(corpus.items())), relevant, report)
+    return _finish(dataset.ICD10CM_LONGDOC.name, dict(sorted(corpus.items())), relevant, report)

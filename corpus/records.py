@@ -1,4 +1,4 @@
-"""The three shapes every source parser hands to the build: corpus texts, contrastive pairs, and its totals."""
+"""The shapes every source parser hands to the build: corpus texts, contrastive pairs, words, and its totals."""
 
 from dataclasses import dataclass, field
 
@@ -28,10 +28,10 @@ class Pair:
 
 @dataclass
 class SourceData:
-    """What one source contributes: corpus texts, pairs, and how many entities it parsed."""
+    """What one source contributes: corpus texts, pairs, a word list, and how many entities it parsed."""
 
     texts: list[Text] = field(default_factory=list)
     pairs: list[Pair] = field(default_factory=list)
     records: int = 0
     licence_note: str = ""
-    words: int | None = None  # set by a source with no corpus text (a word list); else counted from `texts`
+    words: list[str] = field(default_factory=list)  # words for the word list (never training text)

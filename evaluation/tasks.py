@@ -1,98 +1,24 @@
 """mteb retrieval tasks over the local benchmark files (docs/data-contract.md), and the official MTEB tasks.
 
-The local tasks are ordinary `AbsTaskRetrieval` subclasses whose `load_data` reads `data/benchmarks/<name>/*.parquet`
-instead of the Hub, so mteb does the encoding, search and scoring exactly as for its own tasks.
+The local tasks are ordinary `AbsTaskRetrieval` subclasses whose `load_data` reads a benchmark of the data build
+(`corpus.dataset`, whose registry names them) instead of the Hub, so mteb does the encoding, search and scoring exactly
+as for its own tasks.
 """
 
-import json
 import os
 import random
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from datasets import Dataset
 from mteb import TaskMetadata
 from mteb.abstasks import AbsTaskRetrieval
 from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
 
+from corpus.dataset import BENCHMARKS, DataBuild
 from evaluation.metrics import K_VALUES
 
-
-@dataclass(frozen=True)
-class BenchmarkInfo:
-    """One held-out benchmark: its mteb task, the registry source it is built from (the unit of leave-one-source-out)
-    and whether its queries are running prose or terms (short phrases)."""
-
-    task: str
-    label: str
-    source: str
-    queries: str  # "prose" | "terms"
-    description: str
-    control: bool = False  # general-English control: a medical model must not lose it
-
-
-# The registry: every benchmark the report knows, in report order. `corpus.build` writes their folders.
-BENCHMARKS: dict[str, BenchmarkInfo] = {
-    "hpo_layperson": BenchmarkInfo(
-        "HPOLaypersonRetrieval",
-        "HPO layperson",
-        "hpo",
-        "terms",
-        "HPO layperson synonym (e.g. 'Short stature') -> the 'name. definition' of its phenotype term; "
-        "queries from held-out HPO terms, documents: every HPO term.",
-    ),
-    "hpo_definition": BenchmarkInfo(
-        "HPODefinitionRetrieval",
-        "HPO definition (prose)",
-        "hpo",
-        "prose",
-        "Running prose -> term: queries are the definitions of held-out HPO terms, the source's own full sentences of "
-        "at least 12 words, never rewritten; documents: the names of every HPO term.",
-    ),
-    "icd10cm_inclusion": BenchmarkInfo(
-        "ICD10CMInclusionRetrieval",
-        "ICD-10-CM inclusion",
-        "icd10cm",
-        "terms",
-        "ICD-10-CM inclusion term -> the title of the code it is listed under; queries from held-out "
-        "3-character categories, documents: every code title.",
-    ),
-    "wordnet_gloss": BenchmarkInfo(
-        "WordNetGlossRetrieval",
-        "WordNet gloss (general)",
-        "wordnet",
-        "terms",
-        "General-English control: monosemous WordNet lemma -> its gloss; documents: the glosses of all held-out "
-        "general-English synsets.",
-        control=True,
-    ),
-    "icd10cm_longdoc": BenchmarkInfo(
-        "ICD10CMLongDocRetrieval",
-        "ICD-10-CM long-doc",
-        "icd10cm",
-        "terms",
-        "Long documents: each held-out ICD-10-CM 3-character category written out with all its codes and "
-        "inclusion terms as one document; a query (a code title or inclusion term naming only that category) "
-        "first appears beyond the document's first 512 tokens.",
-    ),
-}
-SOURCES = tuple(dict.fromkeys(b.source for b in BENCHMARKS.values()))  # hpo, icd10cm, wordnet
-
-
-def benchmarks_of(source: str) -> list[str]:
-    """The benchmarks built from one registry source: what a model trained without that source is scored on."""
-    return [name for name, info in BENCHMARKS.items() if info.source == source]
-
-
 OFFICIAL_TASKS = ("ArguAna", "NFCorpus", "SciFact", "TRECCOVID", "MedicalQARetrieval")
-
-
-def dataset_version(data_dir: Path) -> str:
-    """The data build's version (manifest), recorded as the task's dataset revision."""
-    manifest = Path(data_dir) / "manifest.json"
-    return json.loads(manifest.read_text()).get("dataset_version", "local") if manifest.exists() else "local"
 
 
 class LocalRetrievalTask(AbsTaskRetrieval):
@@ -103,7 +29,7 @@ class LocalRetrievalTask(AbsTaskRetrieval):
     """
 
     benchmark: str
-    folder: Path
+    data: DataBuild
     k_values = K_VALUES
 
     def __init__(self, max_queries: int | None = None, seed: int = 0) -> None:
@@ -113,36 +39,39 @@ class LocalRetrievalTask(AbsTaskRetrieval):
     def load_data(self, num_proc: int | None = None, **kwargs) -> None:
         if self.data_loaded:
             return
-        corpus = pq.read_table(self.folder / "corpus.parquet", columns=["id", "text"])
-        queries = pq.read_table(self.folder / "queries.parquet", columns=["id", "text"])
-        relevant: dict[str, dict[str, int]] = {}
-        for row in pq.read_table(self.folder / "qrels.parquet").to_pylist():
-            relevant.setdefault(row["query_id"], {})[row["doc_id"]] = int(row["score"])
-        ids = queries.column("id").to_pylist()
-        if self.max_queries is not None and self.max_queries < len(ids):
-            keep = set(random.Random(self.seed).sample(sorted(ids), self.max_queries))
-            queries = queries.filter([i in keep for i in ids])
+        benchmark = self.data.benchmark(self.benchmark)
+        queries, relevant = benchmark.queries, benchmark.qrels
+        if self.max_queries is not None and self.max_queries < len(queries):
+            keep = set(random.Random(self.seed).sample(sorted(queries), self.max_queries))
+            queries = {q: text for q, text in queries.items() if q in keep}
             relevant = {q: docs for q, docs in relevant.items() if q in keep}
         self.dataset = {
             "default": {
                 "test": RetrievalSplitData(
-                    corpus=Dataset(corpus), queries=Dataset(queries), relevant_docs=relevant, top_ranked=None
+                    corpus=_id_text(benchmark.corpus),
+                    queries=_id_text(queries),
+                    relevant_docs=relevant,
+                    top_ranked=None,
                 )
             }
         }
         self.data_loaded = True
 
 
+def _id_text(texts: dict[str, str]) -> Dataset:
+    return Dataset.from_dict({"id": list(texts), "text": list(texts.values())})
+
+
 def local_task(benchmark: str, data_dir: Path, max_queries: int | None = None, seed: int = 0) -> LocalRetrievalTask:
     """The mteb task of one benchmark folder of the data build."""
-    info = BENCHMARKS[benchmark]
-    folder = Path(data_dir) / "benchmarks" / benchmark
-    if not (folder / "qrels.parquet").exists():
+    info, data = BENCHMARKS[benchmark], DataBuild(data_dir)
+    folder = data.benchmark_dir(benchmark)
+    if not data.has_benchmark(benchmark):
         raise FileNotFoundError(f"no benchmark files in {folder}: run `python -m corpus.build`")
     metadata = TaskMetadata(
         name=info.task,
         description=info.description,
-        dataset={"path": str(folder), "revision": dataset_version(data_dir)},
+        dataset={"path": str(folder), "revision": data.version()},
         type="Retrieval",
         category="t2t",
         modalities=["text"],
@@ -154,7 +83,7 @@ def local_task(benchmark: str, data_dir: Path, max_queries: int | None = None, s
         annotations_creators="derived",
         sample_creation="found",
     )
-    cls = type(info.task, (LocalRetrievalTask,), {"metadata": metadata, "benchmark": benchmark, "folder": folder})
+    cls = type(info.task, (LocalRetrievalTask,), {"metadata": metadata, "benchmark": benchmark, "data": data})
     return cls(max_queries, seed)
 
 

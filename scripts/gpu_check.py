@@ -34,6 +34,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scripts.gpu_prepare import source_list  # the flash-attn extension's sources, as the patched setup.py lists them
+
 REPO = Path(__file__).resolve().parents[1]
 MIB = 2**20
 RETURN_FILES, RETURN_FILE_BYTES, RETURN_TOTAL_BYTES = 8, 16 * MIB, 64 * MIB
@@ -443,7 +445,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 def return_model(check: Check, exported: Path) -> dict:
     """The exported folder, minus files identical to the shipped model's and its onnx/ files (148 MB, rebuilt here by
-    `python -m hub.onnx_export FOLDER`), as a tar cut into <= 15 MiB parts."""
+    `python -m train.export --onnx-only FOLDER`), as a tar cut into <= 15 MiB parts."""
     shipped = REPO / "models" / "medeir-small"
     same = [
         p.name
@@ -470,7 +472,7 @@ def return_model(check: Check, exported: Path) -> dict:
     archive.unlink()
     target = "runs/gpu-medeir-small"
     reassemble = f"mkdir -p {target} && cat model.tar.part-* | tar -xz -C {target} && " + " && ".join(
-        [*(f"cp models/medeir-small/{name} {target}/" for name in same), f"python -m hub.onnx_export {target}"]
+        [*(f"cp models/medeir-small/{name} {target}/" for name in same), f"python -m train.export --onnx-only {target}"]
     )
     return {"status": "ok", "bytes": size, "parts": parts, "same_as_shipped": same, "reassemble": reassemble}
 
@@ -520,17 +522,10 @@ def unpack_flash(check: Check) -> tuple[Path | None, str]:
 
 def flash_sources_ok(source: Path) -> list[str]:
     """Problems with the patched tree: source-list files that are missing, or the patch not applied."""
-    problems = [f"missing {s}" for s in flash_sources(source) if not (source / s).exists()]
+    problems = [f"missing {s}" for s in source_list(source) if not (source / s).exists()]
     if "FLASHATTENTION_HEADDIMS_32_64" not in (source / "csrc/flash_attn/src/static_switch.h").read_text():
         problems.append("static_switch.h is not patched")
     return problems
-
-
-def flash_sources(source: Path) -> list[str]:
-    text = (source / "setup.py").read_text()
-    block = text[text.index('name="flash_attn_2_cuda"') :]
-    block = block[block.index("sources=[") : block.index("]")]
-    return re.findall(r'"(csrc/[^"]+)"', block)
 
 
 def start_flash(check: Check) -> dict:
@@ -540,7 +535,7 @@ def start_flash(check: Check) -> dict:
         return {"status": status}
     problems = flash_sources_ok(source)
     command = flash_build_command(check.python())
-    record = {"source": str(source), "sources": flash_sources(source), "command": shlex.join(command), "env": FLASH_ENV}
+    record = {"source": str(source), "sources": source_list(source), "command": shlex.join(command), "env": FLASH_ENV}
     if problems:
         return record | {"status": "failed: " + "; ".join(problems)}
     if check.args.cpu or not shutil.which("nvcc"):

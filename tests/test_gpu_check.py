@@ -115,7 +115,7 @@ def test_flash_attn_patch_applies_and_its_source_list_is_complete(tmp_path):
     assert "BOOL_SWITCH(params.is_causal" not in api and api.count("CAUSAL_SWITCH(params.is_causal") == 2
     _, missing = gpu_prepare.include_closure(root, sources)
     assert not [n for n in missing if n.startswith(("cute/", "cutlass/"))], missing
-    assert gpu_check.flash_sources(root) == sources and gpu_check.flash_sources_ok(root) == []
+    assert gpu_check.flash_sources_ok(root) == []  # the check reads the same list (gpu_prepare.source_list)
 
 
 def test_the_trimmed_flash_attn_archive_builds_from_its_own_files(tmp_path):

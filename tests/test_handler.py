@@ -248,7 +248,7 @@ def test_quantized_embeddings_share_one_scale_across_requests(handler):
 
 def test_the_onnx_backend_serves_what_the_torch_backend_serves(tiny_model_dir, tmp_path, monkeypatch):
     """MEDEIR_BACKEND=onnx: the same requests, the same limits and token counts, embeddings equal within fp32 rounding."""
-    from hub import onnx_export
+    from train import onnx_export
 
     folder = tmp_path / "onnx-model"
     shutil.copytree(tiny_model_dir, folder)

@@ -40,6 +40,18 @@ def run(model, implementation, **inputs):
         return model(**inputs).last_hidden_state
 
 
+def layout_of(model, ids, mask):
+    """The attention layout the model builds for a padded batch under its current implementation."""
+    return mm.AttentionLayout.from_mask(
+        model.config._attn_implementation,
+        model._alibi_slopes(ids.device),
+        tuple(ids.shape),
+        mask,
+        dtype=torch.float32,
+        window_tau=mm.ALIBI_WINDOW_TAU,
+    )
+
+
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
@@ -68,7 +80,7 @@ def test_eager_attention_is_alibi_by_hand():
     q = torch.tensor([[[[1.0] * 8], [[0.0] * 8]]])  # (B=1, S=2, H=1, d=8)
     k = torch.tensor([[[[1.0] * 8], [[1.0] * 8]]])
     v = torch.tensor([[[[1.0] * 8], [[3.0] * 8]]])
-    out = mm.eager_attention(q, k, v, layout, dropout=0.0, scaling=8**-0.5)
+    out = mm.EagerAttention.attend(q, k, v, layout, dropout=0.0, scaling=8**-0.5)
     s = 8 / 8**0.5
     w = torch.softmax(torch.tensor([s, s - 0.5]), 0)  # query 0: same scores, key 1 is one step away
     assert out[0, 0, 0, 0].item() == pytest.approx((w[0] + 3 * w[1]).item(), rel=1e-6)
@@ -78,6 +90,43 @@ def test_eager_attention_is_alibi_by_hand():
 def test_no_position_parameters_and_no_slope_buffers(model):
     names = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
     assert not any("position" in name or "slope" in name or "alibi" in name for name in names)
+
+
+def test_fresh_weights_follow_the_stated_initialisation():
+    config = tiny_config(initializer_range=0.05, hidden_size=96, intermediate_size=192)
+    torch.manual_seed(0)
+    model = MedEIRForMaskedLM(config)
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            weight = module.weight.detach()
+            if isinstance(module, torch.nn.Embedding) and module.padding_idx is not None:
+                assert not weight[module.padding_idx].any(), name
+                weight = torch.cat([weight[: module.padding_idx], weight[module.padding_idx + 1 :]])
+            assert abs(weight.mean().item()) < 0.01 and 0.045 < weight.std().item() < 0.055, name
+            if getattr(module, "bias", None) is not None:
+                assert not module.bias.any(), name
+        elif isinstance(module, torch.nn.LayerNorm):
+            assert bool((module.weight == 1).all()) and not module.bias.any(), name
+
+
+def test_a_padded_forward_reads_the_device_once():
+    """Every input check and every scalar the layout needs come back in one transfer (eager: nothing is unpadded)."""
+    from torch.overrides import TorchFunctionMode
+
+    class HostReads(TorchFunctionMode):
+        reads = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("__bool__", "__int__", "__float__", "item", "tolist", "equal"):
+                HostReads.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = MedEIRModel(tiny_config(attn_implementation="eager")).eval()
+    ids, mask = padded_batch()
+    with torch.no_grad(), HostReads():
+        model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))
+    assert HostReads.reads == 1
 
 
 # ---- backends agree with eager -------------------------------------------------------------------------------
@@ -91,7 +140,7 @@ def test_sdpa_matches_eager_on_padded_batch(model, left, lengths):
     ref = run(model, "eager", input_ids=ids, attention_mask=mask)
     out = run(model, "sdpa", input_ids=ids, attention_mask=mask)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
-    layout = model._attention_layout(ids.shape, mask, None, 0, torch.float32)
+    layout = layout_of(model, ids, mask)
     assert layout.flat == (mask.float().mean() < mm.SDPA_MIN_REAL_TOKENS) and layout.repad == layout.flat
 
 
@@ -345,6 +394,23 @@ def test_sequence_classification_pools_real_tokens_only():
     torch.testing.assert_close(out.logits[2:3], alone, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("packing", ["cu_seq_lens", "position_ids"])
+def test_sequence_classification_of_a_packed_batch_equals_the_padded_batch(packing):
+    """The packing kwargs reach the encoder and pooling is per document: one row of logits per packed document."""
+    torch.manual_seed(0)
+    model = MedEIRForSequenceClassification(tiny_config(num_labels=3)).eval()
+    ids, mask = padded_batch()
+    padded = model(input_ids=ids, attention_mask=mask).logits
+    packed, cu = pack(ids, mask)
+    if packing == "cu_seq_lens":
+        kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(LENGTHS), max_length_k=max(LENGTHS))
+    else:
+        kwargs = dict(position_ids=torch.cat([torch.arange(n) for n in LENGTHS])[None])
+    out = model(input_ids=packed, labels=torch.tensor([0, 2, 1]), **kwargs)
+    assert out.logits.shape == (3, 3) and out.loss.ndim == 0
+    torch.testing.assert_close(out.logits, padded, atol=2e-5, rtol=1e-4)
+
+
 def test_glu_feed_forward_preset_runs():
     model = MedEIRModel(tiny_config(feed_forward_type="glu")).eval()
     assert model.layers[0].feed_forward.up.out_features == 2 * 96
@@ -488,7 +554,7 @@ def test_windowed_alibi_widens_for_extreme_scores():
 
     layout = mm.AttentionLayout("eager", slopes)
     layout.bias = layout.alibi_bias(length, torch.float32)
-    reference = mm.eager_attention(*(x.transpose(1, 2) for x in (q, k, v)), layout, 0.0, scaling).transpose(1, 2)
+    reference = mm.EagerAttention.attend(*(x.transpose(1, 2) for x in (q, k, v)), layout, 0.0, scaling).transpose(1, 2)
     out = mm._windowed_sdpa(q, k, v, slopes, mm._window_groups(extreme, length), 0.0, scaling)
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
     # the window of the calm input would have dropped the far key: that output is wrong for query 0
@@ -510,9 +576,9 @@ def test_flex_attention_windowed_matches_eager():
     ids, mask = padded_batch(lengths=[1100, 700], seed=1)
     ref = run(model, "eager", input_ids=ids, attention_mask=mask)
     model.set_attn_implementation("flex_attention")
-    layout = model._attention_layout(ids.shape, mask, None, 0, torch.float32)
+    layout = layout_of(model, ids, mask)
     q = k = torch.randn(2, 6, 1100, 8)
-    assert mm._flex_window_mask(q, k, layout, 8**-0.5) is not layout.block_mask  # windowing engages here
+    assert mm.FlexAttention.window_mask(q, k, layout, 8**-0.5) is not layout.block_mask  # windowing engages here
     out = run(model, "flex_attention", input_ids=ids, attention_mask=mask)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
 

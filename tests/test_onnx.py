@@ -1,4 +1,4 @@
-"""hub.onnx_export and hub.onnx_encoder: the shipped model's ONNX files against torch and sentence-transformers."""
+"""onnx_encoder (the shipped onnxruntime encoder) and train.onnx_export: the shipped model's ONNX files against torch and sentence-transformers."""
 
 import shutil
 
@@ -10,8 +10,8 @@ from .conftest import REPO
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from hub import onnx_export
-from hub.onnx_encoder import OnnxEncoder
+from onnx_encoder import OnnxEncoder
+from train import onnx_export
 
 SHIPPED = REPO / "models" / "medeir-small"
 

@@ -183,7 +183,10 @@ SHIPPED = REPO / "models" / "medeir-small"
 
 
 def test_shipped_model_carries_the_current_remote_code():
-    for name in ("modeling_medeir.py", "configuration_medeir.py"):
+    from train.export import SHIPPED_CODE
+
+    assert {"modeling_medeir.py", "configuration_medeir.py", "onnx_encoder.py"} <= set(SHIPPED_CODE)
+    for name in SHIPPED_CODE:
         assert (SHIPPED / name).read_text() == (REPO / name).read_text(), f"{name}: rerun python -m train.export"
 
 

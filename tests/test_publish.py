@@ -65,7 +65,7 @@ def test_model_folder_holds_exactly_what_the_hub_repository_needs(hub_model, car
     assert (hub_model / "README.md").read_text() == CARD
     for copied, source in [
         ("handler.py", "hub/handler.py"),
-        ("onnx_encoder.py", "hub/onnx_encoder.py"),
+        ("onnx_encoder.py", "onnx_encoder.py"),
         ("requirements.txt", "hub/requirements.txt"),
         ("modeling_medeir.py", "modeling_medeir.py"),
         ("configuration_medeir.py", "configuration_medeir.py"),
@@ -207,3 +207,20 @@ def test_published_space_runs_offline_on_its_own_files(hub_space, tiny_model_dir
 def test_space_hardware_must_be_a_gpu(tmp_path):
     with pytest.raises(PublishError, match="not a GPU flavour"):
         assemble_space("someone/medeir-test", tmp_path / "s", index=tmp_path / "unused", hardware="cpu-basic")
+
+
+def test_the_card_gets_the_report_results_as_model_index_metadata(tiny_model_dir, card, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from evaluation.model_index import model_index
+
+    report_file = REPO / "results" / "evaluation" / "medeir-small" / "report.json"
+    report = yaml.safe_load(report_file.read_text())  # JSON is YAML
+    out = tmp_path / "with-results"
+    assemble_model(tiny_model_dir, out, card, report=report_file, report_model="MedEIR-small")
+    published = ModelCard.load(out / "README.md")
+    expected = model_index(report, next(m for m in report["models"] if m["name"] == "MedEIR-small"))
+    assert published.data.to_dict()["model-index"] == expected["model-index"]
+    assert published.data.library_name == "sentence-transformers" and "# MedEIR tiny (test)" in published.text
+    with pytest.raises(PublishError, match=r"--report-model 'nope' is not in .*MedEIR-small"):
+        assemble_model(tiny_model_dir, tmp_path / "x", card, report=report_file, report_model="nope")

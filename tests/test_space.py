@@ -316,7 +316,10 @@ def test_missing_default_model_says_so_and_how_to_choose_another(tmp_path, monke
 
 
 def test_hub_id_that_cannot_load_offline_is_a_clear_message(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub
+
+    # the Hub client reads HF_HUB_OFFLINE once, at import: set what it (and the message) acts on
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelUnavailable, match=r"Could not load 'nobody/no-such-medeir' \(HF_HUB_OFFLINE=1"):
         load_model("nobody/no-such-medeir", "cpu")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from corpus.dataset import DataBuild
 from tokenizer import fragmentation, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,6 +73,18 @@ def test_fewer_pieces_than_bert_on_medical_words():
     assert medeir["share_3plus"] < bert["share_3plus"]
 
 
+def test_fragmentation_reads_the_word_list_of_the_data_build(tmp_path):
+    """The word list comes from the data build (corpus.build writes it), not from a second fetch of the package."""
+    from corpus import build
+    from tests.data_fixtures import cache_dir, fetched, parsed
+
+    with pytest.raises(FileNotFoundError, match=r"corpus\.build"):
+        fragmentation.word_list(DataBuild(tmp_path))
+    fetched("hunspell")  # skips where the Debian package cannot be had
+    build.build(tmp_path, cache_dir(), ["hunspell"], {})
+    assert fragmentation.word_list(DataBuild(tmp_path)) == sorted(parsed("hunspell").words)
+
+
 def _slice_rows() -> list[dict]:
     """A small real corpus slice (ICD-10-CM and HPO texts) that needs no prior build."""
     from corpus.sources import hpo, icd10cm
@@ -118,12 +131,13 @@ def test_weighting_repeats_by_domain_or_source():
 @pytest.mark.slow
 def test_full_retrain_reproduces_the_committed_tokenizer(tmp_path):
     """Rebuild from data/corpus/train.parquet (when the local build is the one the tokenizer was trained on)."""
-    corpus = REPO / "data" / "corpus" / "train.parquet"
+    data = DataBuild(REPO / "data")
+    corpus = data.corpus_path()
     record = json.loads((TOKENIZER / "build.json").read_text())
     if not corpus.exists():
         pytest.skip("data/ not built here: run `python -m corpus.build` to enable the full retrain check")
     if hashlib.sha256(corpus.read_bytes()).hexdigest() != record["corpus"]["sha256"]:
         pytest.skip("data/corpus/train.parquet differs from the one the committed tokenizer was trained on")
-    rebuilt = train.build(corpus, tmp_path, record["recipe"])
+    rebuilt = train.build(data, tmp_path, record["recipe"])
     assert rebuilt["vocab_sha256"] == record["vocab_sha256"]
     assert (tmp_path / "tokenizer.json").read_bytes() == (TOKENIZER / "tokenizer.json").read_bytes()

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
 
 from configuration_medeir import MedEIRConfig
+from corpus.dataset import DataBuild
 from corpus.text import normalize
 from modeling_medeir import MedEIRModel
 from train.finetune import FinetuneRecipe
@@ -117,7 +118,7 @@ TOY = [
 
 
 def pretrain(init: Path, data: Path, out: Path, *extra: str, **kwargs):
-    recipe = [f"init={init}", f"data={data / 'corpus'}", f"output_dir={out}", *TOY, *extra]
+    recipe = [f"init={init}", f"data={data}", f"output_dir={out}", *TOY, *extra]
     return run_module("train.pretrain", *recipe, **kwargs)
 
 
@@ -138,7 +139,8 @@ def test_pretraining_lowers_the_loss_and_reports_long_lengths(uninterrupted):
     assert {"eval/loss@256", "eval/accuracy@64", "eval/accuracy@256"} <= evals[-1].keys()
     final = uninterrupted / "final"
     assert (final / "model.safetensors").exists() and (final / "modules.json").exists()
-    assert [p.name for p in sorted((uninterrupted / "checkpoints").iterdir())] == ["step-0000004", "step-0000006"]
+    # saves at steps 2, 4 and 6 are accelerate's checkpoint_0..2; keep_checkpoints=2 leaves the last two
+    assert [p.name for p in sorted((uninterrupted / "checkpoints").iterdir())] == ["checkpoint_1", "checkpoint_2"]
 
 
 def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(
@@ -147,10 +149,12 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(
     crashed = pretrain(tiny_medeir_init, icd_hpo_data, tmp_path, env={CRASH_AT_STEP: "3"})
     assert crashed.returncode == -signal.SIGKILL
     assert not (tmp_path / "final").exists()
-    assert (tmp_path / "checkpoints" / "step-0000002").exists()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint_0"]  # the step-2 save
     resumed = pretrain(tiny_medeir_init, icd_hpo_data, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
+    # the resumed run numbers its saves on from the checkpoint it loaded, as the uninterrupted run numbered them
+    assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["checkpoint_1", "checkpoint_2"]
     expected = load_file(uninterrupted / "final" / "model.safetensors")
     got = load_file(tmp_path / "final" / "model.safetensors")
     assert expected.keys() == got.keys()
@@ -211,7 +215,6 @@ def test_finetuning_composes_pairs_and_distillation_and_lowers_the_loss(finetune
 
 
 def test_mined_negatives_are_never_a_positive_of_their_anchor(tiny_medeir_init, icd_hpo_data):
-    import datasets
     from sentence_transformers import SentenceTransformer
 
     from train import finetune
@@ -226,14 +229,14 @@ def test_mined_negatives_are_never_a_positive_of_their_anchor(tiny_medeir_init, 
             "mined_negatives=2",
         ],
     )
-    from train.initialize import minilm_path
+    from corpus.reference import minilm_path
 
     model = SentenceTransformer(str(minilm_path()))  # a trained model, so the margin filter keeps most rows
     sets = finetune.pair_datasets(recipe, model)
     mined = sets["pairs_hard"]
     assert mined.column_names == ["anchor", "positive", "mined_1", "mined_2", "negative_1"]
     assert len(mined) > 0.5 * 300
-    pairs = datasets.load_dataset("parquet", data_files=f"{icd_hpo_data}/pairs/train.parquet", split="train")
+    pairs = DataBuild(icd_hpo_data).pairs_dataset()
     positives: dict[str, set[str]] = {}
     for a, p in zip(pairs["anchor"], pairs["positive"], strict=True):
         positives.setdefault(a, set()).add(p)
@@ -260,8 +263,8 @@ def test_teacher_targets_are_cached_for_a_resumed_run(finetuned, monkeypatch):
 def test_cached_teacher_embeddings_equal_fresh_ones(finetuned, tmp_path):
     from sentence_transformers import SentenceTransformer
 
+    from corpus.reference import minilm_path
     from train import finetune
-    from train.initialize import minilm_path
 
     recipe = load_recipe(FinetuneRecipe, finetuned / "recipe.json")
     texts = finetune.mse_texts(recipe)[:20]
@@ -272,7 +275,6 @@ def test_cached_teacher_embeddings_equal_fresh_ones(finetuned, tmp_path):
 
 def test_excluded_sources_reach_no_objective(tiny_medeir_init, icd_hpo_data):
     """Leave-one-source-out: no pair, corpus text or distillation text of an excluded source is trained on."""
-    import datasets
 
     from train import finetune
 
@@ -281,8 +283,7 @@ def test_excluded_sources_reach_no_objective(tiny_medeir_init, icd_hpo_data):
         FinetuneRecipe, None, [*overrides, "distill_mse_texts=100000", "distill_mse_pool=[corpus, pairs]"]
     )
     hpo_texts = set()
-    for part in ("corpus", "pairs"):
-        table = datasets.load_dataset("parquet", data_files=f"{icd_hpo_data}/{part}/train.parquet", split="train")
+    for table in (DataBuild(icd_hpo_data).corpus_dataset(), DataBuild(icd_hpo_data).pairs_dataset()):
         table = table.filter(lambda source: source == "hpo", input_columns="source")
         for column in ("text", "anchor", "positive"):
             hpo_texts |= {normalize(t) for t in table[column]} if column in table.column_names else set()
@@ -358,6 +359,41 @@ def test_lora_adapter_trains_saves_loads_and_merges(finetuned, icd_hpo_data, tmp
     plain = SentenceTransformer(str(base), trust_remote_code=True).encode(texts, convert_to_tensor=True)
     torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(merged, plain, atol=1e-4)
+
+
+def test_pair_metrics_pearson_and_separation_by_hand():
+    from train.metrics import pair_scores
+
+    # related 0.9, 0.7 (mean 0.8); unrelated 0.2, 0.4 (mean 0.3): separation 0.5.
+    # Pearson: deviations x (.35, .15, -.35, -.15), y (.5, .5, -.5, -.5): 0.5 / sqrt(0.29 * 1) = 0.928477
+    scores = pair_scores([0.9, 0.7, 0.2, 0.4], [1.0, 1.0, 0.0, 0.0])
+    assert scores["separation"] == pytest.approx(0.5)
+    assert scores["related_mean"] == pytest.approx(0.8) and scores["unrelated_mean"] == pytest.approx(0.3)
+    assert scores["pearson"] == pytest.approx(0.5 / np.sqrt(0.29))
+    assert scores["spearman"] == pytest.approx(4 / np.sqrt(20))  # ranks (4, 3, 1, 2) vs tied labels
+    assert (scores["related"], scores["unrelated"]) == (2, 2)
+    # a model that ranks unrelated pairs higher gets a negative separation and correlation
+    flipped = pair_scores([0.2, 0.4, 0.9, 0.7], [1.0, 1.0, 0.0, 0.0])
+    assert flipped["separation"] == pytest.approx(-0.5) and flipped["pearson"] < 0
+    with pytest.raises(ValueError):
+        pair_scores([0.1, 0.2], [1.0, 2.0])
+
+
+def test_finetuning_and_lora_share_their_trainer_settings(tmp_path):
+    from sentence_transformers.training_args import BatchSamplers
+
+    from train.finetune import training_arguments
+
+    finetune = load_recipe(FinetuneRecipe, None, ["init=x", f"output_dir={tmp_path / 'f'}", "batch_size=8", "lr=1e-4"])
+    lora = load_recipe(LoraRecipe, None, ["base=x", f"output_dir={tmp_path / 'l'}", "max_steps=5", "seed=3"])
+    f = training_arguments(finetune, save_strategy="steps", save_steps=7)
+    a = training_arguments(lora, save_strategy="no", report_to=[])
+    assert (f.per_device_train_batch_size, f.learning_rate, f.save_steps) == (8, 1e-4, 7)
+    assert (a.max_steps, a.seed, a.save_strategy, a.report_to) == (5, 3, "no", [])
+    for args, recipe in ((f, finetune), (a, lora)):
+        assert args.output_dir == str(Path(recipe.output_dir) / "checkpoints")
+        assert args.batch_sampler == BatchSamplers.NO_DUPLICATES and args.dataloader_drop_last
+        assert args.optim == "adamw_torch_fused" and args.bf16 == torch.cuda.is_available()
 
 
 # ---- recipes and launch configs ------------------------------------------------------------------------------

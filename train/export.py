@@ -1,72 +1,98 @@
-"""Export a trained SentenceTransformer folder as a shipped model.
+"""Export: the one path from a trained SentenceTransformer folder to the shipped model package.
 
-    python -m train.export runs/medeir-small/finetune/final models/medeir-small
+    python -m train.export runs/medeir-small/finetune/final models/medeir-small    # fp16 weights, code, onnx/
+    python -m train.export --onnx-only models/medeir-small                         # (re)write onnx/ in place
 
-Weights are stored in float16 (half the size: `small` fits in ~62 MB) while `config.dtype` stays float32, so
-AutoModel and SentenceTransformer load and compute in float32 unless a user asks for half precision. The two
-remote-code files are refreshed from this repository. The export is checked against its source: embeddings of
-a few real texts must agree to float16 rounding; the evaluation report measures both if in doubt (`--full` keeps
-float32 weights).
+Training ends with it (train/medeir-small.sh) and publishing goes through the same pieces: `hub.publish` copies an
+exported folder, calls `package` on the copy and checks it with `verify`. What a shipped folder holds:
+- weights in float16 (half the size: `small` fits in ~62 MB) while `config.dtype` stays float32, so AutoModel and
+  SentenceTransformer load and compute in float32 unless a user asks for half precision (`--full` keeps float32);
+- the code that ships inside the model (the top-level SHIPPED_CODE files), refreshed from this repository;
+- sentence-transformers files with the model's whole context as its limit and legacy module types;
+- onnx/model.onnx and onnx/model_qint8_avx512_vnni.onnx (train.onnx_export), checked against torch.
+`verify` is the one embedding check: a fresh offline process, without this checkout on its path, loads the folder
+through AutoModel (mean pooling), SentenceTransformer and, where the folder has one, the Endpoints handler, and each
+must give the reference folder's embeddings of CHECK_TEXTS within `atol`.
 """
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
-from hub.onnx_export import export_folder as export_onnx_files
-from hub.sentence_transformers_files import write_sentence_transformers_files
+from train import onnx_export
+from train.sentence_transformers_files import write_sentence_transformers_files
 
 REPO = Path(__file__).resolve().parents[1]
-REMOTE_CODE = ("modeling_medeir.py", "configuration_medeir.py")
+# The code that ships inside every model folder: the remote code and the onnxruntime encoder (the top-level files).
+SHIPPED_CODE = ("configuration_medeir.py", "modeling_medeir.py", "onnx_encoder.py")
+# Real texts for every export check (torch and ONNX): codes, phenotypes, lay words, general English, one character.
 CHECK_TEXTS = [
     "Cholera due to Vibrio cholerae 01, biovar cholerae",
+    "Acute myocardial infarction of inferior wall",
     "Abnormality of the cardiovascular system",
+    "always thirsty and peeing a lot",
     "the decade from 1530 to 1539",
+    "x",
 ]
+HALF_ATOL = 5e-3  # float16 weights against the float32 source
+COPY_ATOL = 1e-5  # the same weights in another folder
 
 
-def export(source: Path, target: Path, half: bool = True) -> dict:
+class ExportError(RuntimeError):
+    """A folder that cannot ship; the message says which check failed and why."""
+
+
+def export(source: Path, target: Path, half: bool = True, onnx: bool = True) -> dict:
+    """Write the shipped package of trained folder `source` into a fresh `target`, checked against `source`."""
+    source, target = Path(source), Path(target)
     if target.exists():
         shutil.rmtree(target)
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("checkpoints", "README.md"))
-    for name in REMOTE_CODE:
-        shutil.copy2(REPO / name, target / name)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("checkpoints", "README.md", "onnx"))
     weights_file = target / "model.safetensors"
     if half:
         weights = load_file(weights_file)
         save_file(
             {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}, weights_file, {"format": "pt"}
         )
-    config_file = target / "config.json"
+    package(target)
+    report = verify(source, target, atol=HALF_ATOL if half else COPY_ATOL)
+    result = {
+        "weights_mb": round(weights_file.stat().st_size / 2**20, 1),
+        "half": half,
+        "max_embedding_diff": max(report["gaps"].values()),
+    }
+    if onnx:  # onnx/model.onnx + onnx/model_qint8_avx512_vnni.onnx, checked against torch on CHECK_TEXTS
+        result["onnx"] = onnx_export.export_folder(target, texts=CHECK_TEXTS)
+    return result
+
+
+def package(folder: Path) -> None:
+    """Make a saved MedEIR folder what ships, in place (idempotent): compute dtype float32 in config.json, this
+    repository's SHIPPED_CODE, sentence-transformers files for the whole context (keeping the folder's prompts), and
+    a tokenizer_config.json without facts about the training machine."""
+    folder = Path(folder)
+    config_file = folder / "config.json"
     config = json.loads(config_file.read_text())
     config["dtype"] = "float32"  # compute dtype on load; the stored weights may be float16
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    publishable_sentence_transformers_files(target, config)
-    difference = check(source, target)
-    onnx = export_onnx_files(target)  # onnx/model.onnx + onnx/model_qint8_avx512_vnni.onnx, checked against torch
-    return {
-        "weights_mb": round(weights_file.stat().st_size / 2**20, 1),
-        "half": half,
-        "max_embedding_diff": difference,
-        "onnx": onnx,
-    }
-
-
-def publishable_sentence_transformers_files(target: Path, config: dict) -> None:
-    """The trainer saves sentence-transformers 6 files with the training length (512) as the model's limit; the
-    shipped model reads its whole context and loads in every sentence-transformers version (legacy module types)."""
-    prompts = json.loads((target / "config_sentence_transformers.json").read_text()).get("prompts") or {}
+    for name in SHIPPED_CODE:
+        shutil.copyfile(REPO / name, folder / name)
+    st_config = folder / "config_sentence_transformers.json"
+    prompts = (json.loads(st_config.read_text()).get("prompts") or {}) if st_config.is_file() else {}
     write_sentence_transformers_files(
-        target,
+        folder,
         config["hidden_size"],
         max_seq_length=config["max_position_embeddings"],
         prompts={k: v for k, v in prompts.items() if v},
     )
-    tokenizer_file = target / "tokenizer_config.json"
+    tokenizer_file = folder / "tokenizer_config.json"
     tokenizer = json.loads(tokenizer_file.read_text())
     for key in ("is_local", "local_files_only"):  # facts about the training machine, not settings of the model
         tokenizer.pop(key, None)
@@ -74,30 +100,93 @@ def publishable_sentence_transformers_files(target: Path, config: dict) -> None:
     tokenizer_file.write_text(json.dumps(tokenizer, indent=2, sort_keys=True) + "\n")
 
 
-def check(source: Path, target: Path) -> float:
-    """Largest absolute difference between the source's and the export's embeddings of CHECK_TEXTS."""
+VERIFY = """
+import json, os, sys
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+from sentence_transformers import SentenceTransformer
+
+folder, reference, texts = sys.argv[1], np.load(sys.argv[2]), json.loads(sys.argv[3])
+config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+assert type(config).__name__ == "MedEIRConfig", type(config)
+model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+assert type(model).__name__ == "MedEIRModel" and "transformers_modules" in type(model).__module__, type(model)
+assert next(model.parameters()).dtype == torch.float32, "the folder does not load in float32"
+tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+batch = tokenizer(texts, padding=True, return_tensors="pt")
+with torch.no_grad():
+    hidden = model(**batch).last_hidden_state
+mask = batch["attention_mask"][..., None].float()
+pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+st = SentenceTransformer(folder, trust_remote_code=True, device="cpu")
+ways = {"automodel_mean_pooling": pooled, "sentence_transformers": st.encode(texts, convert_to_numpy=True)}
+if os.path.isfile(os.path.join(folder, "handler.py")):
+    sys.path.insert(0, folder)
+    from handler import EndpointHandler
+    ways["handler"] = np.asarray(EndpointHandler(folder)({"inputs": texts})["embeddings"])
+gaps = {name: float(np.abs(value - reference).max()) for name, value in ways.items()}
+print("RESULT " + json.dumps({"gaps": gaps, "dimension": int(ways["sentence_transformers"].shape[1]),
+                             "max_seq_length": st.max_seq_length, "model_class": type(model).__name__}))
+"""
+
+
+def fresh_env() -> dict[str, str]:
+    """Offline, and without this checkout on the path: only the folder itself can supply the model code."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
+
+
+def verify(reference: Path, folder: Path, atol: float = COPY_ATOL) -> dict:
+    """Load `folder` in a fresh offline process every way a user does and compare with `reference`'s embeddings."""
+    import numpy as np
     from sentence_transformers import SentenceTransformer
 
-    a = SentenceTransformer(str(source), trust_remote_code=True, device="cpu").encode(
-        CHECK_TEXTS, convert_to_tensor=True
+    expected = SentenceTransformer(str(reference), trust_remote_code=True, device="cpu").encode(
+        CHECK_TEXTS, convert_to_numpy=True
     )
-    exported = SentenceTransformer(str(target), trust_remote_code=True, device="cpu")
-    if next(exported.parameters()).dtype != torch.float32:
-        raise RuntimeError("the export does not load in float32")
-    b = exported.encode(CHECK_TEXTS, convert_to_tensor=True)
-    difference = float((a - b).abs().max())
-    if difference > 5e-3:
-        raise RuntimeError(f"export differs from its source by {difference:.4f}")
-    return difference
+    with tempfile.TemporaryDirectory(prefix="medeir-verify-") as tmp:
+        np.save(Path(tmp) / "reference.npy", expected)
+        result = subprocess.run(
+            [sys.executable, "-c", VERIFY, str(Path(folder).resolve()), "reference.npy", json.dumps(CHECK_TEXTS)],
+            cwd=tmp,
+            env=fresh_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    if result.returncode != 0 or not lines:
+        raise ExportError(f"{folder} does not load in a fresh offline process:\n{result.stderr[-3000:]}")
+    report = json.loads(lines[-1][len("RESULT ") :])
+    if max(report["gaps"].values()) > atol:
+        raise ExportError(
+            f"{folder} loads but its embeddings differ from {reference}'s (atol {atol}): {report['gaps']}"
+        )
+    return report
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", type=Path)
-    parser.add_argument("target", type=Path)
+    parser.add_argument(
+        "source", type=Path, help="a trained SentenceTransformer folder (or, with --onnx-only, a model)"
+    )
+    parser.add_argument("target", type=Path, nargs="?", help="the shipped folder to write (replaced if it exists)")
     parser.add_argument("--full", action="store_true", help="keep float32 weights")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the onnx/ files")
+    parser.add_argument("--onnx-only", action="store_true", help="only (re)write SOURCE/onnx/, checked against torch")
+    parser.add_argument("--no-int8", action="store_true", help="with --onnx-only: only the fp32 file")
     args = parser.parse_args()
-    print(json.dumps(export(args.source, args.target, half=not args.full), indent=2))
+    try:
+        if args.onnx_only:
+            report = onnx_export.export_folder(args.source, quantize=not args.no_int8, texts=CHECK_TEXTS)
+        elif args.target is None:
+            parser.error("give SOURCE and TARGET (or --onnx-only FOLDER)")
+        else:
+            report = export(args.source, args.target, half=not args.full, onnx=not args.no_onnx)
+    except (ExportError, onnx_export.OnnxParityError) as err:
+        print(f"train.export failed: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

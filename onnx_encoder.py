@@ -1,6 +1,6 @@
 """Encode with a model folder's ONNX files: what `SentenceTransformer(folder).encode` returns, on onnxruntime.
 
-    from hub.onnx_encoder import OnnxEncoder
+    from onnx_encoder import OnnxEncoder
     encoder = OnnxEncoder("models/medeir-small")                                  # onnx/model.onnx
     encoder = OnnxEncoder("models/medeir-small", "onnx/model_qint8_avx512_vnni.onnx")  # int8
     embeddings = encoder.encode(["fever and productive cough", "community-acquired pneumonia"])

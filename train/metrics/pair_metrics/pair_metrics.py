@@ -1,4 +1,4 @@
-"""Pair similarity metrics as a local `evaluate` module: `evaluate.load("evaluation/pair_metrics")`.
+"""Pair similarity metrics as a local `evaluate` module: `evaluate.load("train/metrics/pair_metrics")`.
 
 Inputs are one predicted similarity per text pair (`predictions`, e.g. cosine) and the pair's label (`references`,
 1.0 related, 0.0 unrelated). Two published ways of scoring such pairs, side by side:
