@@ -199,7 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=DataBuild, default=DataBuild(DEFAULT_ROOT), help="output folder of corpus.build")
     parser.add_argument("--out", type=Path, default=HERE, help="where to save the tokenizer (default: tokenizer/)")
     parser.add_argument("--recipe", default=None, help="recipe name in tokenizer/recipes.json")
-    parser.add_argument("--sweep", action="store_true", help="train recipes and record them in results/tokenizer/sweep.json")
+    parser.add_argument(
+        "--sweep", action="store_true", help="train recipes and record them in results/tokenizer/sweep.json"
+    )
     parser.add_argument("--recipes", default=None, help="with --sweep: comma-separated recipes (default: all)")
     args = parser.parse_args(argv)
     if not args.data.corpus_path().exists():
