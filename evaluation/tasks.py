@@ -5,10 +5,10 @@ The local tasks are ordinary `AbsTaskRetrieval` subclasses whose `load_data` rea
 as for its own tasks.
 """
 
-import os
 import random
 import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from datasets import Dataset
 from mteb import TaskMetadata
@@ -89,10 +89,13 @@ def local_task(benchmark: str, data_dir: Path, max_queries: int | None = None, s
 
 def hub_unreachable(timeout: float = 3.0) -> str | None:
     """Why the official MTEB tasks cannot be loaded here, or None when huggingface.co answers within `timeout` s."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}:
-            return f"no Hub access ({var}=1)"
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    import datasets.config
+    from huggingface_hub import constants
+
+    # the flag mteb's dataset loading acts on: HF_HUB_OFFLINE or HF_DATASETS_OFFLINE, as datasets read them
+    if datasets.config.HF_HUB_OFFLINE:
+        return "no Hub access (HF_HUB_OFFLINE=1)"
+    endpoint = urlparse(constants.ENDPOINT).hostname
     try:
         socket.create_connection((endpoint, 443), timeout=timeout).close()
     except OSError as err:
