@@ -27,12 +27,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from corpus.reference import ReferenceUnavailable, bert_tokenizer_files
+from corpus.reference import TOKENIZER_FILES, ReferenceUnavailable, bert_tokenizer_files
 from train.export import COPY_ATOL, ExportError, fresh_env, package, verify
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = ".medeir-publish"  # marks a folder this script made, so a rerun may empty it
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 # path in the Space repository -> path in this repository: app.py at the root imports the space package beside it
 SPACE_FILES = {
     "app.py": "space/app.py",

@@ -179,7 +179,7 @@ def sweep(data: DataBuild, names: list[str] | None = None) -> list[dict]:
     from tokenizer import fragmentation
 
     spec = json.loads((HERE / "recipes.json").read_text())
-    path = HERE.parent / "results" / "tokenizer" / "sweep.json"
+    path = fragmentation.REPORTS / "sweep.json"
     done = {r["recipe"]: r for r in json.loads(path.read_text())} if path.exists() else {}
     sets = fragmentation.held_out_sets(data)
     bert = fragmentation.load_bert()
