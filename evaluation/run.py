@@ -43,7 +43,7 @@ import torch
 from corpus.dataset import BENCHMARK_SOURCES, BENCHMARKS, DEFAULT_ROOT, ICD10CM_LONGDOC, DataBuild
 from evaluation import metrics, models, tasks
 from evaluation.report import slug
-from evaluation.speed import encode_throughput
+from evaluation.speed import WARMUP_FORWARDS, encode_throughput
 from train.metrics import pair_scores
 
 PAIRS = "pairs"  # --benchmarks entry of the pair-similarity evaluation
@@ -51,8 +51,8 @@ LONGDOC = ICD10CM_LONGDOC.name  # the long-document benchmark whose lengths the 
 HISTOGRAM_BINS = np.linspace(-1.0, 1.0, 81)  # cosine similarity, 0.025 wide
 SPEED_METHOD = (
     "evaluation.speed.encode_throughput: the loaded SentenceTransformer (encoder, pooling, normalize) on random token "
-    "ids (tokenization excluded), ~{batch_tokens} tokens per forward, one warm-up forward, mean of {repeats} timed "
-    "forwards, float32"
+    "ids (tokenization excluded), ~{batch_tokens} tokens per forward, {warmup} warm-up forwards, median of {repeats} "
+    "timed forwards, float32"
 )
 
 
@@ -359,7 +359,9 @@ def throughput(model, args: argparse.Namespace) -> dict:
     if not isinstance(model, SentenceTransformer):
         return {"skipped": "not a torch SentenceTransformer (evaluation.speed measures those)"}
     rows = encode_throughput(model, args.speed_lengths, args.speed_batch_tokens, args.speed_repeats)
-    method = SPEED_METHOD.format(batch_tokens=args.speed_batch_tokens, repeats=args.speed_repeats)
+    method = SPEED_METHOD.format(
+        batch_tokens=args.speed_batch_tokens, warmup=WARMUP_FORWARDS, repeats=args.speed_repeats
+    )
     return {"method": method, "rows": rows}
 
 

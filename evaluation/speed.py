@@ -5,8 +5,9 @@
     python -m evaluation.speed --presets small --model models/medeir-small --out results/evaluation/speed-cpu.json
 
 Each measurement runs in a fresh process, so peak memory (CPU: peak RSS growth; CUDA: peak allocated) belongs
-to that one configuration. Every run encodes about `--batch-tokens` tokens per forward (batch = tokens / length)
-after one warm-up forward (which also compiles flex_attention). Inputs are random token ids, or with `--model` the
+to that one configuration. Every run encodes about `--batch-tokens` tokens per forward (batch = tokens / length:
+32 x 128 by default, 1 x 8192) and reports the median of `--repeats` timed forwards after WARMUP_FORWARDS untimed ones
+(which also compile flex_attention). Inputs are random token ids, or with `--model` the
 token ids of ICD-10-CM category documents (simple-icd-10-cm), since windowed ALiBi's windows depend on real q and k.
 Rows:
 
@@ -27,6 +28,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -49,6 +51,9 @@ BACKENDS = [
     *ONNX_ROWS,
 ]
 MINILM_MAX_TOKENS = 512
+# Forwards before timing. One is not enough: on the 2-core CPU onnxruntime's first timed forwards after a single
+# warm-up ran 10-20% slower than later ones (arena growth), which understated every ONNX row.
+WARMUP_FORWARDS = 2
 
 
 def available_backends(device: str) -> list[str]:
@@ -209,25 +214,28 @@ def measure(
             model(input_ids=ids, attention_mask=mask)
 
     with torch.inference_mode():
-        forward()  # warm-up (and flex compilation)
-        base = reset_peak_memory(device)
-        start = time.perf_counter()
-        for _ in range(repeats):
+        for _ in range(WARMUP_FORWARDS):  # flex compilation, allocator and onnxruntime arena growth
             forward()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        seconds = (time.perf_counter() - start) / repeats
+        base = reset_peak_memory(device)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            forward()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)
     peak = peak_memory(device) - base
     return {"tokens_per_s": batch * seq_len / seconds, "peak_mb": max(peak, 0) / 2**20, "batch": batch}
 
 
 def encode_throughput(
-    model, lengths: list[int], batch_tokens: int = 8192, repeats: int = 3, seed: int = 0
+    model, lengths: list[int], batch_tokens: int = 8192, repeats: int = 5, seed: int = 0
 ) -> list[dict]:
     """Tokens/s of an already-loaded SentenceTransformer (all its modules: encoder, pooling, normalize) at each length.
 
-    Same method as `measure`: random token ids (tokenization excluded), ~`batch_tokens` tokens per forward, one
-    warm-up forward, mean of `repeats`. A length above the model's max_seq_length is reported as skipped, since the
+    Same method as `measure`: random token ids (tokenization excluded), ~`batch_tokens` tokens per forward,
+    WARMUP_FORWARDS untimed forwards, the median of `repeats` timed ones. A length above the model's max_seq_length is reported as skipped, since the
     model would truncate such inputs. In-process, so peak memory is not reported here.
     """
     device = model.device
@@ -242,13 +250,16 @@ def encode_throughput(
         ids = torch.randint(min(1000, vocab // 2), vocab, (batch, seq_len), generator=generator).to(device)
         features = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         with torch.inference_mode():
-            model(dict(features))  # warm-up
-            start = time.perf_counter()
-            for _ in range(repeats):
+            for _ in range(WARMUP_FORWARDS):
                 model(dict(features))
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = (time.perf_counter() - start) / repeats
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(dict(features))
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+            seconds = statistics.median(times)
         rows.append(
             {
                 "seq_len": seq_len,
@@ -358,8 +369,8 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["small", "base"], choices=sorted(PRESETS))
     parser.add_argument("--lengths", nargs="+", type=int, default=[128, 512, 2048, 8192])
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, help="default: every one available here")
-    parser.add_argument("--batch-tokens", type=int, default=8192)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-tokens", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per cell (their median)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--out", type=Path, help="write the measurements as JSON")
@@ -409,7 +420,7 @@ def main() -> None:
     threads = torch.get_num_threads()
     print(
         f"\nDevice: {device_name} ({threads} threads), {args.dtype}, ~{args.batch_tokens} tokens per forward, "
-        f"mean of {args.repeats} timed forwards after one warm-up; "
+        f"median of {args.repeats} timed forwards after {WARMUP_FORWARDS} warm-up forwards; "
         f"MB = peak memory growth during the timed forwards."
     )
     print(markdown_table(rows, args.lengths))

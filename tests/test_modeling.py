@@ -469,9 +469,9 @@ def count_windowed_groups(monkeypatch) -> list:
     calls = []
     original = mm._windowed_sdpa
 
-    def spy(q, k, v, slopes, groups, dropout, scaling):
+    def spy(q, k, v, slopes, groups, *args):
         calls.append(groups)
-        return original(q, k, v, slopes, groups, dropout, scaling)
+        return original(q, k, v, slopes, groups, *args)
 
     monkeypatch.setattr(mm, "_windowed_sdpa", spy)
     return calls
@@ -493,6 +493,50 @@ def test_windowed_alibi_equals_full_attention_on_long_documents(shipped, long_do
     # 6 layers x 2 sequences, and some heads attend to far fewer keys than the sequence has
     assert len(calls) == 12 and all(min(w for _, w in groups) < 200 for groups in calls), calls[0]
     torch.testing.assert_close(windowed, full, atol=1e-5, rtol=0)
+
+
+def test_windowed_alibi_runs_on_an_unpadded_batch_whose_bias_would_fit(shipped, long_documents, monkeypatch):
+    """2 x 1,100 tokens, no padding: the whole bias fits SDPA_BIAS_ELEMENTS, yet sdpa windows (it is faster there)."""
+    model, tokenizer = shipped
+    batch = tokenizer(long_documents, return_tensors="pt", truncation=True, max_length=1100)
+    assert batch["attention_mask"].all() and mm.SDPA_BIAS_ELEMENTS > 2 * 12 * 1100**2
+    calls = count_windowed_groups(monkeypatch)
+    with torch.no_grad():
+        windowed = model(**batch).last_hidden_state
+        model.config.alibi_window_tau = None
+        try:
+            full = model(**batch).last_hidden_state
+        finally:
+            del model.config.alibi_window_tau
+    assert len(calls) == 12
+    torch.testing.assert_close(windowed, full, atol=1e-5, rtol=0)
+
+
+def test_sdpa_attends_in_full_where_a_window_would_span_half_the_sequence(monkeypatch):
+    """A 700-token window in 1,100 tokens: chunk + 2 windows cover the sequence, so that head attends in full; a
+    narrow head still windows. The groups are those of `_window_groups` after sdpa's span rule."""
+    torch.manual_seed(0)
+    slopes = torch.tensor(alibi_slopes(2))
+    layout = mm.AttentionLayout.from_mask("sdpa", slopes, (1, 1100), None, dtype=torch.float32, window_tau=20.0)
+    monkeypatch.setattr(mm, "alibi_windows", lambda *args: [60, 700])
+    calls = count_windowed_groups(monkeypatch)
+    q = k = v = torch.randn(1100, 2, 8)
+    mm.SdpaAttention.attend(q, k, v, layout, 0.0, 8**-0.5)
+    assert calls == [[([0], 60), ([1], 1099)]]
+
+
+def test_window_bands_are_shared_by_narrower_windows_and_bounded():
+    slopes, index = torch.tensor(alibi_slopes(4)), torch.tensor([0, 2])
+    bands = {}
+    wide = mm._window_band(slopes, index, 128, 300, torch.float32, bands)
+    assert mm._window_band(slopes, index, 128, 200, torch.float32, bands) is wide  # any window up to 300 slices it
+    wider = mm._window_band(slopes, index, 128, 400, torch.float32, bands)
+    assert wider is not wide and wider.shape == (1, 2, 128, 128 + 800) and len(bands) == 1
+    i, t = 5, 17  # band[..., i, t] = -slope * |i + W - t|
+    assert wider[0, 1, i, t].item() == pytest.approx(-alibi_slopes(4)[2] * abs(i + 400 - t))
+    huge = mm.SDPA_CHUNK_ELEMENTS * 4 // (2 * 128)  # a band that alone fills the budget empties the others
+    mm._window_band(slopes, torch.tensor([1]), 128, huge, torch.float32, bands)
+    assert list(bands) == [((1,), 128, torch.float32)]
 
 
 def test_windowed_alibi_gradients_equal_full_attention(shipped, long_documents, monkeypatch):

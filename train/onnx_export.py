@@ -4,9 +4,10 @@ Written by train.export (`python -m train.export --onnx-only FOLDER` rewrites th
 `input_ids` and `attention_mask` (int64, dynamic batch and length) and return `last_hidden_state` (batch, length,
 hidden), zeros at padding: the names onnxruntime users, TEI's ONNX Runtime backend and transformers.js look for.
 ALiBi and padding are inside the graph (one fp32 bias per forward, as the eager backend builds it), so any ONNX
-runtime gives MedEIR's embeddings with `onnx_encoder`'s mean pooling. int8 is onnxruntime's own `quantize_dynamic`
-(int8 weights, activations quantised per call), what sentence-transformers'
-`export_dynamic_quantized_onnx_model(..., "avx512_vnni")` also writes. Writing the files needs torch, onnx,
+runtime gives MedEIR's embeddings with `onnx_encoder`'s mean pooling; model.onnx holds standard ONNX operators only.
+The int8 file is for onnxruntime on CPUs: its transformer fusions (contrib operators), then its own
+`quantize_dynamic` (int8 weights, activations quantised per call), as sentence-transformers'
+`export_dynamic_quantized_onnx_model(..., "avx512_vnni")` quantises. Writing the files needs torch, onnx,
 onnxscript and onnxruntime (`pip install 'medeir[onnx]'`); reading them needs only the shipped `onnx_encoder.py`.
 """
 
@@ -105,10 +106,35 @@ def export_onnx(model: nn.Module, path: Path, opset: int = OPSET) -> Path:
 
 
 def quantize_int8(fp32: Path, int8: Path) -> Path:
-    """onnxruntime's dynamic quantisation: int8 weights of every MatMul (and the embedding Gather), per channel."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    """onnxruntime's CPU int8 file: its transformer fusions, then dynamic quantisation of the weights.
 
-    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=True)
+    `optimize_model(model_type="bert", opt_level=0)` fuses each residual add + LayerNorm into SkipLayerNormalization
+    and each bias + GELU into BiasGelu (onnxruntime contrib ops, offline, so nothing here depends on the onnxruntime
+    version that later loads the file); measured on the 2-core CPU, the fused int8 graph runs about 10% faster at 128
+    tokens than the quantised unfused one, with the same embeddings. `quantize_dynamic` then stores every weight
+    MatMul (per output channel) and the embedding Gather as int8 and quantises activations per call; the attention
+    products of two activations stay fp32 (MatMulConstBOnly).
+    """
+    import tempfile
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fused = Path(tmp) / "fused.onnx"
+        # num_heads / hidden_size 0: read from the graph (only attention fusion uses them; ALiBi's bias keeps
+        # MedEIR's attention unfused, all-MiniLM-L6-v2's fuses)
+        optimize_model(str(fp32), model_type="bert", num_heads=0, hidden_size=0, opt_level=0).save_model_to_file(
+            str(fused)
+        )
+        quantize_dynamic(
+            str(fused),
+            str(int8),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul", "Gather"],
+            extra_options={"MatMulConstBOnly": True},
+        )
     return int8
 
 
