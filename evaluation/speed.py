@@ -53,8 +53,8 @@ BACKENDS = [
     *ONNX_ROWS,
 ]
 MINILM_MAX_TOKENS = 512
-# Forwards before timing. One is not enough: on the 2-core CPU onnxruntime's first timed forwards after a single
-# warm-up ran 10-20% slower than later ones (arena growth), which understated every ONNX row.
+# Forwards before timing. One is not enough: onnxruntime's first forwards after a single warm-up run slower than
+# later ones (arena growth), which understated the ONNX rows.
 WARMUP_FORWARDS = 2
 
 

@@ -477,12 +477,8 @@ def count_windowed_groups(monkeypatch) -> list:
     return calls
 
 
-def test_windowed_alibi_equals_full_attention_on_long_documents(shipped, long_documents, monkeypatch):
-    model, tokenizer = shipped
-    batch = tokenizer(long_documents, return_tensors="pt", padding=True, truncation=True, max_length=2048)
-    batch["attention_mask"][1, 1500:] = 0  # a shorter second document: right padding, its own windows
-    batch["input_ids"] = batch["input_ids"] * batch["attention_mask"]
-    calls = count_windowed_groups(monkeypatch)
+def windowed_and_full(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """last_hidden_state with the default windowed ALiBi, then with full attention (alibi_window_tau None)."""
     with torch.no_grad():
         windowed = model(**batch).last_hidden_state
         model.config.alibi_window_tau = None
@@ -490,6 +486,16 @@ def test_windowed_alibi_equals_full_attention_on_long_documents(shipped, long_do
             full = model(**batch).last_hidden_state
         finally:
             del model.config.alibi_window_tau
+    return windowed, full
+
+
+def test_windowed_alibi_equals_full_attention_on_long_documents(shipped, long_documents, monkeypatch):
+    model, tokenizer = shipped
+    batch = tokenizer(long_documents, return_tensors="pt", padding=True, truncation=True, max_length=2048)
+    batch["attention_mask"][1, 1500:] = 0  # a shorter second document: right padding, its own windows
+    batch["input_ids"] = batch["input_ids"] * batch["attention_mask"]
+    calls = count_windowed_groups(monkeypatch)
+    windowed, full = windowed_and_full(model, batch)
     # 6 layers x 2 sequences, and some heads attend to far fewer keys than the sequence has
     assert len(calls) == 12 and all(min(w for _, w in groups) < 200 for groups in calls), calls[0]
     torch.testing.assert_close(windowed, full, atol=1e-5, rtol=0)
@@ -501,13 +507,7 @@ def test_windowed_alibi_runs_on_an_unpadded_batch_whose_bias_would_fit(shipped, 
     batch = tokenizer(long_documents, return_tensors="pt", truncation=True, max_length=1100)
     assert batch["attention_mask"].all() and mm.SDPA_BIAS_ELEMENTS > 2 * 12 * 1100**2
     calls = count_windowed_groups(monkeypatch)
-    with torch.no_grad():
-        windowed = model(**batch).last_hidden_state
-        model.config.alibi_window_tau = None
-        try:
-            full = model(**batch).last_hidden_state
-        finally:
-            del model.config.alibi_window_tau
+    windowed, full = windowed_and_full(model, batch)
     assert len(calls) == 12
     torch.testing.assert_close(windowed, full, atol=1e-5, rtol=0)
 

@@ -22,10 +22,9 @@ DEFAULT_FILE = "onnx/model.onnx"
 # The graph attends in full: every layer holds (batch, heads, length, length) fp32 scores. `encode` splits a batch so
 # that batch x heads x length^2 stays within this many elements (512 MiB of scores), and runs a text longer than that
 # allows (over ~3,300 tokens with 12 heads) alone, on a session without onnxruntime's memory arena: the arena grows
-# by doubling, which for such tensors doubles the peak. Measured on the 2-core CPU (onnxruntime 1.32, int8 file, one
-# text): 4,096 tokens 6.1 GB and 621 tokens/s with the arena, 3.3 GB and 1,303 tokens/s without; 8,192 tokens were
-# killed at 24 GB with it and took 12.6 GB (403 tokens/s) without. Short batches keep the arena (faster: 22,893 against
-# 17,587 tokens/s at 32 x 128). For long documents the torch model (windowed ALiBi) is faster still.
+# by doubling, which for such tensors doubles the peak (one 8,192-token text: about 12.7 GB without it in
+# `python -m evaluation.speed`, out of 24 GB with it). Short batches keep the arena, which is faster there. For long
+# documents the torch model (windowed ALiBi) is faster still.
 MAX_ATTENTION_ELEMENTS = 1 << 27
 
 
