@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import modeling_medeir as mm
 from configuration_medeir import MedEIRConfig
@@ -144,11 +145,14 @@ def test_sdpa_matches_eager_on_padded_batch(model, left, lengths):
     assert layout.flat == (mask.float().mean() < mm.SDPA_MIN_REAL_TOKENS) and layout.repad == layout.flat
 
 
+@pytest.mark.parametrize("strided", [True, False], ids=["strided-bias", "materialised-chunks"])
 @pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
-def test_sdpa_long_input_chunks_match_eager(model, monkeypatch, left):
-    """Force the long-input path (query chunks, per-sequence segments, band views) on a small batch."""
+def test_sdpa_long_input_chunks_match_eager(model, monkeypatch, left, strided):
+    """Force the long-input path (per-sequence segments; the bias a strided view as on CPU, or materialised in query
+    chunks as on other devices) on a small batch."""
     ids, mask = padded_batch(lengths=[150, 100, 7], left=left)
     ref = run(model, "eager", input_ids=ids, attention_mask=mask)
+    monkeypatch.setattr(mm, "_strided_bias", lambda device: strided)
     monkeypatch.setattr(mm, "SDPA_BIAS_ELEMENTS", 0)
     monkeypatch.setattr(mm, "SDPA_CHUNK_ELEMENTS", 6 * 150 * 64)  # 64-query chunks
     out = run(model, "sdpa", input_ids=ids, attention_mask=mask)
@@ -465,12 +469,14 @@ def long_documents():
 
 
 def count_windowed_groups(monkeypatch) -> list:
-    """Record the head groups `_windowed_sdpa` attends with, so a test knows windowing really happened."""
+    """Record the head groups of every `_windowed_sdpa` call that windows a head (full attention runs through it too),
+    so a test knows windowing really happened."""
     calls = []
     original = mm._windowed_sdpa
 
     def spy(q, k, v, slopes, groups, *args):
-        calls.append(groups)
+        if any(window < q.shape[2] - 1 for _, window in groups):
+            calls.append(groups)
         return original(q, k, v, slopes, groups, *args)
 
     monkeypatch.setattr(mm, "_windowed_sdpa", spy)
@@ -525,18 +531,23 @@ def test_sdpa_attends_in_full_where_a_window_would_span_half_the_sequence(monkey
     assert calls == [[([0], 60), ([1], 1099)]]
 
 
-def test_window_bands_are_shared_by_narrower_windows_and_bounded():
-    slopes, index = torch.tensor(alibi_slopes(4)), torch.tensor([0, 2])
-    bands = {}
-    wide = mm._window_band(slopes, index, 128, 300, torch.float32, bands)
-    assert mm._window_band(slopes, index, 128, 200, torch.float32, bands) is wide  # any window up to 300 slices it
-    wider = mm._window_band(slopes, index, 128, 400, torch.float32, bands)
-    assert wider is not wide and wider.shape == (1, 2, 128, 128 + 800) and len(bands) == 1
-    i, t = 5, 17  # band[..., i, t] = -slope * |i + W - t|
-    assert wider[0, 1, i, t].item() == pytest.approx(-alibi_slopes(4)[2] * abs(i + 400 - t))
-    huge = mm.SDPA_CHUNK_ELEMENTS * 4 // (2 * 128)  # a band that alone fills the budget empties the others
-    mm._window_band(slopes, torch.tensor([1]), 128, huge, torch.float32, bands)
-    assert list(bands) == [((1,), 128, torch.float32)]
+@pytest.mark.parametrize("strided", [True, False], ids=["strided-bias", "materialised-chunks"])
+def test_windowed_sdpa_equals_full_bias_attention(monkeypatch, strided):
+    """Head groups with windows from `alibi_windows`, one of them attending in full, read the bias as a strided view
+    of one vector (CPU) or materialised per query chunk (other devices): both equal one call on the whole bias."""
+    monkeypatch.setattr(mm, "_strided_bias", lambda device: strided)
+    monkeypatch.setattr(mm, "SDPA_CHUNK_ELEMENTS", 4 * 400 * 64)  # materialised: several chunks per group
+    torch.manual_seed(0)
+    heads, length, dim = 4, 400, 16
+    slopes = torch.tensor([1.0, 0.5, 0.25, 1 / 512])
+    q, k, v = (torch.randn(1, heads, length, dim) * 0.3 for _ in range(3))
+    windows = mm.alibi_windows(q[0], k[0], slopes, dim**-0.5, mm.ALIBI_WINDOW_TAU, length)
+    groups = mm._window_groups(windows, length)
+    assert groups is not None and groups[0][1] < 100 and groups[-1] == ([3], length - 1), groups
+    layout = mm.AttentionLayout("sdpa", slopes)
+    full = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.alibi_bias(length, torch.float32), scale=dim**-0.5)
+    out = mm._windowed_sdpa(q, k, v, slopes, groups, 0.0, dim**-0.5)
+    torch.testing.assert_close(out, full, atol=1e-6, rtol=0)
 
 
 def test_windowed_alibi_gradients_equal_full_attention(shipped, long_documents, monkeypatch):

@@ -41,7 +41,8 @@ except ImportError:  # imported from a checkout of the repository
 logger = logging.get_logger(__name__)
 
 # sdpa builds the whole (batch, heads, S, S) bias once per forward when it has at most this many elements
-# (256 MB in fp32). Longer inputs attend in query chunks whose score blocks hold about SDPA_CHUNK_ELEMENTS.
+# (256 MB in fp32). Longer inputs attend per sequence on a strided view of the bias (`_windowed_sdpa`); where a chunk's
+# bias is materialised (off CPU), its score blocks hold about SDPA_CHUNK_ELEMENTS.
 SDPA_BIAS_ELEMENTS = 1 << 26
 SDPA_CHUNK_ELEMENTS = 1 << 24
 # sdpa unpads a batch whose real tokens are fewer than this share of its positions: the linear layers (most of the
@@ -171,12 +172,10 @@ class AttentionLayout:
     real_tokens: int = 0  # tokens that are not padding
     segments: list[tuple[int, int]] | None = None  # sdpa on long inputs: [start, end) of each sequence
     bias: torch.Tensor | None = None  # eager / sdpa: full additive bias (B or 1, H, S, S)
-    band: torch.Tensor | None = None  # sdpa on long inputs: (1, H, chunk, 2S), see `alibi_band`
     block_mask: object = None  # flex_attention: torch BlockMask
     mask_mod: Callable | None = None  # flex_attention: the padding / document mask behind `block_mask`
     window_tau: float | None = None  # exact windowed ALiBi with this tolerance (see `alibi_windows`), or full attention
     window_masks: dict = field(default_factory=dict)  # flex_attention: block masks per tuple of head windows
-    window_bands: dict = field(default_factory=dict)  # sdpa: ALiBi bands per head group, shared by the layers
 
     @property
     def backend(self) -> type["AttentionBackend"]:
@@ -371,16 +370,6 @@ class AttentionLayout:
             return bias
         return bias.masked_fill(~allowed, torch.finfo(dtype).min)
 
-    def alibi_band(self, chunk: int, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
-        """(1, H, chunk, 2S) with band[..., i, t] = -slope * |i + S - t|.
-
-        ALiBi depends on i - j only, so the bias of queries [q0, q0 + chunk) against keys [0, L) is the view
-        band[..., S - q0 : S - q0 + L]: one tensor, linear in S, serves every chunk of every layer.
-        """
-        i = torch.arange(chunk, device=self.slopes.device)
-        t = torch.arange(2 * seq_len, device=self.slopes.device)
-        return (-self.slopes[:, None, None] * (i[:, None] + seq_len - t[None, :]).abs()).to(dtype)[None]
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Attention backends: one unit each, how it lays out the tokens (`prepare`) and how it attends (`attend`)
@@ -435,10 +424,10 @@ class SdpaAttention(AttentionBackend):
     - padded (B, S, H, d): one call with the bias built once per forward;
     - flat, re-padded: a batch with under SDPA_MIN_REAL_TOKENS real tokens runs its linear layers on the real tokens
       only, and q, k, v are padded back just around that one call;
-    - flat, per sequence, for inputs whose full bias would exceed SDPA_BIAS_ELEMENTS: each sequence attends in query
-      chunks whose bias is a view of one shared band, so memory grows about linearly with length and no padding is
-      computed at all; a sequence of ALIBI_WINDOW_MIN_LENGTH tokens or more skips, per head group, the keys
-      `alibi_windows` proves negligible (exact windowed ALiBi).
+    - flat, per sequence, for inputs whose full bias would exceed SDPA_BIAS_ELEMENTS, and for every sequence of
+      ALIBI_WINDOW_MIN_LENGTH tokens or more when windowing is on: each sequence attends alone on a strided view of
+      its ALiBi bias (`_windowed_sdpa`), so memory grows linearly with length and no padding is computed; windowed,
+      each head group skips the keys `alibi_windows` proves negligible (exact windowed ALiBi).
     """
 
     name = "sdpa"
@@ -448,7 +437,7 @@ class SdpaAttention(AttentionBackend):
         (batch, seq_len), heads = layout.shape, len(layout.slopes)
         windowed = window_tau is not None and layout.max_seqlen >= ALIBI_WINDOW_MIN_LENGTH
         if windowed or (batch if layout.key_mask is not None else 1) * heads * seq_len * seq_len > SDPA_BIAS_ELEMENTS:
-            layout.flatten()  # the band of full-attention chunks is built on first use (`sequence_band`)
+            layout.flatten()
             layout.segments = [(a, b) for a, b in pairwise(layout.cu_seqlens.tolist()) if b > a]
             layout.window_tau = window_tau  # used on segments of ALIBI_WINDOW_MIN_LENGTH tokens or more
             return
@@ -470,41 +459,21 @@ class SdpaAttention(AttentionBackend):
 
     @staticmethod
     def attend_per_sequence(q, k, v, layout: AttentionLayout, dropout: float, scaling: float) -> torch.Tensor:
-        """Flat (T, H, d): each sequence alone, in query chunks (or windowed head groups); see the class docstring."""
-        pieces = []
+        """Flat (T, H, d): each sequence alone, its heads in groups by window (one group when all attend in full)."""
+        pieces, heads = [], len(layout.slopes)
         for start, end in layout.segments:
+            length = end - start
             qs, ks, vs = (x[start:end].transpose(0, 1)[None] for x in (q, k, v))  # (1, H, L, d)
             groups = None
-            if layout.window_tau is not None and end - start >= ALIBI_WINDOW_MIN_LENGTH:
-                length = end - start
+            if layout.window_tau is not None and length >= ALIBI_WINDOW_MIN_LENGTH:
                 windows = alibi_windows(qs[0], ks[0], layout.slopes, scaling, layout.window_tau, length)
                 span_limit = SDPA_WINDOW_MAX_SPAN * length  # a wider group attends in full
                 windows = [w if _window_chunk(1, w, length) + 2 * w < span_limit else length for w in windows]
                 groups = _window_groups(windows, length)
-            if groups is not None:
-                out = _windowed_sdpa(qs, ks, vs, layout.slopes, groups, dropout, scaling, layout.window_bands)
-                pieces.append(out[0].transpose(0, 1))
-                continue
-            band = SdpaAttention.sequence_band(layout, q.dtype)
-            chunk, width = band.shape[2], band.shape[3] // 2
-            for q0 in range(0, end - start, chunk):
-                q1 = min(q0 + chunk, end - start)
-                bias = band[:, :, : q1 - q0, width - q0 : width - q0 + end - start]
-                out = F.scaled_dot_product_attention(
-                    qs[:, :, q0:q1], ks, vs, attn_mask=bias, dropout_p=dropout, scale=scaling
-                )
-                pieces.append(out[0].transpose(0, 1))
+            groups = groups or [(list(range(heads)), max(length - 1, 0))]
+            out = _windowed_sdpa(qs, ks, vs, layout.slopes, groups, dropout, scaling)
+            pieces.append(out[0].transpose(0, 1))
         return torch.cat(pieces)
-
-    @staticmethod
-    def sequence_band(layout: AttentionLayout, dtype: torch.dtype) -> torch.Tensor:
-        """The layout's `alibi_band` for query chunks against whole sequences, built once per forward when a sequence
-        first needs it (windowed sequences do not), in the dtype of q (fp32 values cast, as under autocast)."""
-        if layout.band is None or layout.band.dtype != dtype:
-            heads, width = len(layout.slopes), max(layout.max_seqlen, 1)
-            chunk = min(width, max(64, SDPA_CHUNK_ELEMENTS // (heads * width) // 64 * 64))
-            layout.band = layout.alibi_band(chunk, width, dtype)
-        return layout.band
 
 
 def _window_chunk(heads: int, window: int, length: int) -> int:
@@ -514,58 +483,54 @@ def _window_chunk(heads: int, window: int, length: int) -> int:
     return min(length, max(64, min(chunk, cap)))
 
 
-def _windowed_sdpa(
-    q, k, v, slopes: torch.Tensor, groups, dropout: float, scaling: float, bands: dict | None = None
-) -> torch.Tensor:
-    """(1, H, L, d) one sequence: each head group attends in query chunks to the keys within its window only.
+def _strided_bias(device: torch.device) -> bool:
+    """Whether sdpa on `device` reads the ALiBi bias as a strided view of one vector (`_windowed_sdpa`).
 
-    The bias of queries [q0, q1) against keys [k0, k1) is a view of one (1, h, chunk, chunk + 2W) band per group,
-    band[..., i, t] = -slope * |i + W - t|, sliced at t = k0 - q0 + W, for any window w <= W: no bias larger than a
-    chunk's is built. `bands` (the layout's, one forward long) keeps each group's band for the next layers and the
-    next sequences, so a group that recurs (the heads attending in full, above all) builds it once per forward.
+    Checked on CPU (torch's flash kernel reads any strides, as fast as a contiguous bias or faster). Elsewhere each
+    chunk's bias is materialised, as the fused CUDA kernels expect aligned strides.
+    """
+    return device.type == "cpu"
+
+
+def _windowed_sdpa(q, k, v, slopes: torch.Tensor, groups, dropout: float, scaling: float) -> torch.Tensor:
+    """(1, H, L, d) one sequence: each head group attends to the keys within its window only (all keys when its
+    window is L - 1), in query chunks of about the window.
+
+    ALiBi depends on i - j only, so with the queries in reverse order, r = L - 1 - i, the bias is a Hankel matrix:
+    bias[r, j] = -slope * |L - 1 - r - j| = u[r + j] for the (h, 2L - 1) vector u, and the block of queries
+    [r0, r1) against keys [k0, k1) is the strided view of u at offset r0 + k0, rows one element apart. No bias is
+    built: memory stays linear in L however long the sequence, and a group that attends in full is one call.
     """
     length = q.shape[2]
+    strided = _strided_bias(q.device)
     outs, order = [], []
     for heads, window in groups:
         index = torch.tensor(heads, device=q.device)
-        qg, kg, vg = (x.index_select(1, index) for x in (q, k, v))
-        chunk = _window_chunk(len(heads), window, length)
-        band = _window_band(slopes, index, chunk, window, q.dtype, bands)
-        reach = (band.shape[-1] - chunk) // 2  # the band's window W >= window
+        qg = q.index_select(1, index).flip(2)  # reversed queries
+        kg, vg = (x.index_select(1, index) for x in (k, v))
+        distance = (length - 1 - torch.arange(2 * length - 1, device=q.device)).abs()
+        u = (-slopes[index, None] * distance).to(q.dtype)  # (h, 2L - 1)
+        full = window >= length - 1
+        chunk = length if full and strided else _window_chunk(len(heads), window, length)
         pieces = []
-        for q0 in range(0, length, chunk):
-            q1 = min(q0 + chunk, length)
-            k0, k1 = max(0, q0 - window), min(length, q1 + window)
-            bias = band[:, :, : q1 - q0, k0 - q0 + reach : k1 - q0 + reach]
+        for r0 in range(0, length, chunk):
+            r1 = min(r0 + chunk, length)
+            k0, k1 = (0, length) if full else (max(0, length - r1 - window), min(length, length - r0 + window))
+            bias = u.as_strided((1, len(heads), r1 - r0, k1 - k0), (u.numel(), u.stride(0), 1, 1), r0 + k0)
             pieces.append(
                 F.scaled_dot_product_attention(
-                    qg[:, :, q0:q1], kg[:, :, k0:k1], vg[:, :, k0:k1], attn_mask=bias, dropout_p=dropout, scale=scaling
+                    qg[:, :, r0:r1],
+                    kg[:, :, k0:k1],
+                    vg[:, :, k0:k1],
+                    attn_mask=bias if strided else bias.contiguous(),
+                    dropout_p=dropout,
+                    scale=scaling,
                 )
             )
-        outs.append(torch.cat(pieces, dim=2))
+        outs.append(torch.cat(pieces, dim=2).flip(2))
         order += heads
     inverse = torch.tensor(order, device=q.device).argsort()
     return torch.cat(outs, dim=1).index_select(1, inverse)
-
-
-def _window_band(
-    slopes: torch.Tensor, index: torch.Tensor, chunk: int, window: int, dtype: torch.dtype, bands: dict | None
-) -> torch.Tensor:
-    """(1, h, chunk, chunk + 2W) ALiBi band of the heads `index` for a window W >= `window`, from `bands` if one of
-    these heads and chunk is there (W may be wider: any window up to W slices it), else built and kept there. At most
-    SDPA_CHUNK_ELEMENTS elements a band (`_window_chunk`), and `bands` is emptied when it would hold more than 4."""
-    key = (tuple(index.tolist()), chunk, dtype)
-    band = bands.get(key) if bands is not None else None
-    if band is not None and band.shape[-1] >= chunk + 2 * window:
-        return band
-    i = torch.arange(chunk, device=slopes.device)
-    t = torch.arange(chunk + 2 * window, device=slopes.device)
-    band = (-slopes[index, None, None] * (i[:, None] + window - t[None, :]).abs()).to(dtype)[None]
-    if bands is not None:
-        if sum(b.numel() for b in bands.values()) + band.numel() > 4 * SDPA_CHUNK_ELEMENTS:
-            bands.clear()
-        bands[key] = band
-    return band
 
 
 @cache
