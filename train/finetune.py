@@ -412,7 +412,10 @@ def training_arguments(recipe, **settings) -> SentenceTransformerTrainingArgumen
         optim="adamw_torch_fused",
         bf16=torch.cuda.is_available(),
     )
-    return SentenceTransformerTrainingArguments(**(shared | settings))
+    arguments = shared | settings
+    if arguments["bf16"] and not torch.cuda.is_available():
+        arguments["use_cpu"] = True  # transformers allows bf16 (CPU autocast) without a GPU only when told so
+    return SentenceTransformerTrainingArguments(**arguments)
 
 
 def train(recipe: FinetuneRecipe) -> Path:
