@@ -5,11 +5,11 @@
     python -m evaluation.speed --presets small --model models/medeir-small --out results/evaluation/speed-cpu.json
 
 Each measurement runs in a fresh process, so peak memory (CPU: peak RSS growth; CUDA: peak allocated, both counted
-from the loaded model over the warm-up and timed forwards) belongs to that one configuration. Every run encodes about `--batch-tokens` tokens per forward (batch = tokens / length:
-32 x 128 by default, 1 x 8192) and reports the median of `--repeats` timed forwards after WARMUP_FORWARDS untimed ones
-(which also compile flex_attention). Inputs are random token ids, or with `--model` the
-token ids of ICD-10-CM category documents (simple-icd-10-cm), since windowed ALiBi's windows depend on real q and k.
-Rows:
+from the loaded model over the warm-up and timed forwards) belongs to that one configuration. Every run encodes about
+`--batch-tokens` tokens per forward (batch = tokens / length: 32 x 128 by default, 1 x 8192) and reports the median
+of `--repeats` timed forwards after WARMUP_FORWARDS untimed ones (which also compile flex_attention). Inputs are random
+token ids, or with `--model` the token ids of ICD-10-CM category documents (simple-icd-10-cm), since windowed ALiBi's
+windows depend on real q and k. Rows:
 
     medeir/sdpa           MedEIR of the preset's shape, torch fp32, full attention (the `--dtype` default on CPU)
     medeir/sdpa-windowed  the same with exact windowed ALiBi (the default: `alibi_window_tau` = 20)

@@ -516,7 +516,9 @@ def _windowed_sdpa(q, k, v, slopes: torch.Tensor, groups, dropout: float, scalin
         for r0 in range(0, length, chunk):
             r1 = min(r0 + chunk, length)
             k0, k1 = (0, length) if full else (max(0, length - r1 - window), min(length, length - r0 + window))
-            bias = u.as_strided((1, len(heads), r1 - r0, k1 - k0), (u.numel(), u.stride(0), 1, 1), r0 + k0)
+            bias = u.as_strided(
+                (1, len(heads), r1 - r0, k1 - k0), (u.numel(), u.stride(0), 1, 1), u.storage_offset() + r0 + k0
+            )
             pieces.append(
                 F.scaled_dot_product_attention(
                     qg[:, :, r0:r1],
