@@ -503,12 +503,12 @@ def _windowed_sdpa(q, k, v, slopes: torch.Tensor, groups, dropout: float, scalin
     """
     length = q.shape[2]
     strided = _strided_bias(q.device)
+    distance = (length - 1 - torch.arange(2 * length - 1, device=q.device)).abs()
     outs, order = [], []
     for heads, window in groups:
         index = torch.tensor(heads, device=q.device)
         qg = q.index_select(1, index).flip(2)  # reversed queries
         kg, vg = (x.index_select(1, index) for x in (k, v))
-        distance = (length - 1 - torch.arange(2 * length - 1, device=q.device)).abs()
         u = (-slopes[index, None] * distance).to(q.dtype)  # (h, 2L - 1)
         full = window >= length - 1
         chunk = length if full and strided else _window_chunk(len(heads), window, length)
