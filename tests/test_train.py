@@ -19,8 +19,9 @@ from configuration_medeir import MedEIRConfig
 from corpus.dataset import DataBuild
 from corpus.text import normalize
 from modeling_medeir import MedEIRModel
+from train.distill import check_shared_ids, length_buckets
 from train.finetune import FinetuneRecipe
-from train.initialize import convert_minilm, from_scratch, source_pieces, transfer_embeddings
+from train.initialize import convert_minilm, from_scratch, save, source_pieces, transfer_embeddings
 from train.lora import LoraRecipe
 from train.pretrain import CRASH_AT_STEP, PretrainRecipe
 from train.recipe import load_recipe
@@ -90,6 +91,30 @@ def test_minilm_conversion_maps_every_layer(minilm_path, monkeypatch):
         ours = model.model(**batch).last_hidden_state
         theirs = minilm(**batch).last_hidden_state * batch["attention_mask"][..., None]
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_cls_position_gives_cls_minilms_exact_first_input(minilm_path):
+    """With `cls_position`, [CLS] enters the first LayerNorm as MiniLM's [CLS] at position 0; every other token gets
+    the folded mean of the first 32 positions."""
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    model, stats = convert_minilm(tokenizer, fold_positions=32, cls_position=True)
+    model.eval()
+    assert stats["cls_position"] is True
+    minilm = AutoModel.from_pretrained(minilm_path).eval()
+    batch = tokenizer(["fever"], return_tensors="pt")  # [CLS] fever [SEP]
+    with torch.no_grad():
+        ours = model.model.embeddings(batch["input_ids"], None, None)
+        theirs = minilm.embeddings(input_ids=batch["input_ids"])
+        folded = minilm.embeddings.position_embeddings.weight[:32].mean(0)
+        positions = minilm.embeddings.position_embeddings.weight[:3]
+        shifted = minilm.embeddings(
+            inputs_embeds=minilm.embeddings.word_embeddings(batch["input_ids"]) + folded - positions
+        )
+    torch.testing.assert_close(ours[0, 0], theirs[0, 0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ours[0, 1:], shifted[0, 1:], atol=1e-5, rtol=1e-4)
+    plain, _ = convert_minilm(tokenizer, fold_positions=32)
+    plain.eval()
+    assert not torch.allclose(plain.model.embeddings(batch["input_ids"], None, None)[0, 0], ours[0, 0])
 
 
 @pytest.mark.parametrize("preset", ["small", "base"])
@@ -172,6 +197,46 @@ def test_two_process_cpu_run_ends_with_identical_weights_on_both_ranks(tiny_mede
     assert result.returncode == 0, result.stderr[-3000:]
     final = [e for e in log_entries(tmp_path / "train_log.jsonl") if "weights_sha256" in e]
     assert final and final[0]["ranks"] == 2  # the script gathers every rank's weight hash and fails if they differ
+
+
+def test_hidden_state_distillation_brings_the_converted_minilm_toward_its_teacher(minilm_path, icd_hpo_data, tmp_path):
+    # the conversion onto MiniLM's own vocabulary keeps every id, as the BERT-superset tokenizer does
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    model, stats = convert_minilm(tokenizer, fold_positions=32)
+    save(model, tokenizer, tmp_path / "init", stats)
+    out = tmp_path / "distill"
+    settings = ["objective=distill", "distill_texts=400", "distill_pool=[corpus, pairs]", "exclude_sources=[hpo]"]
+    settings += ["eval_texts=64", "eval_every=3", "lr=2e-4", "seq_len=48"]
+    result = pretrain(tmp_path / "init", icd_hpo_data, out, *settings)
+    assert result.returncode == 0, result.stderr[-3000:]
+    entries = log_entries(out / "train_log.jsonl")
+    steps = [e for e in entries if "train/loss" in e]
+    hidden = [e["train/hidden"] for e in steps]
+    assert len(hidden) == 6 and sum(hidden[-2:]) < sum(hidden[:2])
+    assert all({"train/embedding_shared", "train/embedding_own", "train/texts_per_s"} <= e.keys() for e in steps)
+    evals = [e for e in entries if "eval/cosine_to_teacher" in e]
+    assert len(evals) == 2 and evals[-1]["eval/hidden_mse"] < evals[0]["eval/hidden_mse"]
+    assert 0.5 < evals[-1]["eval/cosine_to_teacher"] <= 1.0
+    # the result is a MedEIR folder that the fine-tuning stage loads
+    from sentence_transformers import SentenceTransformer
+
+    assert SentenceTransformer(str(out / "final"), trust_remote_code=True).encode(["fever"]).shape == (1, 384)
+
+
+def test_hidden_state_distillation_refuses_a_tokenizer_that_moves_the_teachers_ids(minilm_path):
+    with pytest.raises(ValueError, match="bert_superset"):
+        check_shared_ids(AutoTokenizer.from_pretrained(REPO / "tokenizer"), AutoTokenizer.from_pretrained(minilm_path))
+    check_shared_ids(AutoTokenizer.from_pretrained(minilm_path), AutoTokenizer.from_pretrained(minilm_path))
+
+
+def test_distillation_batches_hold_texts_of_similar_length(minilm_path):
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    texts = [" ".join(["word"] * (1 + i % 40)) for i in range(400)]
+    ordered = length_buckets(texts, tokenizer, batch_size=8, seed=0)
+    assert sorted(ordered) == sorted(texts)
+    spreads = [max(map(len, b)) - min(map(len, b)) for b in (ordered[i : i + 8] for i in range(0, 400, 8))]
+    assert max(spreads) < 5 * 5  # within a bucket of 400 texts 8 neighbours differ by a few words at most
+    assert ordered != sorted(texts, key=len)  # the batches themselves are shuffled
 
 
 # ---- fine-tuning, distillation, LoRA -------------------------------------------------------------------------

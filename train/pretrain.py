@@ -1,6 +1,7 @@
 """Masked language modelling with accelerate: the same script on a laptop CPU and on many GPUs.
 
     python -m train.pretrain --recipe train/recipes/pretrain-small.yaml
+    python -m train.pretrain --recipe train/recipes/pretrain-distill-small.yaml   # objective: distill (train.distill)
     accelerate launch --config_file train/accelerate/multi-gpu.yaml -m train.pretrain --recipe ...
 
 Packed sequences (texts concatenated, each with [CLS] ... [SEP], cut into `seq_len` blocks), dynamic masking
@@ -10,6 +11,10 @@ Packed sequences (texts concatenated, each with [CLS] ... [SEP], cut into `seq_l
 batches it already saw and ends where an uninterrupted run ends. Evaluation reports MLM loss and masked-token
 accuracy (a local `evaluate` metric) at the training length and at `eval_length_factors` times it, which shows
 whether ALiBi extrapolates. Logs go to tensorboard and to `train_log.jsonl`; the final model to `<output_dir>/final`.
+
+`objective: distill` trains the encoder instead to reproduce a teacher's hidden states layer by layer and its
+embeddings (train.distill), on texts of the data build rather than packed blocks, with the same checkpoints, resume
+and logs; evaluation then reports the student's agreement with the teacher on held-out texts.
 """
 
 import argparse
@@ -33,6 +38,7 @@ from transformers import AutoTokenizer, DataCollatorForLanguageModeling, get_lin
 
 from corpus.dataset import DataBuild
 from modeling_medeir import MedEIRForMaskedLM
+from train.distill import HiddenStateDistillation
 from train.recipe import add_recipe_arguments, load_recipe, save_recipe
 from train.sentence_transformers_files import write_sentence_transformers_files
 
@@ -65,6 +71,17 @@ class PretrainRecipe:
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, fp32 elsewhere
     logger: str = "tensorboard"
     seed: int = 0
+    # objective: "mlm", or "distill" (train.distill: hidden-state and embedding distillation from `teacher`; the
+    # init must be on a tokenizer that keeps the teacher's ids, and `seq_len` is then the longest text in tokens)
+    objective: str = "mlm"
+    teacher: str = "minilm"
+    distill_texts: int = 40_000  # texts drawn as train.finetune draws its MSE texts (pool, max chars, exclusions)
+    distill_pool: list[str] | None = None  # "corpus" and/or "pairs"
+    distill_max_chars: int = 0
+    exclude_sources: list[str] | None = None  # sources none of whose text is trained on (leave-one-source-out)
+    hidden_weight: float = 1.0
+    embedding_weight: float = 1.0
+    eval_texts: int = 1000  # held-out corpus texts on which agreement with the teacher is measured
 
 
 def packed_blocks(
@@ -173,25 +190,37 @@ def train(recipe: PretrainRecipe) -> Path:
     )
     set_seed(recipe.seed)
     tokenizer = AutoTokenizer.from_pretrained(recipe.init, trust_remote_code=True)
-    model = MedEIRForMaskedLM.from_pretrained(recipe.init, attn_implementation=recipe.attn_implementation)
-
-    data = DataBuild(recipe.data)
-    with accelerator.main_process_first():
-        train_blocks = packed_blocks(
-            data.corpus_path("train"),
-            tokenizer,
-            recipe.seq_len,
-            recipe.whole_word_mask,
-            recipe.max_train_texts,
-            recipe.seed,
+    full_model = MedEIRForMaskedLM.from_pretrained(recipe.init, attn_implementation=recipe.attn_implementation)
+    if recipe.objective not in ("mlm", "distill"):
+        raise ValueError(f"objective must be 'mlm' or 'distill', got {recipe.objective!r}")
+    distiller = None
+    if recipe.objective == "distill":
+        model = full_model.model  # the encoder alone: the MLM head is neither trained nor run
+        with accelerator.main_process_first():
+            distiller = HiddenStateDistillation(recipe, tokenizer, accelerator.device)
+        # texts in length buckets whose order is already a seeded shuffle
+        loader = DataLoader(distiller.texts, batch_size=recipe.batch_size, collate_fn=list, drop_last=True)
+        rows_total = len(distiller.texts)
+    else:
+        model = full_model
+        data = DataBuild(recipe.data)
+        with accelerator.main_process_first():
+            train_blocks = packed_blocks(
+                data.corpus_path("train"),
+                tokenizer,
+                recipe.seq_len,
+                recipe.whole_word_mask,
+                recipe.max_train_texts,
+                recipe.seed,
+            )
+            eval_batches = evaluation_batches(recipe, tokenizer, data.corpus_path("validation"))
+        collator = DataCollatorForLanguageModeling(
+            tokenizer, mlm_probability=recipe.mlm_probability, whole_word_mask=recipe.whole_word_mask
         )
-        eval_batches = evaluation_batches(recipe, tokenizer, data.corpus_path("validation"))
-    collator = DataCollatorForLanguageModeling(
-        tokenizer, mlm_probability=recipe.mlm_probability, whole_word_mask=recipe.whole_word_mask
-    )
-    # The loader yields unmasked rows; each batch is masked in the loop with a generator seeded by (seed, rank,
-    # batch index), so a resumed run draws the same masks whatever the loader had prefetched before the kill.
-    loader = DataLoader(train_blocks, batch_size=recipe.batch_size, shuffle=True, collate_fn=list, drop_last=True)
+        # The loader yields unmasked rows; each batch is masked in the loop with a generator seeded by (seed, rank,
+        # batch index), so a resumed run draws the same masks whatever the loader had prefetched before the kill.
+        loader = DataLoader(train_blocks, batch_size=recipe.batch_size, shuffle=True, collate_fn=list, drop_last=True)
+        rows_total = len(train_blocks)
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -208,9 +237,7 @@ def train(recipe: PretrainRecipe) -> Path:
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     steps_per_epoch = len(loader) // recipe.grad_accum
     if steps_per_epoch == 0:
-        raise ValueError(
-            f"{len(train_blocks)} training blocks make no full step of {recipe.batch_size} x {recipe.grad_accum}"
-        )
+        raise ValueError(f"{rows_total} training rows make no full step of {recipe.batch_size} x {recipe.grad_accum}")
 
     progress = Progress(accelerator.project_configuration)
     accelerator.register_for_checkpointing(progress)
@@ -232,48 +259,50 @@ def train(recipe: PretrainRecipe) -> Path:
 
     bar = tqdm(total=recipe.max_steps, initial=step, desc="pretrain", disable=not accelerator.is_local_main_process)
     model.train()
-    tokens_seen, started = 0, time.perf_counter()
+    rows_seen, started = 0, time.perf_counter()
     epoch = step // steps_per_epoch
     batches_seen = step * recipe.grad_accum
     while step < recipe.max_steps:
         loader.set_epoch(epoch)
         skip = (step - epoch * steps_per_epoch) * recipe.grad_accum
         for rows in accelerator.skip_first_batches(loader, skip) if skip else loader:
-            collator.generator = torch.Generator().manual_seed(
-                (recipe.seed * 1_000_003 + accelerator.process_index) * 1_000_000_007 + batches_seen
-            )
-            batch = {k: v.to(accelerator.device) for k, v in collator(rows).items()}
             batches_seen += 1
             with accelerator.accumulate(model):
-                loss = model(**batch, sparse_prediction=True).loss
+                if distiller:
+                    loss, parts = distiller.loss(model, rows)
+                else:
+                    collator.generator = torch.Generator().manual_seed(
+                        (recipe.seed * 1_000_003 + accelerator.process_index) * 1_000_000_007 + batches_seen - 1
+                    )
+                    batch = {k: v.to(accelerator.device) for k, v in collator(rows).items()}
+                    loss, parts = model(**batch, sparse_prediction=True).loss, {}
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            tokens_seen += batch["input_ids"].numel()
+            rows_seen += len(rows)
             if not accelerator.sync_gradients:
                 continue
             step += 1
             bar.update(1)
-            elapsed = time.perf_counter() - started
-            log(
-                {
-                    "train/loss": loss.item(),
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/tokens_per_s": tokens_seen * accelerator.num_processes / elapsed,
-                }
-            )
+            rate = rows_seen * accelerator.num_processes / (time.perf_counter() - started)
+            speed = {"train/texts_per_s": rate} if distiller else {"train/tokens_per_s": rate * recipe.seq_len}
+            log({"train/loss": loss.item(), **parts, "train/lr": scheduler.get_last_lr()[0], **speed})
             if os.environ.get(CRASH_AT_STEP) == str(step):
                 os.kill(os.getpid(), signal.SIGKILL)
             if step % recipe.save_every == 0 or step == recipe.max_steps:
                 progress.step = step
                 accelerator.save_state()  # checkpoints/checkpoint_<n>, the oldest beyond keep_checkpoints deleted
             if step % recipe.eval_every == 0 or step == recipe.max_steps:
-                results = evaluate_lengths(model, eval_batches, accelerator)
+                if distiller:
+                    results = distiller.evaluate(model, accelerator)
+                    bar.set_postfix(cosine=f"{results['eval/cosine_to_teacher']:.4f}")
+                else:
+                    results = evaluate_lengths(model, eval_batches, accelerator)
+                    bar.set_postfix(loss=f"{results[f'eval/loss@{recipe.seq_len}']:.3f}")
                 log(results)
-                bar.set_postfix(loss=f"{results[f'eval/loss@{recipe.seq_len}']:.3f}")
             if step >= recipe.max_steps:
                 break
         epoch += 1
@@ -288,10 +317,9 @@ def train(recipe: PretrainRecipe) -> Path:
     final = output_dir / "final"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(final, safe_serialization=True)
+        full_model.save_pretrained(final, safe_serialization=True)  # holds the trained encoder's parameters
         tokenizer.save_pretrained(final)
-        write_sentence_transformers_files(final, hidden_size=unwrapped.config.hidden_size)
+        write_sentence_transformers_files(final, hidden_size=full_model.config.hidden_size)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # last: it also tears down the process group
     return final

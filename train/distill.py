@@ -1,0 +1,147 @@
+"""Hidden-state distillation: the objective of `train.pretrain` with `objective: distill` (recovery stage 1).
+
+The converted all-MiniLM-L6-v2 (train.initialize on the BERT-superset tokenizer, whose first 30,522 ids are
+bert-base-uncased's) has MiniLM's weights but ALiBi in place of absolute position embeddings. Reproducing MiniLM's
+pooled embedding alone (one 384-dim target per text, sentence-transformers' MSELoss) brings it back slowly. Here the
+student reads the teacher's own token ids and matches, token by token, the teacher's hidden state after every layer
+(TinyBERT / MiniLM-style layer distillation): hundreds of targets per text, aligned exactly, at the cost of one
+teacher forward. Two embedding terms keep the sentence vector itself on target: the student's mean-pooled,
+normalised embedding against the teacher's, once on the teacher's ids and once on the student's own tokenization,
+which is the only place the 22,021 new medical tokens learn in this stage.
+
+    loss = hidden_weight * mean_l MSE(h_student_l, h_teacher_l)          (real tokens, layers 1..L)
+         + embedding_weight * (1 - cos(e_student(teacher ids), e_teacher))
+         + embedding_weight * (1 - cos(e_student(own tokens), e_teacher))
+
+Texts are `train.finetune.mse_texts` (same pool, same seeded draw, same `exclude_sources` filter), batched in
+length buckets so that short terms and long documents do not pad each other.
+"""
+
+import random
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+
+from corpus.dataset import DataBuild
+from train.finetune import FinetuneRecipe, mse_texts, teacher_path
+
+BUCKET_BATCHES = 50  # batches sorted by length together: long enough to pad little, short enough to stay mixed
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sentence-transformers' mean pooling then normalisation (what the model's embedding is)."""
+    mask = mask.unsqueeze(-1).to(hidden.dtype)
+    return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+
+
+def check_shared_ids(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> None:
+    """The student must read the teacher's token ids as the same tokens, or layer targets do not align."""
+    student_vocab = student.get_vocab()
+    moved = [t for t, i in teacher.get_vocab().items() if student_vocab.get(t) != i]
+    if moved:
+        raise ValueError(
+            f"hidden-state distillation needs a student tokenizer that keeps the teacher's vocabulary at its ids; "
+            f"{len(moved):,} teacher tokens are missing or moved (e.g. {moved[:5]}). Convert the teacher onto the "
+            "BERT-superset tokenizer: python -m tokenizer.train --recipe bert_superset, then train.initialize "
+            "minilm --tokenizer that folder."
+        )
+
+
+def length_buckets(texts: list[str], tokenizer, batch_size: int, seed: int) -> list[str]:
+    """`texts` reordered so that each consecutive `batch_size` slice holds texts of similar length; the order of the
+    batches is shuffled (seeded), so the stream still mixes sources and lengths."""
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+    rng = random.Random(seed)
+    order = list(range(len(texts)))
+    rng.shuffle(order)
+    span = batch_size * BUCKET_BATCHES
+    batches = []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return [texts[i] for batch in batches for i in batch]
+
+
+class HiddenStateDistillation:
+    """The teacher, the training texts and the loss of one distillation run (see the module docstring)."""
+
+    def __init__(self, recipe, tokenizer: PreTrainedTokenizerBase, device: torch.device):
+        self.recipe, self.tokenizer, self.device = recipe, tokenizer, device
+        folder = teacher_path(recipe.teacher)
+        self.teacher_tokenizer = AutoTokenizer.from_pretrained(folder)
+        check_shared_ids(tokenizer, self.teacher_tokenizer)
+        self.teacher = AutoModel.from_pretrained(folder).to(device).eval().requires_grad_(False)
+        selection = FinetuneRecipe(
+            init=folder,
+            data=recipe.data,
+            distill_mse_texts=recipe.distill_texts,
+            distill_mse_pool=recipe.distill_pool,
+            distill_max_chars=recipe.distill_max_chars,
+            exclude_sources=recipe.exclude_sources,
+            seed=recipe.seed,
+        )
+        texts = mse_texts(selection)
+        self.texts = length_buckets(texts, tokenizer, recipe.batch_size, recipe.seed)
+        held = DataBuild(recipe.data).corpus("validation", columns=["text"])["text"].to_pylist()
+        self.validation = random.Random(recipe.seed).sample(held, min(recipe.eval_texts, len(held)))
+
+    def _encode(self, tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
+        batch = tokenizer(
+            texts, padding=True, truncation=True, max_length=self.recipe.seq_len, return_tensors="pt", verbose=False
+        )
+        return {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask")}
+
+    def losses(self, encoder, texts: list[str]) -> dict[str, torch.Tensor]:
+        """The three terms for a batch of texts; `encoder` is the student's MedEIRModel (or its DDP wrapper), run
+        once on both tokenizations stacked (DDP allows one forward per backward)."""
+        shared = self._encode(self.teacher_tokenizer, texts)
+        own = self._encode(self.tokenizer, texts)
+        with torch.no_grad():
+            teacher = self.teacher(**shared, output_hidden_states=True).hidden_states
+        width = max(shared["input_ids"].shape[1], own["input_ids"].shape[1])
+        stacked = {
+            key: torch.cat([F.pad(part[key], (0, width - part[key].shape[1]), value=pad) for part in (shared, own)])
+            for key, pad in (("input_ids", self.tokenizer.pad_token_id), ("attention_mask", 0))
+        }
+        outputs = encoder(**stacked, output_hidden_states=True).hidden_states
+        size, length = shared["input_ids"].shape
+        student = [h[:size, :length] for h in outputs]
+        mask = shared["attention_mask"].unsqueeze(-1).to(student[-1].dtype)
+        tokens = mask.sum() * student[-1].shape[-1]
+        layers = range(1, len(teacher))  # layer 0 holds MiniLM's absolute position embeddings: no target
+        hidden = sum(((student[i] - teacher[i].to(student[i].dtype)) ** 2 * mask).sum() / tokens for i in layers)
+        target = mean_pool(teacher[-1].float(), shared["attention_mask"])
+        on_shared = mean_pool(student[-1].float(), shared["attention_mask"])
+        on_own = mean_pool(outputs[-1][size:].float(), stacked["attention_mask"][size:])
+        return {
+            "hidden": hidden / len(layers),
+            "embedding_shared": 1 - (on_shared * target).sum(-1).mean(),
+            "embedding_own": 1 - (on_own * target).sum(-1).mean(),
+        }
+
+    def loss(self, encoder, texts: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
+        parts = self.losses(encoder, texts)
+        r = self.recipe
+        total = r.hidden_weight * parts["hidden"] + r.embedding_weight * (
+            parts["embedding_shared"] + parts["embedding_own"]
+        )
+        return total, {f"train/{k}": v.item() for k, v in parts.items()}
+
+    @torch.no_grad()
+    def evaluate(self, encoder, accelerator) -> dict[str, float]:
+        """Student-teacher agreement on held-out corpus texts (validation split, never trained on): mean cosine of
+        the embeddings as a user computes them (the student's own tokenizer) and the per-layer hidden-state MSE."""
+        encoder.eval()
+        sums = torch.zeros(3, device=accelerator.device)
+        size = self.recipe.batch_size
+        shard = self.validation[accelerator.process_index :: accelerator.num_processes]
+        for start in range(0, len(shard), size):
+            chunk = shard[start : start + size]
+            parts = self.losses(accelerator.unwrap_model(encoder), chunk)
+            sums += torch.stack([parts["hidden"], 1 - parts["embedding_own"], torch.tensor(1.0)]).to(sums) * len(chunk)
+        sums = accelerator.reduce(sums, reduction="sum")
+        encoder.train()
+        count = max(float(sums[2]), 1.0)
+        return {"eval/hidden_mse": float(sums[0]) / count, "eval/cosine_to_teacher": float(sums[1]) / count}
