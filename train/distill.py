@@ -134,14 +134,14 @@ class HiddenStateDistillation:
         """Student-teacher agreement on held-out corpus texts (validation split, never trained on): mean cosine of
         the embeddings as a user computes them (the student's own tokenizer) and the per-layer hidden-state MSE."""
         encoder.eval()
-        sums = torch.zeros(3, device=accelerator.device)
+        sums = torch.zeros(2, device=accelerator.device)
         size = self.recipe.batch_size
         shard = self.validation[accelerator.process_index :: accelerator.num_processes]
         for start in range(0, len(shard), size):
             chunk = shard[start : start + size]
             parts = self.losses(accelerator.unwrap_model(encoder), chunk)
-            sums += torch.stack([parts["hidden"], 1 - parts["embedding_own"], torch.tensor(1.0)]).to(sums) * len(chunk)
+            sums += torch.stack([parts["hidden"], 1 - parts["embedding_own"]]).to(sums) * len(chunk)
         sums = accelerator.reduce(sums, reduction="sum")
         encoder.train()
-        count = max(float(sums[2]), 1.0)
+        count = max(len(self.validation), 1)
         return {"eval/hidden_mse": float(sums[0]) / count, "eval/cosine_to_teacher": float(sums[1]) / count}

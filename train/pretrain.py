@@ -200,7 +200,6 @@ def train(recipe: PretrainRecipe) -> Path:
             distiller = HiddenStateDistillation(recipe, tokenizer, accelerator.device)
         # texts in length buckets whose order is already a seeded shuffle
         loader = DataLoader(distiller.texts, batch_size=recipe.batch_size, collate_fn=list, drop_last=True)
-        rows_total = len(distiller.texts)
     else:
         model = full_model
         data = DataBuild(recipe.data)
@@ -220,7 +219,6 @@ def train(recipe: PretrainRecipe) -> Path:
         # The loader yields unmasked rows; each batch is masked in the loop with a generator seeded by (seed, rank,
         # batch index), so a resumed run draws the same masks whatever the loader had prefetched before the kill.
         loader = DataLoader(train_blocks, batch_size=recipe.batch_size, shuffle=True, collate_fn=list, drop_last=True)
-        rows_total = len(train_blocks)
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -237,7 +235,9 @@ def train(recipe: PretrainRecipe) -> Path:
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     steps_per_epoch = len(loader) // recipe.grad_accum
     if steps_per_epoch == 0:
-        raise ValueError(f"{rows_total} training rows make no full step of {recipe.batch_size} x {recipe.grad_accum}")
+        raise ValueError(
+            f"{len(loader.dataset)} training rows make no full step of {recipe.batch_size} x {recipe.grad_accum}"
+        )
 
     progress = Progress(accelerator.project_configuration)
     accelerator.register_for_checkpointing(progress)
