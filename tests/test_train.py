@@ -338,6 +338,32 @@ def test_cached_teacher_embeddings_equal_fresh_ones(finetuned, tmp_path):
     np.testing.assert_allclose(cached, teacher.encode(texts), atol=1e-5)
 
 
+def test_kl_scores_can_come_from_another_teacher_with_its_query_side(finetuned, tmp_path):
+    """kl_teacher: e5-small scores (query, positive, negative) with "query: " on the query and "passage: " on the
+    candidates, each side cached in its own folder, while the MSE teacher stays MiniLM."""
+    from corpus.reference import E5Encoder
+    from train import finetune
+
+    recipe = load_recipe(FinetuneRecipe, finetuned / "recipe.json")
+    recipe.teacher_cache, recipe.distill_mse_texts, recipe.distill_kl_rows = str(tmp_path), 0, 12
+    recipe.kl_teacher = "e5-small"
+    rows = finetune.distill_datasets(recipe)["distill_kl"]
+    e5 = E5Encoder()
+    q, p, n = (
+        e5.encode_query(rows["query"]),
+        e5.encode_document(rows["positive"]),
+        e5.encode_document(rows["negative"]),
+    )
+    expected = np.stack([(q * p).sum(1), (q * n).sum(1)], axis=1)
+    np.testing.assert_allclose(np.array(rows["label"]), expected, atol=1e-5)
+    assert sorted(d.name for d in tmp_path.iterdir()) == [
+        "multilingual-e5-small-q4-default",
+        "multilingual-e5-small-q4-default-query",
+    ]
+    with pytest.raises(ValueError, match="window"):
+        finetune.load_teacher("e5-small", 512)
+
+
 def test_excluded_sources_reach_no_objective(tiny_medeir_init, icd_hpo_data):
     """Leave-one-source-out: no pair, corpus text or distillation text of an excluded source is trained on."""
 

