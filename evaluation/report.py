@@ -157,10 +157,33 @@ def generalisation_table(report: dict) -> list[str]:
         label = BENCHMARK_LABELS.get(bench, bench) + (" (general-English control)" if info.get("control") else "")
         cells = [fmt(ndcg(m, bench)) + (" (main)" if m["name"] == report.get("main_model") else "") for m in scored]
         rows.append([label, info["source"], info["queries"], *cells, fmt(ood) if loso else "not run", gap])
-    loso = [
-        f"without {m['loso_source']}: {m['name']} ({m['path']})" for m in report["models"] if m.get("role") == "loso"
+    trained_without = [m for m in report["models"] if m.get("role") == "loso"]
+    loso = [f"without {m['loso_source']}: {m['name']} ({m['path']})" for m in trained_without]
+    lines = [
+        *table(header, rows),
+        "",
+        "Trained without a source: " + ("; ".join(loso) if loso else "none in this run."),
     ]
-    return [*table(header, rows), "", "Trained without a source: " + ("; ".join(loso) if loso else "none in this run.")]
+    if len(trained_without) > len({m["loso_source"] for m in trained_without}):
+        lines += [
+            "",
+            "Several models trained without the same source (the column above and the targets show the first):",
+        ]
+        lines += ["", *loso_comparison(report, trained_without, minilm)]
+    return lines
+
+
+def loso_comparison(report: dict, trained_without: list[dict], minilm: dict | None) -> list[str]:
+    """Every model trained without a source on that source's benchmarks, with its difference to MiniLM: the table
+    that compares training variants out of distribution."""
+    rows = []
+    for m in trained_without:
+        for bench, info in report["benchmarks"].items():
+            if info["source"] == m["loso_source"]:
+                ood, base = ndcg(m, bench), ndcg(minilm, bench)
+                gap = "–" if ood is None or base is None else f"{ood - base:+.4f}"
+                rows.append([m["name"], BENCHMARK_LABELS.get(bench, bench), fmt(ood), fmt(base), gap])
+    return table(["model", "benchmark", "nDCG@10", "all-MiniLM-L6-v2", "difference"], rows)
 
 
 def targets_section(report: dict) -> list[str]:

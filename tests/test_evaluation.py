@@ -459,6 +459,31 @@ def test_targets_are_computed_from_the_measured_numbers():
     assert [s for t, s in statuses.items() if "MiniLM" in t] == ["not measured"] * 6
 
 
+def test_several_models_trained_without_one_source_are_compared():
+    from evaluation.report import generalisation_table
+
+    benches = {"hpo_layperson": {"source": "hpo", "queries": "terms", "control": False}}
+
+    def model(name, role, score, **extra):
+        return {
+            "name": name,
+            "role": role,
+            "retrieval": {"hpo_layperson": {"ndcg_at_10": score}},
+            "path": name,
+            **extra,
+        }
+
+    minilm = model("all-MiniLM-L6-v2", "baseline", 0.42, alias="minilm")
+    a, b = (model(n, "loso", s, loso_source="hpo") for n, s in (("teacher A", 0.41), ("teacher B", 0.47)))
+    report = {"benchmarks": benches, "models": [minilm, a, b]}
+    lines = generalisation_table(report)
+    assert "| HPO layperson | hpo | terms | 0.4200 | 0.4100 | -0.0100 |" in lines  # the first judges the column
+    assert "| teacher A | HPO layperson | 0.4100 | 0.4200 | -0.0100 |" in lines
+    assert "| teacher B | HPO layperson | 0.4700 | 0.4200 | +0.0500 |" in lines
+    report["models"] = [minilm, a]  # one per source: no second table
+    assert not any(line.startswith("| teacher A | HPO layperson") for line in generalisation_table(report))
+
+
 # --- the whole command on a tiny model, the report, model-index ---------------------------------------------------
 
 
