@@ -30,6 +30,13 @@ class MedEIRConfig(PreTrainedConfig):
     `max_position_embeddings` is the advertised context (8,192 tokens) and allocates nothing; longer inputs
     run and log a warning.
 
+    alibi_slopes:
+        One slope per attention head, part of the model like its weights (a model trained with some slopes only
+        works with those). None (the default, and every model saved before the field existed) means the standard
+        geometric sequence of Press et al. (`modeling_medeir.alibi_slopes`). Each slope must be finite and 0 or
+        more: 0 gives that head no position bias at all (it attends to every key alike; all zeros leave the model
+        no word-order information). Negative slopes, which would favour distant tokens, are refused.
+
     feed_forward_type:
         `"mlp"`: BERT/MiniLM's Linear -> GELU -> Linear (so a MiniLM checkpoint converts weight for weight);
         `"glu"`: the gated feed-forward of Jina v2 (`act(gate) * up`, then down), `intermediate_size` wide.
@@ -60,6 +67,7 @@ class MedEIRConfig(PreTrainedConfig):
     max_position_embeddings: int = 8192
     classifier_dropout: float | None = None
     tie_word_embeddings: bool = True
+    alibi_slopes: list[float] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -98,6 +106,26 @@ class MedEIRConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be in [0, 1), got {value}")
         if self.pad_token_id is not None and not (0 <= self.pad_token_id < self.vocab_size):
             raise ValueError(f"pad_token_id must be a token id in [0, {self.vocab_size}), got {self.pad_token_id}")
+
+    def validate_alibi_slopes(self) -> None:
+        """Part of `@strict` validation, and checked again by the model whenever the slopes change (a config edited
+        on a live model is not re-validated by `@strict`)."""
+        slopes = self.alibi_slopes
+        if slopes is None:
+            return
+        if len(slopes) != self.num_attention_heads:
+            raise ValueError(
+                f"alibi_slopes must hold one slope per attention head: {self.num_attention_heads} values, got "
+                f"{len(slopes)}"
+            )
+        # `not (0 <= x < inf)` rather than `x < 0 or ...`, so that NaN is refused too
+        bad = [(head, slope) for head, slope in enumerate(slopes) if not (0 <= slope < math.inf)]
+        if bad:
+            head, slope = bad[0]
+            raise ValueError(
+                f"alibi_slopes must be finite and 0 or more (0: no position bias for that head), got {slope} for "
+                f"head {head}"
+            )
 
     # -- the tokenizer that goes with this config ---------------------------------------------------------------
     def check_tokenizer(self, tokenizer, where: str = "the tokenizer") -> None:

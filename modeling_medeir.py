@@ -1,6 +1,7 @@
 """MedEIR: a bidirectional BERT-style encoder with ALiBi position biases (no position embeddings).
 
-Attention adds the symmetric ALiBi bias `-slope_h * |i - j|` to the scaled scores of head `h`. Every backend
+Attention adds the symmetric ALiBi bias `-slope_h * |i - j|` to the scaled scores of head `h`, with the slopes of
+the config (`config.alibi_slopes`; None: the standard geometric sequence, `alibi_slopes`). Every backend
 applies it itself, because transformers' own sdpa / flash_attention_2 integrations drop it. A backend is one small
 unit (an `AttentionBackend`): `prepare` says how it lays out the tokens of a forward, `attend` runs its kernel.
 
@@ -81,6 +82,11 @@ def alibi_slopes(num_heads: int) -> list[float]:
     return power_of_two_slopes(closest) + alibi_slopes(2 * closest)[0::2][: num_heads - closest]
 
 
+def config_alibi_slopes(config: MedEIRConfig) -> list[float]:
+    """The slopes a model of `config` attends with: `config.alibi_slopes`, or the standard sequence when it is None."""
+    return list(config.alibi_slopes) if config.alibi_slopes is not None else alibi_slopes(config.num_attention_heads)
+
+
 def alibi_windows(
     q: torch.Tensor, k: torch.Tensor, slopes: torch.Tensor, scaling: float, tau: float, keys: int
 ) -> list[int]:
@@ -92,7 +98,8 @@ def alibi_windows(
     tightens it), and the diagonal's weight is at most the row's total. The keys beyond w_h, at most two per
     distance and fewer than `keys` in all, carry at most exp(B_h - s_h w_h) * min(keys, 2 / (1 - exp(-s_h))), which
     is below exp(-tau) at w_h = (B_h + tau + ln min(keys, 2 / (1 - exp(-s_h)))) / s_h. The bound comes from this
-    forward's q and k, never assumed; a window is at most `keys` (full attention).
+    forward's q and k, never assumed; a window is at most `keys` (full attention), which is every window of a head
+    whose slope is 0.
     """
     with torch.no_grad():
         q, k = q.detach().float(), k.detach().float()
@@ -842,7 +849,7 @@ class MedEIRModel(MedEIRPreTrainedModel):
         super().__init__(config)
         self.embeddings = MedEIREmbeddings(config)
         self.layers = nn.ModuleList([MedEIRLayer(config) for _ in range(config.num_hidden_layers)])
-        self._slopes: dict[torch.device, torch.Tensor] = {}
+        self._slopes: dict[tuple, torch.Tensor] = {}  # (device, *slopes) -> slopes on that device
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -853,11 +860,14 @@ class MedEIRModel(MedEIRPreTrainedModel):
         self.embeddings.word_embeddings = value
 
     def _alibi_slopes(self, device: torch.device) -> torch.Tensor:
-        # Computed from the config, never stored as a buffer that meta-device loading could leave uninitialised.
-        if device not in self._slopes:
-            slopes = alibi_slopes(self.config.num_attention_heads)
-            self._slopes[device] = torch.tensor(slopes, dtype=torch.float32, device=device)
-        return self._slopes[device]
+        """(H,) fp32 slopes of the config, cached per device and value: a config edited on a live model takes effect
+        (checked first) at its next forward. Computed from the config, never stored as a buffer that meta-device
+        loading could leave uninitialised."""
+        key = (device, *config_alibi_slopes(self.config))
+        if key not in self._slopes:
+            self.config.validate_alibi_slopes()
+            self._slopes[key] = torch.tensor(key[1:], dtype=torch.float32, device=device)
+        return self._slopes[key]
 
     def forward(
         self,
@@ -1180,4 +1190,5 @@ __all__ = [
     "MedEIRModel",
     "MedEIRPreTrainedModel",
     "alibi_slopes",
+    "config_alibi_slopes",
 ]

@@ -1,5 +1,6 @@
 """MedEIR modeling on CPU: ALiBi, every CPU attention backend against eager, padding, packing, bad input, heads."""
 
+import json
 import logging
 
 import pytest
@@ -421,6 +422,147 @@ def test_glu_feed_forward_preset_runs():
     assert torch.isfinite(run(model, "sdpa", input_ids=torch.ones(2, 5, dtype=torch.long))).all()
 
 
+# ---- the config's ALiBi slopes ---------------------------------------------------------------------------------
+# Slopes are part of the model (`config.alibi_slopes`): every backend must attend with the config's, never recompute
+# the standard ones. Two sets: the standard slopes scaled down (what the MiniLM conversion writes), and a non-monotone
+# set with one head that has no position bias at all (slope 0) and steep heads that window on long inputs.
+SLOPES = {
+    "standard-x0.05": [0.05 * slope for slope in alibi_slopes(6)],
+    "non-monotone": [0.3, 0.0, 0.02, 0.7, 0.001, 0.1],
+}
+
+
+@pytest.fixture(scope="module", params=list(SLOPES))
+def sloped(request):
+    torch.manual_seed(0)
+    return MedEIRModel(tiny_config(alibi_slopes=SLOPES[request.param])).eval()
+
+
+def test_the_configs_slopes_are_the_models(sloped):
+    """The eager bias is -slope_h * |i - j| with the config's slopes; the standard slopes give other states."""
+    slopes = torch.tensor(sloped.config.alibi_slopes)
+    assert torch.equal(sloped._alibi_slopes(torch.device("cpu")), slopes)
+    ids, mask = padded_batch()
+    sloped.set_attn_implementation("eager")
+    bias = layout_of(sloped, ids, mask).bias[0]  # the first row has no padding
+    distance = (torch.arange(37)[:, None] - torch.arange(37)[None]).abs()
+    torch.testing.assert_close(bias, -slopes[:, None, None] * distance, atol=0, rtol=0)
+    standard = MedEIRModel(tiny_config()).eval()
+    standard.load_state_dict(sloped.state_dict())  # same keys: slopes are config, not weights
+    batch = dict(input_ids=ids, attention_mask=mask)
+    assert (run(standard, "eager", **batch) - run(sloped, "eager", **batch)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("lengths", [LENGTHS, [37, 36, 33]], ids=["heavy-padding-unpadded", "light-padding-padded"])
+@pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
+def test_sdpa_with_the_configs_slopes_matches_eager(sloped, left, lengths):
+    ids, mask = padded_batch(lengths=lengths, left=left)
+    ref = run(sloped, "eager", input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(run(sloped, "sdpa", input_ids=ids, attention_mask=mask), ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("strided", [True, False], ids=["strided-bias", "materialised-chunks"])
+def test_sdpa_per_sequence_with_the_configs_slopes_matches_eager(sloped, monkeypatch, strided):
+    """The per-sequence path (the bias a strided Hankel view, or materialised per query chunk) on padded and packed
+    inputs."""
+    ids, mask = padded_batch(lengths=[150, 100, 7], left=True)
+    ref = run(sloped, "eager", input_ids=ids, attention_mask=mask)
+    monkeypatch.setattr(mm, "_strided_bias", lambda device: strided)
+    monkeypatch.setattr(mm, "SDPA_BIAS_ELEMENTS", 0)
+    monkeypatch.setattr(mm, "SDPA_CHUNK_ELEMENTS", 6 * 150 * 64)  # 64-query chunks
+    torch.testing.assert_close(run(sloped, "sdpa", input_ids=ids, attention_mask=mask), ref, atol=2e-5, rtol=1e-4)
+    packed, cu = pack(ids, mask)
+    out = run(sloped, "sdpa", input_ids=packed, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    torch.testing.assert_close(out[0], real_tokens(ref, mask), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_packed_batch_with_the_configs_slopes_equals_padded_eager(sloped, implementation):
+    ids, mask = padded_batch()
+    ref = run(sloped, "eager", input_ids=ids, attention_mask=mask)
+    packed, cu = pack(ids, mask)
+    out = run(sloped, implementation, input_ids=packed, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(LENGTHS))
+    torch.testing.assert_close(out[0], real_tokens(ref, mask), atol=2e-5, rtol=1e-4)
+    positions = torch.cat([torch.arange(n) for n in LENGTHS])[None]
+    out = run(sloped, implementation, input_ids=packed, position_ids=positions)
+    torch.testing.assert_close(out[0], real_tokens(ref, mask), atol=2e-5, rtol=1e-4)
+
+
+def test_windowed_sdpa_with_the_configs_slopes_matches_eager(monkeypatch):
+    """Long rows (padded, then packed): the exact-window bound reads the config's slopes, so the steep heads window
+    and the head of slope 0 attends to every key."""
+    torch.manual_seed(0)
+    model = MedEIRModel(tiny_config(alibi_slopes=SLOPES["non-monotone"])).eval()
+    ids, mask = padded_batch(lengths=[1100, 700], seed=1)
+    ref = run(model, "eager", input_ids=ids, attention_mask=mask)
+    calls = count_windowed_groups(monkeypatch)
+    out = run(model, "sdpa", input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    packed, cu = pack(ids, mask)
+    out = run(model, "sdpa", input_ids=packed, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    torch.testing.assert_close(out[0], real_tokens(ref, mask), atol=2e-5, rtol=1e-4)
+    assert len(calls) == 2 * 2  # 2 layers, padded then packed: the 1,100-token row (700 is under the window minimum)
+    for groups in calls:
+        window = {head: w for heads, w in groups for head in heads}
+        assert window[3] < 200 and window[1] == 1099, groups  # slope 0.7: narrow; slope 0: every key
+
+
+def test_flex_attention_with_the_configs_slopes_matches_eager(sloped):
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    ids, mask = padded_batch()
+    ref = run(sloped, "eager", input_ids=ids, attention_mask=mask)
+    out = run(sloped, "flex_attention", input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    packed, cu = pack(ids, mask)
+    out = run(sloped, "flex_attention", input_ids=packed, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    torch.testing.assert_close(out[0], real_tokens(ref, mask), atol=2e-5, rtol=1e-4)
+
+
+def test_flex_attention_windowed_with_the_configs_slopes_matches_eager():
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    torch.manual_seed(0)
+    model = MedEIRModel(tiny_config(alibi_slopes=SLOPES["non-monotone"])).eval()
+    ids, mask = padded_batch(lengths=[1100, 700], seed=1)
+    ref = run(model, "eager", input_ids=ids, attention_mask=mask)
+    model.set_attn_implementation("flex_attention")
+    layout = layout_of(model, ids, mask)
+    q = k = torch.randn(2, 6, 1100, 8)
+    assert mm.FlexAttention.window_mask(q, k, layout, 8**-0.5) is not layout.block_mask  # windowing engages here
+    out = run(model, "flex_attention", input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_saved_slopes_come_back_and_give_the_same_states(sloped, tmp_path):
+    from transformers import AutoModel
+
+    sloped.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["alibi_slopes"] == sloped.config.alibi_slopes
+    ids, mask = padded_batch()
+    ref = run(sloped, "sdpa", input_ids=ids, attention_mask=mask)
+    for loaded in (MedEIRModel.from_pretrained(tmp_path), AutoModel.from_pretrained(tmp_path, trust_remote_code=True)):
+        assert loaded.config.alibi_slopes == sloped.config.alibi_slopes  # exactly: JSON keeps every float
+        assert torch.equal(run(loaded.eval(), "sdpa", input_ids=ids, attention_mask=mask), ref)
+
+
+def test_slopes_edited_on_a_live_model_take_effect_and_are_checked():
+    torch.manual_seed(0)
+    model = MedEIRModel(tiny_config()).eval()
+    ids = torch.randint(1, 1000, (2, 30), generator=torch.Generator().manual_seed(0))
+    standard = run(model, "sdpa", input_ids=ids)
+    model.config.alibi_slopes = SLOPES["non-monotone"]
+    try:
+        edited = run(model, "sdpa", input_ids=ids)
+        fresh = MedEIRModel(tiny_config(alibi_slopes=SLOPES["non-monotone"])).eval()
+        fresh.load_state_dict(model.state_dict())
+        assert torch.equal(edited, run(fresh, "sdpa", input_ids=ids)) and not torch.equal(edited, standard)
+        model.config.alibi_slopes = [0.5] * 5
+        with pytest.raises(ValueError, match="one slope per attention head: 6 values, got 5"):
+            model(input_ids=ids)
+    finally:
+        model.config.alibi_slopes = None
+    assert torch.equal(run(model, "sdpa", input_ids=ids), standard)
+
+
 # ---- config --------------------------------------------------------------------------------------------------
 
 
@@ -442,7 +584,7 @@ def test_config_validation():
         MedEIRConfig(feed_forward_type="swiglu")
 
 
-# ==== exact windowed ALiBi (issue 15) ==========================================================================
+# ==== exact windowed ALiBi =================================================================================
 # Real long documents (ICD-10-CM categories with their notes, rendered by corpus.sources.icd10cm from the
 # simple-icd-10-cm package) through the shipped model: windowed attention must equal full attention.
 
@@ -638,7 +780,7 @@ def test_flex_attention_windowed_matches_eager():
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
 
 
-# ==== bf16 on CPU (issue 15) ===================================================================================
+# ==== bf16 on CPU =========================================================================================
 
 
 @pytest.mark.parametrize("long_input", [False, True], ids=["batched-bias", "chunked-windowed"])

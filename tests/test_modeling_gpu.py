@@ -46,9 +46,9 @@ CONFIG = dict(hidden_size=768, num_attention_heads=12, intermediate_size=1536, n
 LENGTHS = [300, 173, 64, 9]
 
 
-def gpu_model(implementation: str, dtype: torch.dtype) -> MedEIRModel:
+def gpu_model(implementation: str, dtype: torch.dtype, **overrides) -> MedEIRModel:
     torch.manual_seed(0)
-    model = MedEIRModel(tiny_config(**CONFIG)).to(DEVICE, dtype)
+    model = MedEIRModel(tiny_config(**(CONFIG | overrides))).to(DEVICE, dtype)
     model.set_attn_implementation(implementation)
     return model
 
@@ -97,6 +97,30 @@ def test_packed_batch_matches_padded_batch(implementation, dtype):
         model, input_ids=packed.to(DEVICE), cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(LENGTHS)
     )
     assert_close_relative(packed_states, padded_states, 0.02 if dtype == torch.bfloat16 else 0.005)
+
+
+# Not the standard slopes: a head of slope 0 (no position bias) and steep heads that window at 1,100 tokens.
+SLOPES = [0.3, 0.0, 0.02, 0.7, 0.001, 0.1, 0.05, 0.5, 0.004, 0.2, 0.0005, 0.01]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_the_configs_slopes_reach_every_kernel(implementation):
+    """config.alibi_slopes, bf16, a padded batch long enough to window and the same batch packed: every backend
+    matches eager with the same slopes."""
+    lengths = [1100, 300, 9]
+    ids, mask = padded_batch(lengths, vocab=1000)
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+    reference = gpu_model("eager", torch.bfloat16, alibi_slopes=SLOPES)
+    ref_states, _ = forward_backward(reference, input_ids=ids, attention_mask=mask)
+    model = gpu_model(implementation, torch.bfloat16, alibi_slopes=SLOPES)
+    states, _ = forward_backward(model, input_ids=ids, attention_mask=mask)
+    assert_close_relative(states, ref_states, 0.02)
+    packed, cu = pack(ids.cpu(), mask.cpu())
+    cu = cu.to(DEVICE)
+    packed_states, _ = forward_backward(
+        model, input_ids=packed.to(DEVICE), cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths)
+    )
+    assert_close_relative(packed_states, ref_states, 0.02)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])

@@ -136,3 +136,30 @@ def test_encoder_follows_prompts_like_sentence_transformers(exported, texts):
     assert (got * expected).sum(-1).min() >= 0.9999
     with pytest.raises(ValueError, match="Unknown prompt_name"):
         OnnxEncoder(exported).encode(texts[:1], prompt_name="passage")
+
+
+def test_the_graph_attends_with_the_configs_alibi_slopes(tmp_path):
+    """A model with its own slopes (a head of slope 0 among them), loaded through its remote code as train.export
+    loads it: the exported graph gives torch's hidden states on a padded batch, not those of the standard slopes."""
+    import onnxruntime
+    import torch
+
+    from modeling_medeir import MedEIRModel
+
+    from .conftest import tiny_config
+    from .test_modeling import SLOPES, padded_batch
+
+    torch.manual_seed(0)
+    MedEIRModel(tiny_config(vocab_size=2048, alibi_slopes=SLOPES["non-monotone"])).save_pretrained(tmp_path / "model")
+    model = onnx_export.load_encoder(tmp_path / "model")
+    assert model.config.alibi_slopes == SLOPES["non-monotone"]
+    path = onnx_export.export_onnx(model, tmp_path / "model.onnx")
+    ids, mask = padded_batch(lengths=[40, 23, 5], vocab=2048)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (hidden,) = session.run(["last_hidden_state"], {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+        model.config.alibi_slopes = None
+        standard = model(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+    np.testing.assert_allclose(hidden, expected, atol=2e-5, rtol=0)
+    assert np.abs(hidden - standard).max() > 1e-2

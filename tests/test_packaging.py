@@ -190,6 +190,18 @@ def test_shipped_model_carries_the_current_remote_code():
         assert (SHIPPED / name).read_text() == (REPO / name).read_text(), f"{name}: rerun python -m train.export"
 
 
+def test_shipped_model_attends_with_the_standard_slopes():
+    """Its config.json predates `alibi_slopes`: the default (None) is the standard sequence, computed as before, so the
+    shipped weights give the embeddings they were trained to give."""
+    from configuration_medeir import MedEIRConfig
+    from modeling_medeir import alibi_slopes
+
+    config = MedEIRConfig.from_pretrained(SHIPPED)
+    assert "alibi_slopes" not in json.loads((SHIPPED / "config.json").read_text()) and config.alibi_slopes is None
+    model = MedEIRModel(config)
+    assert torch.equal(model._alibi_slopes(torch.device("cpu")), torch.tensor(alibi_slopes(12), dtype=torch.float32))
+
+
 def test_shipped_model_loads_both_ways_in_a_fresh_offline_process(tmp_path):
     code = textwrap.dedent(
         f"""
@@ -221,7 +233,7 @@ def test_shipped_model_loads_both_ways_in_a_fresh_offline_process(tmp_path):
     assert out["related"] > out["unrelated"] + 0.2, out  # a trained model, not the random or MiniLM-converted start
 
 
-# -- issue 14: the tokenizer next to the weights must be the model's own, checked at load --------------------------
+# -- the tokenizer next to the weights must be the model's own, checked at load --------------------------
 def _folder_with(source, tmp_path, tokenizer_from=None, delete=()):
     import shutil
 

@@ -2,6 +2,7 @@
 distillation, LoRA, recipes and accelerate configs."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -12,16 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoTokenizer
 
 from configuration_medeir import MedEIRConfig
 from corpus.dataset import DataBuild
 from corpus.text import normalize
-from modeling_medeir import MedEIRModel
+from modeling_medeir import alibi_slopes
 from train.distill import check_shared_ids, length_buckets
 from train.finetune import FinetuneRecipe
-from train.initialize import convert_minilm, from_scratch, save, source_pieces, transfer_embeddings
+from train.initialize import convert_minilm, from_scratch, save, scaled_slopes, source_pieces, transfer_embeddings
+from train.initialize import main as initialize_main
 from train.lora import LoraRecipe
 from train.pretrain import CRASH_AT_STEP, PretrainRecipe
 from train.recipe import load_recipe
@@ -76,16 +79,16 @@ def test_new_tokens_start_as_the_mean_of_their_minilm_pieces(medeir_tokenizer, m
     assert source.convert_ids_to_tokens(source_pieces("##opathy", source, vocab))[0].startswith("##")
 
 
-def test_minilm_conversion_maps_every_layer(minilm_path, monkeypatch):
-    """With ALiBi switched off and MiniLM's positions zeroed, the converted model IS MiniLM: every weight sits
-    where it should (query/key/value order in the fused projection included)."""
+def test_minilm_conversion_maps_every_layer(minilm_path):
+    """With ALiBi switched off (slope scale 0) and MiniLM's positions zeroed, the converted model IS MiniLM: every
+    weight sits where it should (query/key/value order in the fused projection included)."""
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
-    model, _ = convert_minilm(tokenizer)
+    model, _ = convert_minilm(tokenizer, alibi_slope_scale=0.0)
     model.eval()
+    assert model.config.alibi_slopes == [0.0] * 12
     minilm = AutoModel.from_pretrained(minilm_path, attn_implementation="eager").eval()
     with torch.no_grad():
         minilm.embeddings.position_embeddings.weight.zero_()
-    monkeypatch.setattr(MedEIRModel, "_alibi_slopes", lambda self, device: torch.zeros(12, device=device))
     batch = tokenizer(["acute myocardial infarction", "fever"], padding=True, return_tensors="pt")
     with torch.no_grad():
         ours = model.model(**batch).last_hidden_state
@@ -115,6 +118,71 @@ def test_cls_position_gives_cls_minilms_exact_first_input(minilm_path):
     plain, _ = convert_minilm(tokenizer, fold_positions=32)
     plain.eval()
     assert not torch.allclose(plain.model.embeddings(batch["input_ids"], None, None)[0, 0], ours[0, 0])
+
+
+def test_conversion_onto_minilms_own_vocabulary_with_scaled_slopes(minilm_path, tmp_path):
+    """`train.initialize minilm --tokenizer minilm --alibi-slope-scale 0.05`: no vocabulary change (every one of the
+    30,522 tokens keeps MiniLM's embedding, the folded positions in token type 0, [CLS] MiniLM's position 0), the
+    config holds the scaled slopes, and the folder loads offline with AutoModel and SentenceTransformer."""
+    from sentence_transformers import SentenceTransformer
+
+    out = tmp_path / "init"
+    command = ["minilm", "--tokenizer", "minilm", "--alibi-slope-scale", "0.05", "--cls-position", "--out", str(out)]
+    result = subprocess.run(
+        [sys.executable, "-m", "train.initialize", *command], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    slopes = [0.05 * slope for slope in alibi_slopes(12)]
+    assert json.loads((out / "config.json").read_text())["alibi_slopes"] == slopes
+    stats = json.loads((out / "initialization.json").read_text())
+    assert (stats["tokenizer"], stats["alibi_slope_scale"], stats["fold_positions"]) == ("minilm", 0.05, 32)
+    assert stats["target_vocab"] == stats["shared"] == 30522 and stats["new"] == 0
+
+    model = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(model).__name__ == "MedEIRModel" and model.config.vocab_size == 30522
+    assert model.config.alibi_slopes == slopes
+    assert torch.equal(model._alibi_slopes(torch.device("cpu")), torch.tensor(slopes))
+    tokenizer, source_tokenizer = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(minilm_path)
+    assert len(tokenizer) == 30522 and tokenizer.get_vocab() == source_tokenizer.get_vocab()
+    minilm = AutoModel.from_pretrained(minilm_path).eval()
+    words, positions = minilm.embeddings.word_embeddings.weight, minilm.embeddings.position_embeddings.weight
+    folded = positions[:32].mean(0)
+    cls = tokenizer.cls_token_id
+    others = torch.arange(30522) != cls
+    assert torch.equal(model.embeddings.word_embeddings.weight[others], words[others])
+    torch.testing.assert_close(model.embeddings.word_embeddings.weight[cls], words[cls] + positions[0] - folded)
+    ids = tokenizer(["acute myocardial infarction"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ours = model.embeddings(ids, None, None)
+        theirs = minilm.embeddings(input_ids=ids)
+        shifted = minilm.embeddings(inputs_embeds=words[ids] + folded - positions[: ids.shape[1]])
+    torch.testing.assert_close(ours[0, 0], theirs[0, 0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ours[0, 1:], shifted[0, 1:], atol=1e-5, rtol=1e-4)
+
+    texts = ["heart attack", "Acute myocardial infarction of inferior wall", "productive cough and fever"]
+    st = SentenceTransformer(str(out), trust_remote_code=True, device="cpu")
+    embeddings = st.encode(texts, convert_to_tensor=True)
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"][..., None].float()
+    torch.testing.assert_close(embeddings, F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1), atol=1e-5, rtol=0)
+    # untrained, small slopes, no vocabulary change: still close to all-MiniLM-L6-v2 itself (0.94-0.97 measured)
+    reference = SentenceTransformer(str(minilm_path), device="cpu").encode(texts, convert_to_tensor=True)
+    assert (embeddings * reference).sum(-1).min() > 0.9
+
+
+def test_the_slope_scale_is_zero_or_more(tmp_path, monkeypatch, capsys):
+    assert scaled_slopes(12, 1.0) is None  # the standard slopes: the config keeps its default
+    assert scaled_slopes(6, 0.0) == [0.0] * 6  # no ALiBi
+    assert scaled_slopes(6, 0.5) == [0.5 * slope for slope in alibi_slopes(6)]
+    for bad in (-0.5, math.nan, math.inf):
+        with pytest.raises(ValueError, match="finite and 0 or more"):
+            scaled_slopes(12, bad)
+    monkeypatch.setattr(sys, "argv", ["initialize", "minilm", "--out", str(tmp_path), "--alibi-slope-scale", "-1"])
+    with pytest.raises(SystemExit):
+        initialize_main()
+    assert "--alibi-slope-scale must be finite and 0 or more" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("preset", ["small", "base"])

@@ -46,7 +46,7 @@ class MedEIRGraph(nn.Module):
         model, modeling = self.model, self.modeling
         hidden = model.embeddings(input_ids, None, None)
         seq_len = input_ids.shape[1]
-        slopes = torch.tensor(modeling.alibi_slopes(model.config.num_attention_heads), dtype=torch.float32)
+        slopes = torch.tensor(modeling.config_alibi_slopes(model.config), dtype=torch.float32)  # the model's own
         pos = torch.arange(seq_len, device=input_ids.device)
         alibi = -slopes[:, None, None] * (pos[:, None] - pos[None, :]).abs().float()  # (H, S, S)
         keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
