@@ -25,8 +25,9 @@ MODEL ?= models/medeir-small
 demo: install  ## the Gradio demo on $(MODEL) at http://127.0.0.1:7860 (builds its ICD-10-CM + HPO index first if needed)
 	$(BIN)/python -m space.app --model $(MODEL)
 
-space-index: install  ## precompute the demo's compact index embeddings of $(MODEL) (re-run after retraining it)
-	$(BIN)/python -m space.index --precompute --model $(MODEL)
+space-index: install  ## precompute the demo's index embeddings of $(MODEL) and all-MiniLM-L6-v2 (re-run after retraining)
+	$(BIN)/python -m space.precompute --model $(MODEL)
+	$(BIN)/python -m space.precompute --model minilm
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

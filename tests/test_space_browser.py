@@ -1,7 +1,15 @@
-"""The demo in a real browser: the app serves on localhost (tiny model, a few hundred real ICD-10-CM and HPO rows),
-Debian's headless Chromium driven by Playwright types a query, searches, reads the ranked table, runs similarity.
-Screenshots go to tests/artifacts/ (or $MEDEIR_ARTIFACTS)."""
+"""The demo in a real browser: the app serves on localhost (tiny model and all-MiniLM-L6-v2, a few hundred real
+ICD-10-CM and HPO rows), Debian's headless Chromium driven by Playwright searches, reads both ranked tables, checks
+that the first results do not depend on the result count, runs two visitors' searches at once, clicks an example,
+runs similarity, and photographs every tab.
 
+Screenshots go to build/test-artifacts/ (or $MEDEIR_ARTIFACTS). The ones committed in tests/artifacts/ come from the
+shipped model on the full index:
+    MEDEIR_BROWSER_MODEL=models/medeir-small MEDEIR_ARTIFACTS=tests/artifacts .venv/bin/python -m pytest \
+        tests/test_space_browser.py
+"""
+
+import json
 import os
 import re
 import shutil
@@ -14,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from space.index import build_index, write_index
+from space.index import build_index, read_index, write_index
 
 from .conftest import REPO
 from .test_space import write_data_dir
@@ -31,7 +39,9 @@ CHROMIUM_ARGS = [
     "--no-first-run",
     "--disable-quic",
 ]
-ARTIFACTS = Path(os.environ.get("MEDEIR_ARTIFACTS", REPO / "tests" / "artifacts"))
+ARTIFACTS = Path(os.environ.get("MEDEIR_ARTIFACTS", REPO / "build" / "test-artifacts"))
+# Another model folder (with its index from the data build, data/ or build/space-data) instead of the tiny model
+REAL_MODEL = os.environ.get("MEDEIR_BROWSER_MODEL")
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)"
@@ -49,17 +59,25 @@ def free_port() -> int:
 def server(tiny_model_dir, tmp_path_factory):
     """`python -m space.app` in a subprocess on a free port; yields (url, index table, cache folder)."""
     root = tmp_path_factory.mktemp("space-browser")
-    index = build_index(write_data_dir(root / "data", icd=200, hpo=100))
-    index_path = write_index(index, root / "index.parquet")
+    if REAL_MODEL:
+        from space.engine import default_index
+
+        index_path = default_index(root / "cache")
+        model = REAL_MODEL
+    else:
+        index_path = write_index(build_index(write_data_dir(root / "data", icd=200, hpo=100)), root / "index.parquet")
+        model = str(tiny_model_dir)
+    index = read_index(index_path)
     port = free_port()
-    command = [sys.executable, "-m", "space.app", "--model", str(tiny_model_dir), "--index", str(index_path),
+    command = [sys.executable, "-m", "space.app", "--model", model, "--index", str(index_path),
                "--cache", str(root / "cache"), "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "MEDEIR_MODEL": ""}
+    env.pop("MEDEIR_BASELINE", None)  # the default comparison model: all-MiniLM-L6-v2 from its package
     log = (root / "app.log").open("w")
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.time() + 180
+        deadline = time.time() + 300
         while True:
             if process.poll() is not None:
                 pytest.fail(f"the app exited ({process.returncode}):\n{(root / 'app.log').read_text()[-3000:]}")
@@ -89,6 +107,8 @@ def page(server):
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.set_default_timeout(60_000)
         page.goto(server[0], wait_until="networkidle")
+        ready = re.compile(r"^(?!.*embedding the index).*all-MiniLM-L6-v2: index embeddings", re.S)
+        playwright.expect(page.locator("#index-status")).to_have_text(ready, timeout=240_000)
         yield page
         browser.close()
 
@@ -105,10 +125,20 @@ def settled(page, selector: str) -> None:
     playwright.expect(tracker).to_have_class(re.compile(r"\bhide\b"))
 
 
-def test_search_then_similarity_in_a_real_browser(server, page):
-    _, index, cache = server
+def search_for(page, text: str, count: int | None = None) -> None:
+    page.locator("#search-query textarea, #search-query input").first.fill(text)
+    if count is not None:
+        page.locator("#search-top-k input[type=number]").fill(str(count))
+        page.locator("#search-top-k input[type=number]").press("Enter")
+    page.click("#search-button")
+
+
+def test_search_beside_minilm_then_similarity_in_a_real_browser(server, page):
+    _, index, _ = server
     code, title = index.column("code")[3].as_py(), index.column("text")[3].as_py()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    header = page.locator("#header").inner_text()
+    assert "not a clinical tool" in header and "on cpu" in header and f"index: {index.num_rows:,} entries" in header
 
     # An empty query: a message in the page and a warning toast, no results, no stack trace.
     page.click("#search-button")
@@ -117,38 +147,92 @@ def test_search_then_similarity_in_a_real_browser(server, page):
     assert "Traceback" not in page.content()
     page.click("[data-testid=toast-close]")
 
-    # A query: ranked results with scores and codes; the index embeddings are computed once and cached on disk.
-    page.locator("#search-query textarea, #search-query input").first.fill(title)
-    page.click("#search-button")
+    # A query: MedEIR's ranked results with scores and codes, and MiniLM's beside them.
+    search_for(page, title)
     playwright.expect(page.locator("#search-status")).to_contain_text("10 results for a")
+    playwright.expect(page.locator("#search-status")).to_contain_text("Scores: cosine similarity.")
     playwright.expect(page.locator("#search-results div[role=row]")).to_have_count(10)
+    playwright.expect(page.locator("#baseline-results div[role=row]")).to_have_count(10)
     playwright.expect(page.locator("#search-results [data-testid=cell-0-2]")).to_have_text(code)
     rows = table_rows(page, "#search-results")
-    assert len(rows) == 10, rows
     assert [int(r[0]) for r in rows] == list(range(1, 11))
     scores = [float(r[1]) for r in rows]
     assert scores == sorted(scores, reverse=True) and all(re.fullmatch(r"-?\d\.\d{3}", r[1]) for r in rows)
     assert rows[0][1:] == ["1.000", code, "ICD-10-CM", title]
     codes = set(index.column("code").to_pylist())
     assert all(r[2] in codes and r[3] in ("ICD-10-CM", "HPO") for r in rows)
-    assert list(cache.glob("embeddings-*.npy")), "the index embeddings were not cached on disk"
+    assert table_rows(page, "#baseline-results")[0][1:3] == ["1.000", code]  # MiniLM finds an exact title too
+    playwright.expect(page.locator("#score-guide")).to_contain_text("How to read the scores")
     settled(page, "#search-results")
-    page.screenshot(path=str(ARTIFACTS / "space.png"), full_page=True)
+    page.screenshot(path=str(ARTIFACTS / "space-search.png"), full_page=True)
 
     # Similarity of two texts.
     page.get_by_role("tab", name="Similarity").click()
-    page.locator("#sim-a textarea").fill("heart attack")
-    page.locator("#sim-b textarea").fill("Acute myocardial infarction")
+    page.locator("#sim-a textarea").fill(title)
+    page.locator("#sim-b textarea").fill(index.column("text")[250].as_py())
     page.click("#sim-button")
     result = page.locator("#sim-result")
     playwright.expect(result).to_contain_text("Cosine similarity:")
     score = float(re.search(r"Cosine similarity: (-?\d\.\d{3})", result.inner_text()).group(1))
     assert -1.0 <= score < 1.0
-    page.locator("#sim-b textarea").fill("heart attack")
+    page.locator("#sim-b textarea").fill(title)
     page.click("#sim-button")
     playwright.expect(result).to_contain_text("Cosine similarity: 1.000")
     settled(page, "#sim-result")
     page.screenshot(path=str(ARTIFACTS / "space-similarity.png"), full_page=True)
+
+
+def test_the_first_results_are_the_same_for_10_and_50(server, page):
+    query = server[1].column("text")[120].as_py()
+    search_for(page, query, 10)
+    playwright.expect(page.locator("#search-results div[role=row]")).to_have_count(10)
+    ten = table_rows(page, "#search-results")
+    search_for(page, query, 50)
+    playwright.expect(page.locator("#search-status")).to_contain_text("50 results for a")
+    settled(page, "#search-results")
+    fifty = table_rows(page, "#search-results")  # the table renders the rows in view: the first 10 at least
+    assert len(fifty) >= 10 and fifty[:10] == ten
+
+
+def test_a_float_search_answers_while_an_int8_search_runs(server):
+    """Two visitors at once: one searching with int8 embeddings, the other with float32; both answer, the float32
+    one within seconds (the seconds go to build/test-artifacts/concurrent-search.json)."""
+    url, index, _ = server
+    seconds = {}
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        pages = [browser.new_page(viewport={"width": 1280, "height": 1000}) for _ in range(2)]
+        for page in pages:
+            page.set_default_timeout(60_000)
+            page.goto(url, wait_until="networkidle")
+        int8_page, float_page = pages
+        int8_page.click("#search-advanced")
+        int8_page.get_by_label("int8", exact=True).check()
+        search_for(int8_page, index.column("text")[5].as_py(), 50)
+        start = time.perf_counter()
+        search_for(float_page, index.column("text")[6].as_py())
+        playwright.expect(float_page.locator("#search-results div[role=row]")).to_have_count(10)
+        seconds["float32 while int8 runs"] = time.perf_counter() - start
+        playwright.expect(int8_page.locator("#search-status")).to_contain_text("cosine of the int8-quantised")
+        seconds["int8"] = time.perf_counter() - start
+        browser.close()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "concurrent-search.json").write_text(json.dumps(seconds, indent=1))
+    assert seconds["float32 while int8 runs"] < 5, seconds
+
+
+def test_clicking_an_example_runs_it(page):
+    examples = json.loads((REPO / "space" / "examples.json").read_text())["search"]
+    page.locator("#search-examples").get_by_text(examples[0]["query"], exact=False).first.click()
+    playwright.expect(page.locator("#search-results div[role=row]")).to_have_count(10)
+    playwright.expect(page.locator("#search-query textarea, #search-query input").first).to_have_value(
+        examples[0]["query"]
+    )
+    weak = next(e for e in examples if e["kind"] == "weak")
+    playwright.expect(page.locator("#search-examples")).to_contain_text(f"{weak['query']} (a miss")
+    settled(page, "#search-results")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "space-example.png"), full_page=True)
 
 
 def test_long_input_shows_its_token_count_and_the_limit(page):
@@ -159,5 +243,19 @@ def test_long_input_shows_its_token_count_and_the_limit(page):
     playwright.expect(page.locator("#long-status")).to_contain_text(
         "The document is 9,002 tokens long; MedEIR reads at most 8,192 tokens"
     )
+    page.click("[data-testid=toast-close]")
     page.click("#long-example")
     playwright.expect(page.locator("#long-count")).to_have_text(re.compile(r"^\s*3,\d{3} / 8,192 tokens\s*$"))
+    page.click("#long-button")
+    playwright.expect(page.locator("#long-status")).to_contain_text("Embedded **3,".replace("**", ""))
+    settled(page, "#long-status")
+    page.screenshot(path=str(ARTIFACTS / "space-long-document.png"), full_page=True)
+
+
+def test_tokenizer_tab(page):
+    page.get_by_role("tab", name="Tokenizer").click()
+    page.click("#tok-button")
+    playwright.expect(page.locator("#tok-summary")).to_contain_text("bert-base-uncased:")
+    settled(page, "#tok-summary")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "space-tokenizer.png"), full_page=True)
