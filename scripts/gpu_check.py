@@ -34,7 +34,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scripts.gpu_prepare import source_list  # the flash-attn extension's sources, as the patched setup.py lists them
+# source_list: the flash-attn extension's sources, as the patched setup.py lists them
+from scripts.gpu_prepare import extract, source_list
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -163,7 +164,7 @@ def install_site(check: Check) -> dict:
         names = sorted({n.split("/")[0] for n in t.getnames() if n.endswith(".dist-info/METADATA")})
         if check.args.cpu:
             return {"status": "skipped: --cpu uses the venv's packages", "carried": names}
-        t.extractall(target, filter="data")
+        extract(t, target)
     check.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target), check.env.get("PYTHONPATH", "")]))
     return {"status": "ok", "carried": names, "target": str(target)}
 
@@ -515,7 +516,7 @@ def unpack_flash(check: Check) -> tuple[Path | None, str]:
         return None, f"skipped: no {archive} (gpu_prepare carries it when it fits the upload)"
     target = check.work / "flash-attn"
     with tarfile.open(archive) as t:
-        t.extractall(target, filter="data")
+        extract(t, target)
     roots = [p for p in target.iterdir() if (p / "setup.py").exists()]
     return (roots[0], "unpacked") if roots else (None, "failed: no setup.py in the archive")
 
@@ -594,7 +595,7 @@ def finish_flash(check: Check) -> dict:
 
 
 def targets(report: dict) -> dict:
-    """The issue's targets, read off the measurements (reported, never asserted)."""
+    """The GPU targets, read off the measurements (reported, never asserted)."""
     out = {}
     rows = [r for part in speed_parts(report) for r in part.get("rows", []) if "error" not in r]
     for preset in ("small", "base"):

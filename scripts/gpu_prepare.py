@@ -27,6 +27,21 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+
+def extract(archive: tarfile.TarFile, target: Path) -> None:
+    """Unpack `archive` into `target`, refusing members that would land outside it or are not plain files and
+    folders: tarfile's "data" filter where this Python has it (3.11.4 on), the same rule checked here before that."""
+    if hasattr(tarfile, "data_filter"):
+        archive.extractall(target, filter="data")
+        return
+    root = Path(target).resolve()
+    for member in archive.getmembers():
+        inside = (root / member.name).resolve()
+        if not (member.isfile() or member.isdir()) or (inside != root and root not in inside.parents):
+            raise tarfile.TarError(f"refusing {member.name!r} in the archive: not a plain file or folder under {root}")
+    archive.extractall(target)
+
+
 REPO = Path(__file__).resolve().parents[1]
 PREPARED = REPO / ".gpu"
 DOWNLOADS = REPO / "build" / "gpu-prepare"
@@ -118,7 +133,7 @@ def patched_tree(sdist: Path, work: Path) -> Path:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     with tarfile.open(sdist) as t:
-        t.extractall(work, filter="data")
+        extract(t, work)
     root = work / f"flash_attn-{FLASH_VERSION}"
     subprocess.run(["patch", "-p1", "--forward", "--quiet", "-i", str(PATCH)], cwd=root, check=True)
     return root

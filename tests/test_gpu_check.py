@@ -85,7 +85,7 @@ def test_the_model_comes_back_in_parts_that_reassemble(tmp_path, monkeypatch):
     assert len(parts) == record["parts"] > 1 and all(p.stat().st_size <= 4096 for p in parts)
     restored = tmp_path / "restored"
     with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts))) as t:
-        t.extractall(restored, filter="data")
+        gpu_prepare.extract(t, restored)
     assert (restored / "model.safetensors").read_bytes() == (exported / "model.safetensors").read_bytes()
     assert (restored / "1_Pooling" / "config.json").exists() and not (restored / "modules.json").exists()
     assert "cp models/medeir-small/modules.json" in record["reassemble"]
@@ -123,7 +123,7 @@ def test_the_trimmed_flash_attn_archive_builds_from_its_own_files(tmp_path):
     record = gpu_prepare.flash_archive(root, tmp_path / "f.tar.xz")
     assert record["bytes"] < 1_000_000  # it must fit next to the 59 MB model in the 64 MiB upload
     with tarfile.open(tmp_path / "f.tar.xz") as t:
-        t.extractall(tmp_path / "x", filter="data")
+        gpu_prepare.extract(t, tmp_path / "x")
     unpacked = tmp_path / "x" / root.name
     files, _ = gpu_prepare.include_closure(unpacked, gpu_prepare.source_list(unpacked))
     assert len(files) + len(gpu_prepare.FLASH_PYTHON) == record["files"]
@@ -162,3 +162,22 @@ def test_cpu_rehearsal_runs_every_step_and_writes_the_report(icd_hpo_data, tmp_p
     assert {"report.json", "report.md", "logs.tar.xz"} <= set(returned) and len(returned) <= gpu_check.RETURN_FILES
     assert all(p.stat().st_size <= gpu_check.RETURN_FILE_BYTES for p in out.iterdir())
     assert "cpu rehearsal" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("has_filter", [True, False])
+def test_archives_unpack_on_every_python_the_project_admits(tmp_path, monkeypatch, has_filter):
+    """tarfile's "data" filter exists from Python 3.11.4 on; before it the same rule is checked by hand."""
+    if not has_filter:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    good, bad = tmp_path / "good.tar", tmp_path / "bad.tar"
+    (tmp_path / "a.txt").write_text("kept")
+    with tarfile.open(good, "w") as t:
+        t.add(tmp_path / "a.txt", arcname="folder/a.txt")
+    with tarfile.open(good) as t:
+        gpu_prepare.extract(t, tmp_path / "out")
+    assert (tmp_path / "out" / "folder" / "a.txt").read_text() == "kept"
+    with tarfile.open(bad, "w") as t:
+        t.add(tmp_path / "a.txt", arcname="../escaped.txt")
+    with tarfile.open(bad) as t, pytest.raises(tarfile.TarError):
+        gpu_prepare.extract(t, tmp_path / "out2")
+    assert not (tmp_path / "escaped.txt").exists()
