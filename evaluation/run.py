@@ -9,7 +9,7 @@
 
 The converted starting point (`init`) is added to every report unless --no-init. Models given with --loso SOURCE=SPEC
 were trained with every pair, corpus text and distillation text of SOURCE removed: they are scored only on that
-source's benchmarks, the report's out-of-distribution column. The report prints issue 12's targets, met or not,
+source's benchmarks, the report's out-of-distribution column. The report prints the release targets, met or not,
 computed from the measured numbers.
 
 Per model (each at its own max_seq_length, with its own "query" / "document" prompts if it defines them):
@@ -481,9 +481,9 @@ def main(argv: list[str] | None = None) -> dict:
     report["seconds"] = round(time.perf_counter() - start, 1)
 
     from evaluation.model_index import write_model_indexes
-    from evaluation.report import issue_targets, write_report
+    from evaluation.report import release_targets, write_report
 
-    report["targets"] = issue_targets(report)
+    report["targets"] = release_targets(report)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     write_report(report, args.out)

@@ -359,7 +359,7 @@ def summary(rows: list[dict]) -> list[str]:
                     f"{preset} {backend}: peak memory 8192 / 2048 tokens = {long['peak_mb'] / mid['peak_mb']:.2f}x "
                     f"({long['peak_mb']:.0f} MB / {mid['peak_mb']:.0f} MB)"
                 )
-        # issue 15: windowed ALiBi >= 1.2x BertModel at 8192 and >= 1.0x at 2048; ONNX int8 >= 2x torch fp32 at 128
+        # speed targets: windowed ALiBi >= 1.2x BertModel at 8192 and >= 1.0x at 2048; ONNX int8 >= 2x torch fp32 at 128
         for n, target in ((2048, 1.0), (8192, 1.2)):
             windowed, bert = get.get((preset, "sdpa-windowed", n)), get.get((preset, "bert", n))
             if windowed and bert:

@@ -106,7 +106,7 @@ def test_truncate_embeds_the_first_tokens_of_an_over_long_input(handler):
     assert result["tokens"] == [8192] and len(result["embeddings"][0]) == 48
 
 
-# -- issue 14: concurrency, limits before tokenizing, prompts, start-up checks ----------------------------------------
+# -- concurrency, limits before tokenizing, prompts, start-up checks ----------------------------------------
 def test_threads_sharing_one_handler_get_exactly_the_serial_results(handler):
     """Requests of different lengths and truncation from 8 threads at once: every answer equals the serial one."""
     requests = []  # 100 requests: enough that the old shared-tokenizer counting failed every time (3 to 6 of them)
@@ -217,7 +217,7 @@ def test_nan_weights_stop_the_replica_and_nan_embeddings_are_never_returned(
         handler({"inputs": ["fever", "cough"]})
 
 
-# -- issue 15, item 4: Matryoshka truncation and quantized embeddings -------------------------------------------------
+# -- Matryoshka truncation and quantized embeddings -------------------------------------------------
 def test_truncate_dim_keeps_the_first_dimensions_renormalised(handler):
     texts = ["heart attack", "Acute myocardial infarction"]
     full = np.asarray(handler({"inputs": texts})["embeddings"])

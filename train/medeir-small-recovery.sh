@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The recovery pipeline (issue 12), from the repository root: all-MiniLM-L6-v2 on a BERT-superset tokenizer, recovery
+# The recovery pipeline, from the repository root: all-MiniLM-L6-v2 on a BERT-superset tokenizer, recovery
 # distillation, then domain training with the teacher kept in the loss, plus the leave-one-source-out (LOSO) models
 # that evaluation.run scores out of distribution. Not the recipe of the shipped models/medeir-small
 # (train/medeir-small.sh): on the 2-core CPU this run was sized for, it did not beat the shipped model (see
