@@ -21,7 +21,7 @@ from configuration_medeir import MedEIRConfig
 from corpus.dataset import DataBuild
 from corpus.text import normalize
 from modeling_medeir import alibi_slopes
-from train.distill import check_shared_ids, length_buckets
+from train.distill import aligned_words, check_shared_ids, length_buckets
 from train.finetune import FinetuneRecipe
 from train.initialize import convert_minilm, from_scratch, save, scaled_slopes, source_pieces, transfer_embeddings
 from train.initialize import main as initialize_main
@@ -305,6 +305,83 @@ def test_distillation_batches_hold_texts_of_similar_length(minilm_path):
     spreads = [max(map(len, b)) - min(map(len, b)) for b in (ordered[i : i + 8] for i in range(0, 400, 8))]
     assert max(spreads) < 5 * 5  # within a bucket of 400 texts 8 neighbours differ by a few words at most
     assert ordered != sorted(texts, key=len)  # the batches themselves are shuffled
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(minilm_path, tmp_path_factory) -> Path:
+    """A tiny BERT on MiniLM's tokenizer, as wide and deep as the tiny MedEIR student (tiny_medeir_init)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(1)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=48, num_hidden_layers=2, num_attention_heads=6, intermediate_size=96
+    )
+    path = tmp_path_factory.mktemp("tiny-teacher")
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def word_distill(init: Path, teacher: Path, data: Path, out: Path, **kwargs):
+    settings = ["objective=word_distill", f"teacher={teacher}", "distill_texts=256", "distill_pool=[corpus, pairs]"]
+    # weight decay on purpose: it must not reach the frozen rows of the embedding table
+    settings += ["exclude_sources=[hpo]", "eval_texts=32", "eval_every=3", "lr=2e-2", "seq_len=48", "weight_decay=0.1"]
+    return pretrain(init, data, out, *settings, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def word_distilled(tiny_medeir_init, tiny_teacher, icd_hpo_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("word-distill")
+    result = word_distill(tiny_medeir_init, tiny_teacher, icd_hpo_data, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_word_aligned_distillation_trains_only_the_new_rows(word_distilled, tiny_medeir_init, tiny_teacher):
+    entries = log_entries(word_distilled / "train_log.jsonl")
+    steps = [e for e in entries if "train/loss" in e]
+    assert len(steps) == 6 and all(e["train/skipped_texts"] == 0 for e in steps)
+    evals = [e for e in entries if "eval/hidden_mse" in e]
+    assert len(evals) == 2 and evals[-1]["eval/hidden_mse"] < evals[0]["eval/hidden_mse"]
+    before = load_file(tiny_medeir_init / "model.safetensors")
+    after = load_file(word_distilled / "final" / "model.safetensors")
+    table = "model.embeddings.word_embeddings.weight"
+    student, teacher = (AutoTokenizer.from_pretrained(p).get_vocab() for p in (tiny_medeir_init, tiny_teacher))
+    new = torch.tensor(sorted(i for t, i in student.items() if t not in teacher))
+    shared = torch.ones(len(student), dtype=torch.bool)
+    shared[new] = False
+    assert torch.equal(after[table][shared], before[table][shared])
+    assert (after[table][new] != before[table][new]).any(dim=1).sum() > 10  # the new rows that 48 texts reach
+    for name in before.keys() & after.keys() - {table}:
+        assert torch.equal(after[name], before[name]), name
+
+
+def test_word_alignment_skips_a_text_whose_words_disagree(minilm_path):
+    from tokenizers import pre_tokenizers
+
+    student = AutoTokenizer.from_pretrained(REPO / "tokenizer")
+    teacher = AutoTokenizer.from_pretrained(minilm_path)
+    texts = ["Hypercholesterolaemia, familial", "acute myocardial infarction of the anterolateral wall"]
+    encode = lambda tok: tok(texts, return_offsets_mapping=True).encodings  # noqa: E731
+    assert aligned_words(encode(student), encode(teacher), 512) == [3, 7]
+    assert aligned_words(encode(student), encode(teacher), 6) == [0, 2]  # words cut by truncation give no target
+    teacher.backend_tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # "Hypercholesterolaemia," one word
+    assert aligned_words(encode(student), encode(teacher), 512) == [None, 7]
+
+
+def test_a_killed_word_distillation_resumes_where_it_stopped(
+    word_distilled, tiny_medeir_init, tiny_teacher, icd_hpo_data, tmp_path
+):
+    crashed = word_distill(tiny_medeir_init, tiny_teacher, icd_hpo_data, tmp_path, env={CRASH_AT_STEP: "3"})
+    assert crashed.returncode == -signal.SIGKILL
+    resumed = word_distill(tiny_medeir_init, tiny_teacher, icd_hpo_data, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    expected = load_file(word_distilled / "final" / "model.safetensors")
+    got = load_file(tmp_path / "final" / "model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=0, rtol=0, msg=name)
 
 
 # ---- fine-tuning, distillation, LoRA -------------------------------------------------------------------------

@@ -13,6 +13,9 @@ which is the only place the 22,021 new medical tokens learn in this stage.
          + embedding_weight * (1 - cos(e_student(teacher ids), e_teacher))
          + embedding_weight * (1 - cos(e_student(own tokens), e_teacher))
 
+`WordAlignedDistillation` (`objective: word_distill`) is the variant for a student on a different vocabulary: targets
+per word rather than per token, and only the new tokens' embeddings trained (vocabulary transfer).
+
 Texts are `train.finetune.mse_texts` (same pool, same seeded draw, same `exclude_sources` filter), batched in
 length buckets so that short terms and long documents do not pad each other.
 """
@@ -71,7 +74,7 @@ class HiddenStateDistillation:
         self.recipe, self.tokenizer, self.device = recipe, tokenizer, device
         folder = teacher_path(recipe.teacher)
         self.teacher_tokenizer = AutoTokenizer.from_pretrained(folder)
-        check_shared_ids(tokenizer, self.teacher_tokenizer)
+        self.check_tokenizers()
         self.teacher = AutoModel.from_pretrained(folder).to(device).eval().requires_grad_(False)
         selection = FinetuneRecipe(
             init=folder,
@@ -86,6 +89,9 @@ class HiddenStateDistillation:
         self.texts = length_buckets(texts, tokenizer, recipe.batch_size, recipe.seed)
         held = DataBuild(recipe.data).corpus("validation", columns=["text"])["text"].to_pylist()
         self.validation = random.Random(recipe.seed).sample(held, min(recipe.eval_texts, len(held)))
+
+    def check_tokenizers(self) -> None:
+        check_shared_ids(self.tokenizer, self.teacher_tokenizer)
 
     def _encode(self, tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
         batch = tokenizer(
@@ -124,9 +130,8 @@ class HiddenStateDistillation:
     def loss(self, encoder, texts: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
         parts = self.losses(encoder, texts)
         r = self.recipe
-        total = r.hidden_weight * parts["hidden"] + r.embedding_weight * (
-            parts["embedding_shared"] + parts["embedding_own"]
-        )
+        embedding = sum(v for k, v in parts.items() if k.startswith("embedding"))
+        total = r.hidden_weight * parts["hidden"] + r.embedding_weight * embedding
         return total, {f"train/{k}": v.item() for k, v in parts.items()}
 
     @torch.no_grad()
@@ -145,3 +150,121 @@ class HiddenStateDistillation:
         encoder.train()
         count = max(len(self.validation), 1)
         return {"eval/hidden_mse": float(sums[0]) / count, "eval/cosine_to_teacher": float(sums[1]) / count}
+
+
+def word_spans(encoding) -> list[tuple[int, int]]:
+    """The character span of every word (BERT's pre-tokenizer's words) of a fast tokenizer's `Encoding`, in order."""
+    spans: dict[int, tuple[int, int]] = {}
+    for word, (start, end) in zip(encoding.word_ids, encoding.offsets, strict=True):
+        if word is not None:
+            spans[word] = (spans[word][0], end) if word in spans else (start, end)
+    return [spans[w] for w in sorted(spans)]
+
+
+def complete_words(encoding, max_length: int) -> int:
+    """How many leading words keep all their tokens when the encoding is cut to `max_length` ([SEP] re-appended)."""
+    words = encoding.word_ids
+    if len(words) <= max_length:
+        return len(word_spans(encoding))
+    return words[max_length - 1]  # the word cut at the last kept position, and every later one, is incomplete
+
+
+def aligned_words(student: list, teacher: list, max_length: int) -> list[int | None]:
+    """Per text, how many leading words give targets (complete in both tokenizations cut to `max_length`), or None
+    where the two tokenizers do not split the text into the same words."""
+    return [
+        min(complete_words(a, max_length), complete_words(b, max_length)) if word_spans(a) == word_spans(b) else None
+        for a, b in zip(student, teacher, strict=True)
+    ]
+
+
+class WordAlignedDistillation(HiddenStateDistillation):
+    """Vocabulary transfer (`objective: word_distill`): the student reads its own tokenization, the teacher its own,
+    and both are aligned word by word. Both tokenizers are lower-cased WordPiece behind BERT's pre-tokenizer, so
+    they split a text into the same words, each into its own pieces; the mean of the student's hidden states over a
+    word's tokens then has a target at every depth, the mean of the teacher's over its pieces:
+
+        loss = hidden_weight * mean_l MSE(word means of h_student_l, word means of h_teacher_l)   (layers 0..L)
+             + embedding_weight * (1 - cos(e_student(own tokens), e_teacher))
+
+    With `new_rows_only` (see `freeze_shared`) only the embeddings of the tokens the teacher's vocabulary lacks train,
+    which is all a mean-of-pieces initialisation got wrong; the teacher's function is kept exactly. A text whose
+    words do not agree (e.g. a different normaliser) gives no word targets, only the sentence one, and is counted
+    (`train/skipped_texts`)."""
+
+    def check_tokenizers(self) -> None:
+        """Word alignment needs no shared ids, only fast tokenizers (word ids and offsets)."""
+        if not (self.tokenizer.is_fast and self.teacher_tokenizer.is_fast):
+            raise ValueError("word-aligned distillation needs fast tokenizers (word_ids and offsets)")
+
+    def new_rows(self) -> torch.Tensor:
+        """Ids of the student's tokens that the teacher's vocabulary lacks."""
+        teacher = self.teacher_tokenizer.get_vocab()
+        return torch.tensor(sorted(i for t, i in self.tokenizer.get_vocab().items() if t not in teacher))
+
+    def freeze_shared(self, encoder: torch.nn.Module) -> torch.nn.Parameter:
+        """Freeze the encoder except the embedding rows of new tokens (a gradient mask on the table); the table is
+        returned because weight decay, which ignores gradients, must not touch it."""
+        encoder.requires_grad_(False)
+        table = encoder.get_input_embeddings().weight.requires_grad_(True)
+        mask = torch.zeros(table.shape[0], 1, dtype=table.dtype, device=table.device)
+        mask[self.new_rows().to(table.device)] = 1
+        table.register_hook(lambda grad: grad * mask)
+        return table
+
+    def _batch(self, tokenizer, encodings: list) -> dict[str, torch.Tensor]:
+        """Padded ids and mask, each text cut to `seq_len` tokens with its [SEP] kept."""
+        limit = self.recipe.seq_len
+        ids = [e.ids if len(e.ids) <= limit else [*e.ids[: limit - 1], tokenizer.sep_token_id] for e in encodings]
+        width = max(map(len, ids))
+        input_ids = torch.full((len(ids), width), tokenizer.pad_token_id)
+        mask = torch.zeros(len(ids), width, dtype=torch.long)
+        for row, seq in enumerate(ids):
+            input_ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        return {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
+
+    def _word_index(self, encodings: list, words: list[int], offsets: list[int], width: int) -> torch.Tensor:
+        """(batch, width): the batch-wide index of the word each token belongs to, -1 where it gives no target."""
+        index = torch.full((len(encodings), width), -1)
+        for row, (encoding, count, offset) in enumerate(zip(encodings, words, offsets, strict=True)):
+            for position, word in enumerate(encoding.word_ids[:width]):
+                if word is not None and word < count:
+                    index[row, position] = offset + word
+        return index.to(self.device)
+
+    def losses(self, encoder, texts: list[str]) -> dict[str, torch.Tensor]:
+        own_enc = self.tokenizer(texts, return_offsets_mapping=True, verbose=False).encodings
+        teacher_enc = self.teacher_tokenizer(texts, return_offsets_mapping=True, verbose=False).encodings
+        own = self._batch(self.tokenizer, own_enc)
+        shared = self._batch(self.teacher_tokenizer, teacher_enc)
+        words = aligned_words(own_enc, teacher_enc, self.recipe.seq_len)
+        skipped = sum(w is None for w in words)
+        words = [w or 0 for w in words]
+        offsets = [sum(words[:i]) for i in range(len(words))]
+        total = max(sum(words), 1)
+        own_index = self._word_index(own_enc, words, offsets, own["input_ids"].shape[1])
+        teacher_index = self._word_index(teacher_enc, words, offsets, shared["input_ids"].shape[1])
+        with torch.no_grad():
+            teacher = self.teacher(**shared, output_hidden_states=True).hidden_states
+        student = encoder(**own, output_hidden_states=True).hidden_states
+        hidden = sum(
+            F.mse_loss(word_means(s.float(), own_index, total), word_means(t.float(), teacher_index, total))
+            for s, t in zip(student, teacher, strict=True)
+        )
+        target = mean_pool(teacher[-1].float(), shared["attention_mask"])
+        embedding = mean_pool(student[-1].float(), own["attention_mask"])
+        return {
+            "hidden": hidden / len(student),
+            "embedding_own": 1 - (embedding * target).sum(-1).mean(),
+            "skipped_texts": torch.tensor(float(skipped)),
+        }
+
+
+def word_means(hidden: torch.Tensor, index: torch.Tensor, words: int) -> torch.Tensor:
+    """(words, hidden): the mean hidden state over the tokens of each word (`index` as `_word_index` builds it)."""
+    flat, index = hidden.flatten(0, 1), index.flatten()
+    keep = index >= 0
+    sums = flat.new_zeros(words, flat.shape[-1]).index_add(0, index[keep], flat[keep])
+    counts = torch.bincount(index[keep], minlength=words).clamp(min=1).unsqueeze(-1)
+    return sums / counts

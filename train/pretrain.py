@@ -2,6 +2,7 @@
 
     python -m train.pretrain --recipe train/recipes/pretrain-small.yaml
     python -m train.pretrain --recipe train/recipes/pretrain-distill-small.yaml   # objective: distill (train.distill)
+    python -m train.pretrain --recipe train/recipes/pretrain-vocab-transfer-small.yaml  # objective: word_distill
     accelerate launch --config_file train/accelerate/multi-gpu.yaml -m train.pretrain --recipe ...
 
 Packed sequences (texts concatenated, each with [CLS] ... [SEP], cut into `seq_len` blocks), dynamic masking
@@ -12,9 +13,10 @@ batches it already saw and ends where an uninterrupted run ends. Evaluation repo
 accuracy (a local `evaluate` metric) at the training length and at `eval_length_factors` times it, which shows
 whether ALiBi extrapolates. Logs go to tensorboard and to `train_log.jsonl`; the final model to `<output_dir>/final`.
 
-`objective: distill` trains the encoder instead to reproduce a teacher's hidden states layer by layer and its
-embeddings (train.distill), on texts of the data build rather than packed blocks, with the same checkpoints, resume
-and logs; evaluation then reports the student's agreement with the teacher on held-out texts.
+`objective: distill` (and `word_distill`, for a student on another vocabulary) trains the encoder instead to
+reproduce a teacher's hidden states layer by layer and its embeddings (train.distill), on texts of the data build
+rather than packed blocks, with the same checkpoints, resume and logs; evaluation then reports the student's
+agreement with the teacher on held-out texts.
 """
 
 import argparse
@@ -38,7 +40,7 @@ from transformers import AutoTokenizer, DataCollatorForLanguageModeling, get_lin
 
 from corpus.dataset import DataBuild
 from modeling_medeir import MedEIRForMaskedLM
-from train.distill import HiddenStateDistillation
+from train.distill import HiddenStateDistillation, WordAlignedDistillation
 from train.recipe import add_recipe_arguments, load_recipe, save_recipe
 from train.sentence_transformers_files import write_sentence_transformers_files
 
@@ -72,7 +74,8 @@ class PretrainRecipe:
     logger: str = "tensorboard"
     seed: int = 0
     # objective: "mlm", or "distill" (train.distill: hidden-state and embedding distillation from `teacher`; the
-    # init must be on a tokenizer that keeps the teacher's ids, and `seq_len` is then the longest text in tokens)
+    # init must be on a tokenizer that keeps the teacher's ids, and `seq_len` is then the longest text in tokens), or
+    # "word_distill" (the same aligned word by word, for a student on another vocabulary: vocabulary transfer)
     objective: str = "mlm"
     teacher: str = "minilm"
     distill_texts: int = 40_000  # texts drawn as train.finetune draws its MSE texts (pool, max chars, exclusions)
@@ -82,6 +85,7 @@ class PretrainRecipe:
     hidden_weight: float = 1.0
     embedding_weight: float = 1.0
     eval_texts: int = 1000  # held-out corpus texts on which agreement with the teacher is measured
+    new_rows_only: bool = True  # word_distill: train only the embeddings of tokens the teacher's vocabulary lacks
 
 
 def packed_blocks(
@@ -177,6 +181,13 @@ def mixed_precision(name: str) -> str:
     return name
 
 
+def save_model(model: MedEIRForMaskedLM, tokenizer, folder: Path) -> None:
+    """A MedEIR folder that train.finetune, train.monitor and sentence-transformers load."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    write_sentence_transformers_files(folder, hidden_size=model.config.hidden_size)
+
+
 def train(recipe: PretrainRecipe) -> Path:
     output_dir = Path(recipe.output_dir)
     accelerator = Accelerator(
@@ -191,13 +202,16 @@ def train(recipe: PretrainRecipe) -> Path:
     set_seed(recipe.seed)
     tokenizer = AutoTokenizer.from_pretrained(recipe.init, trust_remote_code=True)
     full_model = MedEIRForMaskedLM.from_pretrained(recipe.init, attn_implementation=recipe.attn_implementation)
-    if recipe.objective not in ("mlm", "distill"):
-        raise ValueError(f"objective must be 'mlm' or 'distill', got {recipe.objective!r}")
-    distiller = None
-    if recipe.objective == "distill":
+    distillers = {"distill": HiddenStateDistillation, "word_distill": WordAlignedDistillation}
+    if recipe.objective not in ("mlm", *distillers):
+        raise ValueError(f"objective must be 'mlm', 'distill' or 'word_distill', got {recipe.objective!r}")
+    distiller, masked = None, None
+    if recipe.objective in distillers:
         model = full_model.model  # the encoder alone: the MLM head is neither trained nor run
         with accelerator.main_process_first():
-            distiller = HiddenStateDistillation(recipe, tokenizer, accelerator.device)
+            distiller = distillers[recipe.objective](recipe, tokenizer, accelerator.device)
+        if recipe.objective == "word_distill" and recipe.new_rows_only:
+            masked = distiller.freeze_shared(model)
         # texts in length buckets whose order is already a seeded shuffle
         loader = DataLoader(distiller.texts, batch_size=recipe.batch_size, collate_fn=list, drop_last=True)
     else:
@@ -220,8 +234,10 @@ def train(recipe: PretrainRecipe) -> Path:
         # batch index), so a resumed run draws the same masks whatever the loader had prefetched before the kill.
         loader = DataLoader(train_blocks, batch_size=recipe.batch_size, shuffle=True, collate_fn=list, drop_last=True)
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # weight decay moves rows whatever their gradient: none on a table whose gradient is masked
+    decay = [p for p in trainable if p.ndim >= 2 and p is not masked]
+    no_decay = [p for p in trainable if p.ndim < 2 or p is masked]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=recipe.lr,
@@ -317,9 +333,7 @@ def train(recipe: PretrainRecipe) -> Path:
     final = output_dir / "final"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        full_model.save_pretrained(final, safe_serialization=True)  # holds the trained encoder's parameters
-        tokenizer.save_pretrained(final)
-        write_sentence_transformers_files(final, hidden_size=full_model.config.hidden_size)
+        save_model(full_model, tokenizer, final)  # holds the trained encoder's parameters
     accelerator.wait_for_everyone()
     accelerator.end_training()  # last: it also tears down the process group
     return final
