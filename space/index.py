@@ -1,9 +1,11 @@
-"""The Space's search index (ICD-10-CM codes and HPO terms) and the on-disk cache of its embeddings.
+"""The Space's search index (ICD-10-CM codes and HPO terms), its embeddings on disk, and search over them.
 
 The index is made from two outputs of the data build (docs/data-contract.md): every ICD-10-CM code title and every
 HPO term ("name. definition"). It is written as one parquet file: into the Space folder at publish time, into a
-local cache for the local demo. Embedding ~66k texts takes minutes on a CPU, so the embeddings are computed once per
-(model weights, index) pair and kept on disk under a key hashed from both.
+local cache for the local demo. Embedding ~66k texts takes minutes on a CPU, so a model's embeddings are precomputed
+(`python -m space.precompute`, shipped in precomputed/) or computed once per (model weights, index) pair and kept on
+disk under a key hashed from both. `SearchIndex` ranks them: exact cosine, and int8 and sign-bit views made from the
+same float embeddings.
 """
 
 import hashlib
