@@ -1,12 +1,13 @@
 """MedEIR configuration: a BERT-shaped encoder with ALiBi position biases and no position embeddings.
 
+Data and validation only: every setting is a declared, validated field. Whether a tokenizer belongs to the model is
+checked against these fields here (`check_tokenizer`, `check_vocabulary`); finding the tokenizer files beside the
+weights is the loaders' job (`modeling_medeir.check_tokenizer_matches`).
+
 This file is Hub remote code: it imports only torch and transformers at top level and stays self-contained.
 """
 
-import json
 import math
-import os
-from pathlib import Path
 from typing import Literal
 
 # `strict` is huggingface_hub's dataclass validator, re-exported by transformers (BertConfig uses the same one).
@@ -19,6 +20,8 @@ AUTO_MAP = {
     "AutoModelForMaskedLM": "modeling_medeir.MedEIRForMaskedLM",
     "AutoModelForSequenceClassification": "modeling_medeir.MedEIRForSequenceClassification",
 }
+# The default tolerance of exact windowed ALiBi (`alibi_window_tau`): 2 exp(-20) = 4e-9, below fp32 rounding.
+ALIBI_WINDOW_TAU = 20.0
 
 
 @strict
@@ -36,6 +39,12 @@ class MedEIRConfig(PreTrainedConfig):
         geometric sequence of Press et al. (`modeling_medeir.alibi_slopes`). Each slope must be finite and 0 or
         more: 0 gives that head no position bias at all (it attends to every key alike; all zeros leave the model
         no word-order information). Negative slopes, which would favour distant tokens, are refused.
+
+    alibi_window_tau:
+        Exact windowed ALiBi on long sequences (`modeling_medeir.alibi_windows`): a head skips the keys proven to
+        carry less than exp(-tau) of any query's attention mass in this forward, so the output differs from full
+        attention by at most 2 exp(-tau) max|v| (at the default 20, 4e-9 of |v|). A positive number; None attends to
+        every key. A run-time setting, not part of the weights: models saved before the field existed get the default.
 
     feed_forward_type:
         `"mlp"`: BERT/MiniLM's Linear -> GELU -> Linear (so a MiniLM checkpoint converts weight for weight);
@@ -68,6 +77,7 @@ class MedEIRConfig(PreTrainedConfig):
     classifier_dropout: float | None = None
     tie_word_embeddings: bool = True
     alibi_slopes: list[float] | None = None
+    alibi_window_tau: float | int | None = ALIBI_WINDOW_TAU  # an int (30) is taken as it always was
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -127,88 +137,25 @@ class MedEIRConfig(PreTrainedConfig):
                 f"head {head}"
             )
 
+    def validate_alibi_window_tau(self) -> None:
+        """Part of `@strict` validation, and checked again by the model at every forward (the setting is meant to be
+        changed on a live model, where `@strict` does not re-validate)."""
+        tau = self.alibi_window_tau
+        if tau is not None and not (0 < tau < math.inf):  # NaN refused too
+            raise ValueError(f"alibi_window_tau must be a positive number (None: full attention), got {tau}")
+
     # -- the tokenizer that goes with this config ---------------------------------------------------------------
     def check_tokenizer(self, tokenizer, where: str = "the tokenizer") -> None:
-        """Raise ValueError unless `tokenizer` (a loaded transformers tokenizer) is the one this model was trained with.
+        """Raise ValueError unless `tokenizer` (a loaded transformers tokenizer) fits this config: its size and [PAD].
 
-        A missing tokenizer.json makes transformers build a 5-token tokenizer, and another model's tokenizer loads
-        just as quietly: either way every embedding comes out wrong without an error. Size and [PAD] are what a
-        config can check; the token ids themselves are checked again at every forward (they must be < vocab_size).
+        The loaders call it through `modeling_medeir.check_tokenizer_matches`, which also reads tokenizer files.
         """
         pad = tokenizer.pad_token_id if tokenizer.pad_token is not None else None
-        self._check_vocabulary(len(tokenizer), pad, tokenizer.pad_token, where)
+        self.check_vocabulary(len(tokenizer), pad, tokenizer.pad_token, where)
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Load the config and, where the folder (or the Hub cache) holds tokenizer files, check them against it.
-
-        AutoModel, SentenceTransformer and the Inference Endpoints handler all load the config through here, so a
-        folder whose tokenizer does not belong to its weights fails at load time, naming the file. AutoModel alone
-        loads no tokenizer: this file check is all it can do; the handler and the demo also check the tokenizer
-        object they loaded (`check_tokenizer`).
-        """
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        config = loaded[0] if isinstance(loaded, tuple) else loaded
-        if isinstance(config, MedEIRConfig):
-            config._check_tokenizer_files(pretrained_model_name_or_path, kwargs)
-        return loaded
-
-    def _check_tokenizer_files(self, name_or_path, kwargs: dict) -> None:
-        def find(filename: str) -> Path | None:
-            folder = Path(name_or_path) / (kwargs.get("subfolder") or "")
-            if Path(name_or_path).is_file():  # a config.json given directly: no folder to look in
-                return None
-            if Path(name_or_path).is_dir():
-                return folder / filename if (folder / filename).is_file() else None
-            try:  # a Hub id: only files already in the cache, never a download
-                from transformers.utils import cached_file
-
-                found = cached_file(
-                    str(name_or_path),
-                    filename,
-                    cache_dir=kwargs.get("cache_dir"),
-                    revision=kwargs.get("revision"),
-                    subfolder=kwargs.get("subfolder") or "",
-                    local_files_only=True,
-                    _raise_exceptions_for_missing_entries=False,
-                    _raise_exceptions_for_connection_errors=False,
-                )
-            except Exception:
-                return None
-            return Path(found) if found else None
-
-        tokenizer_json, vocab_txt = find("tokenizer.json"), find("vocab.txt")
-        tokenizer_config = find("tokenizer_config.json")
-        where = str(Path(name_or_path) / (kwargs.get("subfolder") or ""))
-        if tokenizer_json is None and vocab_txt is None:
-            if tokenizer_config is not None or find("special_tokens_map.json") is not None:
-                raise ValueError(
-                    f"{where} has tokenizer settings (tokenizer_config.json) but no vocabulary (tokenizer.json): "
-                    "transformers would build a tokenizer of special tokens only and every word would become [UNK]. "
-                    "Copy the tokenizer.json this model was trained with back into the folder."
-                )
-            return  # no tokenizer here at all (a training checkpoint): the tokenizer comes from elsewhere
-        ids: dict[str, int] = {}
-        if tokenizer_json is not None:
-            spec = json.loads(tokenizer_json.read_text(encoding="utf-8"))
-            vocab = spec.get("model", {}).get("vocab", {})
-            if isinstance(vocab, list):  # Unigram: [[piece, score], ...]
-                vocab = {piece: i for i, (piece, _) in enumerate(vocab)}
-            ids.update(vocab)
-            ids.update({token["content"]: token["id"] for token in spec.get("added_tokens", [])})
-            source = f"{where}{os.sep}tokenizer.json"
-        else:
-            lines = vocab_txt.read_text(encoding="utf-8").splitlines()
-            ids.update({token: i for i, token in enumerate(lines)})
-            source = f"{where}{os.sep}vocab.txt"
-        pad_token = None
-        if tokenizer_config is not None:
-            pad_token = json.loads(tokenizer_config.read_text(encoding="utf-8")).get("pad_token")
-            pad_token = pad_token.get("content") if isinstance(pad_token, dict) else pad_token
-        size = len(set(ids.values()))
-        self._check_vocabulary(size, ids.get(pad_token) if pad_token else None, pad_token, source)
-
-    def _check_vocabulary(self, size: int, pad_id: int | None, pad_token: str | None, where: str) -> None:
+    def check_vocabulary(self, size: int, pad_id: int | None, pad_token: str | None, where: str) -> None:
+        """Raise ValueError unless a vocabulary of `size` tokens whose padding token `pad_token` has id `pad_id` is the
+        one this model was trained with; `where` names it in the message."""
         if size != self.vocab_size:
             raise ValueError(
                 f"{where} has {size:,} tokens but the model's vocab_size is {self.vocab_size:,}: it is not the "

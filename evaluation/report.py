@@ -8,6 +8,7 @@ Everything drawn comes from the JSON, so a committed report can be re-rendered a
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -275,21 +276,25 @@ def official_section(report: dict) -> list[str]:
     return lines + table(["model", "params", "max tokens", *cols], rows)
 
 
-def pairs_section(report: dict) -> list[str]:
-    with_pairs = [m for m in report["models"] if "pairs" in m]
-    if not with_pairs:
-        return []
-    lines = [
-        "## Pair similarity and separation score",
-        "",
-        f"Held-out pairs (`{DEFAULT_ROOT}/{PAIRS_TEST}`): each related pair (label 1) from a test group is "
-        "matched by an unrelated one (label 0: the same first text with the second text of another test pair of the "
-        "same kind). text1 is encoded as a query, text2 as a document; similarity is the model's cosine. "
-        "**Pearson**: correlation between similarity and label (BiomedBERT-small's metric). **Separation score**: mean "
-        "similarity of related pairs minus mean similarity of unrelated pairs (the cardiology LoRA study's metric; "
-        "0 = no separation). Computed by the local `evaluate` module `train/metrics/pair_metrics`.",
-        "",
-    ]
+def section_of(report: dict, has: Callable[[dict], bool], write: Callable[[dict, list[dict]], list[str]]) -> list[str]:
+    """A section written by `write` about the models that have its part of the report (`has`); none if no model has."""
+    models = [m for m in report["models"] if has(m)]
+    return write(report, models) if models else []
+
+
+# what the pair section measures and how
+PAIR_METRICS = (
+    f"Held-out pairs (`{DEFAULT_ROOT}/{PAIRS_TEST}`): each related pair (label 1) from a test group is "
+    "matched by an unrelated one (label 0: the same first text with the second text of another test pair of the "
+    "same kind). text1 is encoded as a query, text2 as a document; similarity is the model's cosine. "
+    "**Pearson**: correlation between similarity and label (BiomedBERT-small's metric). **Separation score**: mean "
+    "similarity of related pairs minus mean similarity of unrelated pairs (the cardiology LoRA study's metric; "
+    "0 = no separation). Computed by the local `evaluate` module `train/metrics/pair_metrics`."
+)
+
+
+def pairs_section(report: dict, with_pairs: list[dict]) -> list[str]:
+    lines = ["## Pair similarity and separation score", "", PAIR_METRICS, ""]
     rows = []
     for m in with_pairs:
         for group in ("all", "medical", "general", "cardiology"):
@@ -336,10 +341,7 @@ def distractor_sentence(built: dict) -> str:
     )
 
 
-def longdoc_section(report: dict) -> list[str]:
-    with_long = [m for m in report["models"] if "longdoc" in m]
-    if not with_long:
-        return []
+def longdoc_section(report: dict, with_long: list[dict]) -> list[str]:
     lines = [
         "## Long documents (does the model use its context?)",
         "",
@@ -391,10 +393,7 @@ def longdoc_section(report: dict) -> list[str]:
     return [*lines, "", "![long-document lengths](plots/longdoc_lengths.png)"]
 
 
-def compression_section(report: dict) -> list[str]:
-    with_comp = [m for m in report["models"] if m.get("compression")]
-    if not with_comp:
-        return []
+def compression_section(report: dict, with_comp: list[dict]) -> list[str]:
     lines = [
         "## Embedding size and precision",
         "",
@@ -418,10 +417,7 @@ def compression_section(report: dict) -> list[str]:
     return [*lines, "", "![nDCG@10 against embedding size](plots/compression.png)"]
 
 
-def throughput_section(report: dict) -> list[str]:
-    with_speed = [m for m in report["models"] if m.get("throughput", {}).get("rows")]
-    if not with_speed:
-        return []
+def throughput_section(report: dict, with_speed: list[dict]) -> list[str]:
     env = report["environment"]
     lengths = sorted({r["seq_len"] for m in with_speed for r in m["throughput"]["rows"]})
     lines = [
@@ -487,13 +483,13 @@ def markdown(report: dict) -> str:
         "",
         *official_section(report),
         "",
-        *pairs_section(report),
+        *section_of(report, lambda m: "pairs" in m, pairs_section),
         "",
-        *longdoc_section(report),
+        *section_of(report, lambda m: "longdoc" in m, longdoc_section),
         "",
-        *compression_section(report),
+        *section_of(report, lambda m: m.get("compression"), compression_section),
         "",
-        *throughput_section(report),
+        *section_of(report, lambda m: m.get("throughput", {}).get("rows"), throughput_section),
         "",
         *timing_section(report),
     ]

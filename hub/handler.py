@@ -1,8 +1,10 @@
 """Inference Endpoints handler for MedEIR: texts in, unit-length embeddings (and cosine similarities) out.
 
-Published at the root of the Hub model repository as `handler.py`; it needs only torch and sentence-transformers
-(and onnxruntime with MEDEIR_BACKEND=onnx, which runs the folder's onnx/ file through the folder's own `onnx_encoder.py`,
-written by train.export; MEDEIR_ONNX_FILE picks the file, e.g. onnx/model_qint8_avx512_vnni.onnx for int8).
+Published at the root of the Hub model repository as `handler.py`, beside `request_checks.py` (the request limits
+and text rules it shares with the Space demo); it needs only torch and sentence-transformers (and onnxruntime with
+MEDEIR_BACKEND=onnx, which runs the folder's onnx/ file through the folder's own `onnx_encoder.py`, written by
+train.export; MEDEIR_ONNX_FILE picks the file, e.g. onnx/model_qint8_avx512_vnni.onnx for int8).
+`python -m evaluation.endpoint_load FOLDER` measures its time and memory at the limits in an assembled repository.
 
 Requests
     {"inputs": "text" | ["text", ...], "parameters": {...}}
@@ -29,15 +31,14 @@ Parameters (all optional)
 
 Errors: a request that breaks a rule raises ValueError with a message naming the input and the limit. The
 Endpoints toolkit answers any exception from a handler with HTTP 400 and {"error": "<message>"}, so this is
-what a client sees. The limits (environment variables, checked when the replica starts) are in LIMITS below; the
-model's token limit per input is 8,192. A fault of the deployment (weights that give NaN) raises RuntimeError.
+what a client sees. The limits (environment variables, checked when the replica starts) are HANDLER_LIMITS in
+request_checks.py; the model's token limit per input is 8,192. A fault of the deployment (weights that give NaN)
+raises RuntimeError.
 """
 
-import copy
 import importlib.util
 import os
 import threading
-import unicodedata
 from typing import Any
 
 import numpy as np
@@ -49,15 +50,10 @@ try:  # the current module path; the older one (deprecated in 6.2) where it is m
 except ImportError:
     from sentence_transformers.quantization import quantize_embeddings
 
-# Deployer-set limits: environment variable -> default. Checked before any tokenizing, cheapest first, so an
-# oversized request is refused in milliseconds and bounded memory.
-LIMITS = {
-    "MEDEIR_MAX_BATCH": 64,  # texts per request
-    "MEDEIR_MAX_CHARS": 100_000,  # characters per text (8,192 tokens of medical prose are ~35,000)
-    "MEDEIR_MAX_TOTAL_CHARS": 1_000_000,  # characters per request
-    "MEDEIR_MAX_TOTAL_TOKENS": 131_072,  # tokens per request, prompts included
-    "MEDEIR_MAX_BATCH_TOKENS": 16_384,  # padded tokens per forward pass: bounds peak memory, not what is accepted
-}
+# beside this file in the model repository (hub.publish copies it), at the root of the source repository
+from request_checks import HANDLER_LIMITS as LIMITS
+from request_checks import TokenCounter, has_visible_text, lone_surrogate, read_limits
+
 PARAMETERS = {
     "similarity": bool,
     "truncate": bool,
@@ -75,44 +71,11 @@ ONNX_FILE = "onnx/model.onnx"
 CALIBRATION_WORDS = 2048
 
 
-def read_limits(environ: Any = os.environ) -> dict[str, int]:
-    """The limits from the environment; a value that is not a positive integer stops the replica at start-up."""
-    limits = {}
-    for name, default in LIMITS.items():
-        raw = environ.get(name)
-        if raw is None or raw.strip() == "":
-            limits[name] = default
-            continue
-        try:
-            value = int(raw.strip().replace("_", ""))
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise ValueError(f"{name}={raw!r} is not a positive integer (default {default:,}); fix the setting.")
-        limits[name] = value
-    return limits
-
-
-def has_visible_text(text: str) -> bool:
-    """True if `text` has a letter, digit, punctuation mark or symbol: whitespace, control and formatting characters
-    (NUL, zero-width spaces, BOMs) and lone combining marks are dropped by the tokenizer's normaliser."""
-    return any(unicodedata.category(char)[0] in "LNPS" for char in text)
-
-
-def lone_surrogate(text: str) -> int | None:
-    """Position of the first lone UTF-16 surrogate (which no tokenizer can encode), or None."""
-    if text.isascii():
-        return None
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        return err.start
-    return None
-
-
 def _onnx_model(path: str, file_name: str):
-    """The folder's ONNX encoder and its config (loading the config checks the tokenizer files against it)."""
+    """The folder's ONNX encoder and its config, the folder's tokenizer files checked against it by the folder's own
+    remote code (`modeling_medeir.check_tokenizer_matches`, as AutoModel loading does)."""
     from transformers import AutoConfig
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
     for name in (file_name, "onnx_encoder.py"):  # train.export writes both into every model folder
         if not os.path.isfile(os.path.join(path, name)):
@@ -124,14 +87,16 @@ def _onnx_model(path: str, file_name: str):
     spec = importlib.util.spec_from_file_location("medeir_onnx_encoder", os.path.join(path, "onnx_encoder.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.OnnxEncoder(path, file_name), AutoConfig.from_pretrained(path, trust_remote_code=True)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    get_class_from_dynamic_module("modeling_medeir.check_tokenizer_matches", path)(config, path)
+    return module.OnnxEncoder(path, file_name), config
 
 
 class EndpointHandler:
     """Loaded once per Endpoint replica with the repository folder; called once per request, from several threads."""
 
     def __init__(self, path: str = ""):
-        limits = read_limits()  # before the model loads: a bad setting fails at once
+        limits = read_limits(LIMITS)  # before the model loads: a bad setting fails at once
         self.max_batch = limits["MEDEIR_MAX_BATCH"]
         self.max_chars = limits["MEDEIR_MAX_CHARS"]
         self.max_total_chars = limits["MEDEIR_MAX_TOTAL_CHARS"]
@@ -147,9 +112,10 @@ class EndpointHandler:
             device = "cuda" if torch.cuda.is_available() else "cpu"
             self.model = SentenceTransformer(path or ".", trust_remote_code=True, device=device)
             self.model.eval()
-            config = getattr(getattr(self.model[0], "auto_model", None), "config", None)
-            if hasattr(config, "check_tokenizer"):  # the loaded tokenizer object must be this model's own
-                config.check_tokenizer(self.model.tokenizer, f"the tokenizer of {path or '.'}")
+            encoder = getattr(self.model[0], "auto_model", None)
+            config = getattr(encoder, "config", None)
+            if hasattr(encoder, "check_tokenizer"):  # the loaded tokenizer object must be this model's own
+                encoder.check_tokenizer(self.model.tokenizer, f"the tokenizer of {path or '.'}")
             bad = [name for name, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
             if bad:
                 raise RuntimeError(
@@ -158,17 +124,8 @@ class EndpointHandler:
         limit = getattr(config, "max_position_embeddings", None)
         self.max_tokens = min(self.model.max_seq_length, limit) if limit else self.model.max_seq_length
         self.dimension = self.model.get_embedding_dimension()
-        # Token counts come from a private copy of the tokenizer that never pads or truncates. The model's own
-        # tokenizer is reconfigured (padding, truncation) by every encode call: counting with it from several
-        # request threads at once flipped its state under a concurrent encode.
-        fast = getattr(self.model.tokenizer, "backend_tokenizer", None)
-        if backend == "onnx":
-            fast = self.model.counter  # the encoder's own non-truncating copy
-        self._counter = copy.deepcopy(fast) if fast is not None else None
-        if self._counter is not None:
-            self._counter.no_padding()
-            self._counter.no_truncation()
-        self._count_lock = threading.Lock()  # only for a slow (Python) tokenizer
+        # the ONNX encoder keeps its own non-truncating copy of the tokenizer
+        self._count = TokenCounter(self.model.tokenizer, self.model.counter if backend == "onnx" else None)
         self._ranges: np.ndarray | None = None
         self._ranges_lock = threading.Lock()
 
@@ -272,11 +229,7 @@ class EndpointHandler:
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens the model reads per text ([CLS] and [SEP] included, no truncation); safe from any thread."""
-        if self._counter is not None:
-            return [len(e.ids) for e in self._counter.encode_batch(texts, add_special_tokens=True)]
-        with self._count_lock:
-            encoded = self.model.tokenizer(texts, add_special_tokens=True, truncation=False, padding=False)
-        return [len(ids) for ids in encoded["input_ids"]]
+        return self._count(texts)
 
     def _check(self, texts: list[str], parameters: dict[str, Any], field: str = "inputs") -> list[int]:
         """Token counts as the model reads them (prompt included); refuse over-long texts unless truncating."""
@@ -369,67 +322,3 @@ class EndpointHandler:
         )
         embeddings = self._encode(texts, tokens, parameters)
         return (embeddings[1:] @ embeddings[0]).tolist()
-
-
-def _peak_rss_bytes() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _measure_case(model: str, case: str) -> dict[str, Any]:
-    """Seconds and peak resident memory of one request at the limits (one case per fresh process)."""
-    import time
-
-    handler = EndpointHandler(model)
-    before = _peak_rss_bytes()
-    word = "word "  # one token in bert-base-uncased and MedEIR vocabularies: requests of exact token counts
-    if case == "refuse-oversized":
-        request = {"inputs": "x" * 30_000_000}
-    elif case == "worst-accepted":  # the most padded tokens the limits allow in one request
-        per_text = min(handler.max_tokens, handler.max_total_tokens // handler.max_batch)
-        texts = [word * (per_text - 2)] * min(handler.max_batch, handler.max_total_tokens // per_text)
-        request = {"inputs": texts, "parameters": {"batch_size": 256}}
-    elif case == "longest-accepted":  # the longest texts, as many as the limits allow
-        longest = min(handler.max_tokens, handler.max_total_tokens)
-        texts = [word * (longest - 2)] * min(handler.max_batch, handler.max_total_tokens // longest)
-        request = {"inputs": texts, "parameters": {"batch_size": 256}}
-    else:
-        raise ValueError(f"unknown case {case!r}")
-    start = time.perf_counter()
-    try:
-        result = handler(request)
-        outcome = f"{len(result['embeddings'])} embeddings, {sum(result['tokens']):,} tokens"
-    except ValueError as err:
-        outcome = f"refused: {str(err)[:120]}"
-    return {
-        "case": case,
-        "seconds": round(time.perf_counter() - start, 3),
-        "peak_rss_gb": round(_peak_rss_bytes() / 1e9, 3),
-        "rss_before_gb": round(before / 1e9, 3),
-        "outcome": outcome,
-        "limits": read_limits(),
-    }
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-    import json
-    import subprocess
-    import sys
-
-    parser = argparse.ArgumentParser(description="Measure the handler's limits (run on an idle machine).")
-    parser.add_argument("--measure", metavar="MODEL", required=True, help="model folder, e.g. models/medeir-small")
-    parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # one case, in this process
-    args = parser.parse_args(argv)
-    if args.case:
-        print(json.dumps(_measure_case(args.measure, args.case)))
-        return
-    for case in ("refuse-oversized", "worst-accepted", "longest-accepted"):
-        command = [sys.executable, "-m", "hub.handler", "--measure", args.measure, "--case", case]
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-        print(result.stdout.strip().splitlines()[-1] if result.returncode == 0 else f"{case}: {result.stderr[-500:]}")
-
-
-if __name__ == "__main__":
-    main()

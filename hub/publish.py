@@ -8,12 +8,13 @@
 
 `model` copies an exported model folder (`python -m train.export`) into one folder the way the Hub repository holds
 it: config and safetensors weights, tokenizer, the onnx/ folder (fp32 and int8, where the model folder has one),
-model_card.md as README.md (with --report, evaluation.run's results as its `model-index` metadata), the Endpoints handler.py and its requirements.txt, and, through train.export's `package`,
-the shipped code (remote code, onnx_encoder.py) and sentence-transformers files. train.export's `verify` then loads
-that folder in a fresh offline process (AutoModel, SentenceTransformer, the handler) and requires the same
-embeddings as the source folder.
-`space` copies the Gradio app with its index built from the data build and the bert-base-uncased tokenizer files,
-and runs `app.py --check` on it in a fresh process.
+model_card.md as README.md (with --report, evaluation.run's results as its `model-index` metadata), the Endpoints
+handler.py with its requirements.txt and request_checks.py (the request rules it shares with the Space), and,
+through train.export's `package`, the shipped code (remote code, onnx_encoder.py) and sentence-transformers files.
+train.export's `verify` then loads that folder in a fresh offline process (AutoModel, SentenceTransformer, the
+handler) and requires the same embeddings as the source folder.
+`space` copies the Gradio app (with the same request_checks.py) with its index built from the data build and the
+bert-base-uncased tokenizer files, and runs `app.py --check` on it in a fresh process.
 With --repo-id and a token each creates the repository (exist_ok) and uploads the folder; --dry-run lists what would
 be uploaded and touches no network.
 """
@@ -32,10 +33,19 @@ from train.export import COPY_ATOL, ExportError, fresh_env, package, verify
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = ".medeir-publish"  # marks a folder this script made, so a rerun may empty it
+# the request limits and text rules that the handler and the Space both apply: one file, shipped by both
+REQUEST_CHECKS = "request_checks.py"
+# path in the model repository -> path in this repository: the Endpoints handler and what it imports beside it
+HANDLER_FILES = {
+    "handler.py": "hub/handler.py",
+    "requirements.txt": "hub/requirements.txt",
+    REQUEST_CHECKS: REQUEST_CHECKS,
+}
 # path in the Space repository -> path in this repository: app.py at the root imports the space package beside it
 SPACE_FILES = {
     "app.py": "space/app.py",
     "requirements.txt": "space/requirements.txt",
+    REQUEST_CHECKS: REQUEST_CHECKS,
     "space/__init__.py": "space/__init__.py",
     "space/engine.py": "space/engine.py",
     "space/index.py": "space/index.py",
@@ -132,8 +142,8 @@ def assemble_model(
     if normalize.is_dir() and not any(normalize.iterdir()):
         normalize.rmdir()  # the Hub keeps no empty folders; sentence-transformers loads Normalize without one
     write_card(card_path, out / "README.md", report, report_model)
-    _copy(REPO / "hub" / "handler.py", out / "handler.py")
-    _copy(REPO / "hub" / "requirements.txt", out / "requirements.txt")
+    for target, source in HANDLER_FILES.items():
+        _copy(REPO / source, out / target)
     return listing(out)
 
 

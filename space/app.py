@@ -50,8 +50,6 @@ RESULT_COLUMNS = ["Rank", "Score", "Code", "Source", "Text"]
 COLUMN_WIDTHS = ["9%", "12%", "16%", "17%", "46%"]
 PRECISION_LABELS = {"float32": "float32: exact cosine", "int8": "int8", "binary": "binary (1 bit a dimension)"}
 
-ENGINE: Engine | None = None  # set once at start-up (main); the GPU function reaches it without arguments
-
 
 def gpu(duration: int):
     """`spaces.GPU(duration=...)` when the `spaces` package is installed, otherwise a decorator that does nothing."""
@@ -60,18 +58,21 @@ def gpu(duration: int):
     return spaces.GPU(duration=duration)
 
 
-@gpu(duration=GPU_SECONDS)
-def encode_on_device(texts: list[str], model: int = 0) -> np.ndarray:
-    """The one function that needs the GPU: ZeroGPU attaches a GPU for the length of each call."""
-    return ENGINE.models[model].encode_local(texts)
+def use_gpu(engine: Engine) -> Engine:
+    """Route every model of `engine` through one GPU function, so that on ZeroGPU a GPU is attached for each call.
 
+    Decorated here, at start-up and before the page launches, as ZeroGPU requires. The function closes over `engine`:
+    ZeroGPU runs it in a worker forked from this process, which inherits the loaded models, so only the texts and the
+    model's number cross to the worker (pickled).
+    """
 
-def use_engine(engine: Engine) -> Engine:
-    """Make `engine` the page's, every model encoding through the GPU function."""
-    global ENGINE
+    @gpu(duration=GPU_SECONDS)
+    def encode_on_device(texts: list[str], model: int = 0) -> np.ndarray:
+        """The one function that needs the GPU: ZeroGPU attaches a GPU for the length of each call."""
+        return engine.models[model].encode_local(texts)
+
     for number, indexed in enumerate(engine.models):
         indexed.encoder = functools.partial(encode_on_device, model=number)
-    ENGINE = engine
     return engine
 
 
@@ -110,40 +111,6 @@ def hits_frame(hits: list[Hit] | None) -> pd.DataFrame:
 EMPTY_HITS = pd.DataFrame([], columns=RESULT_COLUMNS)
 
 
-@guarded(EMPTY_HITS, EMPTY_HITS)
-def search(
-    query: str,
-    top_k: float = 10,
-    source: str = "All",
-    precision: str = "float32",
-    dimensions: object = None,
-    compare: bool = True,
-):
-    """MedEIR's ranked results, all-MiniLM-L6-v2's for the same query (float32, full width), and a status line."""
-    dims = None if dimensions in (None, "", ENGINE.dimension) else dimensions
-    hits, baseline, tokens = ENGINE.search(query, top_k, source, precision, dims, baseline=compare)
-    where = "" if source == "All" else f" from {source}"
-    scale = SCORE_SCALES[precision] + ("" if dims is None else f", first {int(dims)} dimensions")
-    status = f"{len(hits)} results{where} for a {tokens:,}-token query. Scores: {scale}."
-    if compare and baseline is None and ENGINE.baseline is not None:
-        status += f" ({BASELINE_NAME}'s index is not ready yet: {ENGINE.status()}.)"
-    return hits_frame(hits), hits_frame(baseline), status
-
-
-def run_example(query: str):
-    """A search example: the default settings. Raised errors are shown and never cached as the example's output."""
-    try:
-        return search.__wrapped__(query)
-    except InputError as err:
-        raise gr.Error(str(err)) from None
-
-
-@guarded()
-def similarity(first: str, second: str):
-    score, tokens_first, tokens_second = ENGINE.similarity(first, second)
-    return f"Cosine similarity: **{score:.3f}** (texts of {tokens_first:,} and {tokens_second:,} tokens)"
-
-
 def _highlighted(pieces: list[str]) -> list[tuple[str, str | None]]:
     """Alternate two colours so every token is visible; spaces between tokens carry no label."""
     out: list[tuple[str, str | None]] = []
@@ -154,57 +121,119 @@ def _highlighted(pieces: list[str]) -> list[tuple[str, str | None]]:
     return out
 
 
-@guarded([], [])
-def tokenize(text: str):
-    result = ENGINE.tokenize(text)
-    medeir, reference = result["medeir"], result["reference"]
-    lines = [f"{result['words']:,} words -> **MedEIR: {medeir['count']:,} tokens**"]
-    if reference is None:
-        lines.append(f"({REFERENCE_TOKENIZER} tokenizer not available here)")
-    else:
-        ratio = reference["count"] / max(medeir["count"], 1)
-        lines.append(f"**{REFERENCE_TOKENIZER}: {reference['count']:,} tokens** ({ratio:.2f}x MedEIR's count)")
-    if max(medeir["count"], (reference or {"count": 0})["count"]) > result["limit"]:
-        lines.append(f"(showing the first {result['limit']:,} tokens)")
-    return _highlighted(medeir["pieces"]), _highlighted(reference["pieces"] if reference else []), " · ".join(lines)
+class Page:
+    """The page's event handlers over one engine (no module state: the page is built from the engine it serves)."""
 
+    def __init__(self, engine: Engine):
+        self.engine = engine
 
-def count_tokens(text: str) -> str:
-    """Live counter under the long-document box (cheap: tokenizing only)."""
-    if not isinstance(text, str) or not text.strip():
-        return f"0 / {ENGINE.max_tokens:,} tokens"
-    if len(text) > ENGINE.max_chars:
-        return warning_markdown(f"{len(text):,} characters: far over the {ENGINE.max_tokens:,}-token limit")
-    tokens = ENGINE.count_tokens(text)
-    over = tokens > ENGINE.max_tokens
-    text_out = f"{tokens:,} / {ENGINE.max_tokens:,} tokens" + (" - over the limit" if over else "")
-    return warning_markdown(text_out) if over else text_out
+    @guarded(EMPTY_HITS, EMPTY_HITS)
+    def search(
+        self,
+        query: str,
+        top_k: int | float = 10,  # a slider sends a float
+        source: str = "All",
+        precision: str = "float32",
+        dimensions: int | str | None = None,  # the dropdown's width; None or "" (or the full width): all of them
+        compare: bool = True,
+    ):
+        """MedEIR's ranked results, all-MiniLM-L6-v2's for the same query (float32, full width), and a status line."""
+        engine = self.engine
+        dims = None if dimensions in (None, "", engine.dimension) else dimensions
+        hits, baseline, tokens = engine.search(
+            query, top_k, source=source, precision=precision, truncate_dim=dims, baseline=compare
+        )
+        where = "" if source == "All" else f" from {source}"
+        scale = SCORE_SCALES[precision] + ("" if dims is None else f", first {int(dims)} dimensions")
+        status = f"{len(hits)} results{where} for a {tokens:,}-token query. Scores: {scale}."
+        if compare and baseline is None and engine.baseline is not None:
+            status += f" ({BASELINE_NAME}'s index is not ready yet: {engine.status()}.)"
+        return hits_frame(hits), hits_frame(baseline), status
 
+    def run_example(self, query: str):
+        """A search example: the default settings. Raised errors are shown and never cached as the example's output."""
+        try:
+            return Page.search.__wrapped__(self, query)
+        except InputError as err:
+            raise gr.Error(str(err)) from None
 
-@guarded(EMPTY_HITS)
-def embed_document(text: str):
-    embedding, tokens, seconds = ENGINE.embed_document(text)
-    hits = ENGINE.nearest(embedding, 5)
-    return hits_frame(hits), (
-        f"Embedded **{tokens:,} tokens** (limit {ENGINE.max_tokens:,}) in {seconds:.2f} s on {ENGINE.device}; "
-        f"{embedding.shape[0]}-dimensional embedding. Closest index entries:"
-    )
+    @guarded()
+    def similarity(self, first: str, second: str):
+        score, tokens_first, tokens_second = self.engine.similarity(first, second)
+        return f"Cosine similarity: **{score:.3f}** (texts of {tokens_first:,} and {tokens_second:,} tokens)"
 
+    @guarded([], [])
+    def tokenize(self, text: str):
+        result = self.engine.tokenize(text)
+        medeir, reference = result["medeir"], result["reference"]
+        lines = [f"{result['words']:,} words -> **MedEIR: {medeir['count']:,} tokens**"]
+        if reference is None:
+            lines.append(f"({REFERENCE_TOKENIZER} tokenizer not available here)")
+        else:
+            ratio = reference["count"] / max(medeir["count"], 1)
+            lines.append(f"**{REFERENCE_TOKENIZER}: {reference['count']:,} tokens** ({ratio:.2f}x MedEIR's count)")
+        if max(medeir["count"], (reference or {"count": 0})["count"]) > result["limit"]:
+            lines.append(f"(showing the first {result['limit']:,} tokens)")
+        shown = _highlighted(reference["pieces"] if reference else [])
+        return _highlighted(medeir["pieces"]), shown, " · ".join(lines)
 
-def long_example(target_tokens: int = 3000) -> str:
-    """A long real text: consecutive index entries (from the heart-failure codes when present) up to ~target tokens."""
-    start = next((i for i, code in enumerate(ENGINE.codes) if code.startswith("I50")), 0)
-    parts, tokens = [], 2  # [CLS] and [SEP]
-    for text in ENGINE.texts[start:] + ENGINE.texts[:start]:
-        parts.append(text.rstrip(".") + ".")
-        tokens += ENGINE.count_tokens(parts[-1]) - 2  # word pieces never cross the spaces that join the parts
-        if tokens >= target_tokens:
-            break
-    return " ".join(parts)
+    def count_tokens(self, text: str) -> str:
+        """Live counter under the long-document box (cheap: tokenizing only)."""
+        limit = self.engine.max_tokens
+        if not isinstance(text, str) or not text.strip():
+            return f"0 / {limit:,} tokens"
+        if len(text) > self.engine.max_chars:
+            return warning_markdown(f"{len(text):,} characters: far over the {limit:,}-token limit")
+        tokens = self.engine.count_tokens(text)
+        over = tokens > limit
+        text_out = f"{tokens:,} / {limit:,} tokens" + (" - over the limit" if over else "")
+        return warning_markdown(text_out) if over else text_out
 
+    @guarded(EMPTY_HITS)
+    def embed_document(self, text: str):
+        engine = self.engine
+        embedding, tokens, seconds = engine.embed_document(text)
+        hits = engine.nearest(embedding, 5)
+        return hits_frame(hits), (
+            f"Embedded **{tokens:,} tokens** (limit {engine.max_tokens:,}) in {seconds:.2f} s on {engine.device}; "
+            f"{embedding.shape[0]}-dimensional embedding. Closest index entries:"
+        )
 
-def index_status() -> str:
-    return ENGINE.status() + "."
+    def long_example(self, target_tokens: int = 3000) -> str:
+        """A long real text: consecutive index entries (from the heart-failure codes when present) up to ~target
+        tokens."""
+        codes, texts = self.engine.codes, self.engine.texts
+        start = next((i for i, code in enumerate(codes) if code.startswith("I50")), 0)
+        parts, tokens = [], 2  # [CLS] and [SEP]
+        for text in texts[start:] + texts[:start]:
+            parts.append(text.rstrip(".") + ".")
+            tokens += self.engine.count_tokens(parts[-1]) - 2  # word pieces never cross the spaces that join the parts
+            if tokens >= target_tokens:
+                break
+        return " ".join(parts)
+
+    def index_status(self) -> str:
+        return self.engine.status() + "."
+
+    def refresh_status(self):
+        """The status line, and the timer that asks again until every index is ready."""
+        return self.index_status(), gr.Timer(active=not self.engine.wait_ready(timeout=0))
+
+    def score_guide(self, pairs: dict[str, list[str]] | None = None) -> str:
+        """How to read a score: the models' own cosines for a known synonym and for an unrelated pair (real
+        benchmark texts, from examples.json), measured on the running models at each page load."""
+        if not pairs:
+            return "Scores are cosine similarities: higher is closer. Compare them with each other, not with 1."
+        measured = self.engine.pair_scores(pairs)
+        synonym, unrelated = pairs["synonym"], pairs["unrelated"]
+        return (
+            "**How to read the scores.** Each model has its own scale, so compare scores within a column, not with 1 "
+            f'and not across models. A known synonym pair, "{synonym[0]}" / "{synonym[1]}", scores '
+            + ", ".join(f"**{s['synonym']:.2f}** ({name})" for name, s in measured.items())
+            + f'; an unrelated pair, "{unrelated[0]}" / "{unrelated[1]}", scores '
+            + ", ".join(f"**{s['unrelated']:.2f}** ({name})" for name, s in measured.items())
+            + "."
+        )
 
 
 # -- the page ---------------------------------------------------------------------------------------------------
@@ -227,182 +256,175 @@ def model_card_link(name: str) -> str:
     return f"[model card](https://huggingface.co/{name})"
 
 
-def score_guide(pairs: dict[str, list[str]] | None = None) -> str:
-    """How to read a score: the models' own cosines for a known synonym and for an unrelated pair (real benchmark
-    texts, from examples.json), measured on the running models at each page load."""
-    if not pairs:
-        return "Scores are cosine similarities: higher is closer. Compare them with each other, not with 1."
-    measured = ENGINE.pair_scores(pairs)
-    synonym, unrelated = pairs["synonym"], pairs["unrelated"]
-    lines = [
-        "**How to read the scores.** Each model has its own scale, so compare scores within a column, not with 1 "
-        f'and not across models. A known synonym pair, "{synonym[0]}" / "{synonym[1]}", scores '
-        + ", ".join(f"**{s['synonym']:.2f}** ({name})" for name, s in measured.items())
-        + f'; an unrelated pair, "{unrelated[0]}" / "{unrelated[1]}", scores '
-        + ", ".join(f"**{s['unrelated']:.2f}** ({name})" for name, s in measured.items())
-        + "."
-    ]
-    return "\n".join(lines)
-
-
 def example_labels(examples: list[dict]) -> list[str]:
     names = {"good": "", "weak": " (a miss: MedEIR's top 10 lacks the answer)"}
     return [f"{e['query']}{names.get(e.get('kind'), '')}" for e in examples]
 
 
 def build_demo(engine: Engine, examples: dict | None = None) -> gr.Blocks:
-    """The four tabs. Handlers use the module's ENGINE (the GPU function must reach it without arguments)."""
+    """The page for `engine`: a header, the index status, and four tabs whose handlers are bound to the engine."""
     examples = read_examples() if examples is None else examples
-    reference_vocab = len(engine.reference_tokenizer) if engine.reference_tokenizer is not None else None
-    baseline = engine.baseline is not None
+    page = Page(engine)
     with gr.Blocks(title="MedEIR: medical text embeddings", analytics_enabled=False) as demo:
-        gr.Markdown(
-            "# MedEIR: medical text embeddings\n"
-            "Describe a condition in your own words and find the ICD-10-CM codes and HPO terms that match, ranked by "
-            f"MedEIR{' and, beside it, by ' + BASELINE_NAME if baseline else ''}. MedEIR is an ALiBi encoder that "
-            "reads up to 8,192 tokens, with a tokenizer built for medical text.\n\n"
-            f"{engine.describe()} ({model_card_link(engine.model_name)})\n\n{NOT_CLINICAL}",
-            elem_id="header",
-        )
-        status = gr.Markdown(index_status(), elem_id="index-status", elem_classes="medeir-note")
+        header(engine)
+        status = gr.Markdown(page.index_status(), elem_id="index-status", elem_classes="medeir-note")
         if not engine.wait_ready(timeout=0):  # refresh the line every 2 s until every index is ready
             timer = gr.Timer(2)
-            timer.tick(
-                lambda: (index_status(), gr.Timer(active=not ENGINE.wait_ready(timeout=0))),
-                None,
-                [status, timer],
-                show_progress="hidden",
-            )
+            timer.tick(page.refresh_status, None, [status, timer], show_progress="hidden")
         with gr.Tab("Search", id="search"):
-            with gr.Row():
-                query = gr.Textbox(
-                    label="Query",
-                    placeholder="Describe a condition in your own words",
-                    elem_id="search-query",
-                    scale=4,
-                )
-                search_button = gr.Button("Search", variant="primary", elem_id="search-button", scale=1)
-            top_k = gr.Slider(1, 50, value=10, step=1, label="Results", elem_id="search-top-k")
-            with gr.Accordion("Advanced settings", open=False, elem_id="search-advanced"):
-                source = gr.Radio(list(SOURCE_CHOICES), value="All", label="Source", elem_id="search-source")
-                precision = gr.Radio(
-                    [(PRECISION_LABELS[p], p) for p in PRECISIONS],
-                    value="float32",
-                    label="Embedding precision (int8 and binary are made from the same embeddings; their scores are "
-                    "on their own scale)",
-                    elem_id="search-precision",
-                )
-                full = engine.dimension
-                dimensions = gr.Dropdown(
-                    [full, *(d for d in (full // 2, full // 4, full // 8) if d >= 8)],
-                    value=full,
-                    label="Dimensions (Matryoshka truncation: the first N, renormalised)",
-                    elem_id="search-dimensions",
-                )
-                compare = gr.Checkbox(
-                    value=baseline,
-                    interactive=baseline,
-                    label=f"Show {BASELINE_NAME}'s results beside MedEIR's (float32, all dimensions)",
-                    elem_id="search-compare",
-                )
-            search_status = gr.Markdown(elem_id="search-status")
-            with gr.Row(equal_height=False):
-                results = gr.Dataframe(
-                    EMPTY_HITS,
-                    label="MedEIR",
-                    interactive=False,
-                    wrap=True,
-                    max_height=1000,
-                    column_widths=COLUMN_WIDTHS,
-                    elem_id="search-results",
-                )
-                baseline_results = gr.Dataframe(
-                    EMPTY_HITS,
-                    label=f"{BASELINE_NAME} (baseline)",
-                    interactive=False,
-                    wrap=True,
-                    max_height=1000,
-                    column_widths=COLUMN_WIDTHS,
-                    visible=baseline,
-                    elem_id="baseline-results",
-                )
-            search_examples = examples.get("search") or []
-            if search_examples:
-                gr.Examples(
-                    [[e["query"]] for e in search_examples],
-                    inputs=[query],
-                    outputs=[results, baseline_results, search_status],
-                    fn=run_example,
-                    cache_examples=True,
-                    cache_mode="lazy",
-                    example_labels=example_labels(search_examples),
-                    label="Real benchmark queries (click to run)",
-                    elem_id="search-examples",
-                )
-            guide = gr.Markdown(elem_id="score-guide")
-            # measured on the first page load, inside a request (a ZeroGPU function cannot run at start-up)
-            demo.load(functools.partial(score_guide, pairs=examples.get("pairs") or {}), None, guide)
-            inputs = [query, top_k, source, precision, dimensions, compare]
-            for trigger in (search_button.click, query.submit):
-                trigger(search, inputs, [results, baseline_results, search_status], concurrency_limit=CONCURRENCY)
-
+            search_tab(page, demo, examples)
         with gr.Tab("Similarity", id="similarity"):
-            with gr.Row():
-                first = gr.Textbox(label="First text", lines=3, elem_id="sim-a")
-                second = gr.Textbox(label="Second text", lines=3, elem_id="sim-b")
-            sim_button = gr.Button("Compare", variant="primary", elem_id="sim-button")
-            sim_result = gr.Markdown(elem_id="sim-result")
-            if examples.get("similarity"):
-                gr.Examples(
-                    examples["similarity"],
-                    inputs=[first, second],
-                    outputs=[sim_result],
-                    fn=similarity,
-                    run_on_click=True,
-                    label="Real benchmark pairs (click to run)",
-                )
-            sim_button.click(similarity, [first, second], [sim_result], concurrency_limit=CONCURRENCY)
-
+            similarity_tab(page, examples)
         with gr.Tab("Tokenizer", id="tokenizer"):
-            tok_text = gr.Textbox(
-                label="Text", lines=3, value="Pheochromocytoma with paroxysmal hypertension", elem_id="tok-text"
-            )
-            tok_button = gr.Button("Tokenize", variant="primary", elem_id="tok-button")
-            tok_summary = gr.Markdown(elem_id="tok-summary")
-            colours = {"even": "#bfdbfe", "odd": "#fde68a"}
-            with gr.Row():
-                medeir_tokens = gr.HighlightedText(
-                    label=f"MedEIR tokenizer ({len(engine.model.tokenizer):,}-token vocabulary)",
-                    color_map=colours,
-                    show_inline_category=False,
-                    elem_id="tok-medeir",
-                )
-                reference_tokens = gr.HighlightedText(
-                    label=f"{REFERENCE_TOKENIZER} ({reference_vocab:,}-token vocabulary)"
-                    if reference_vocab
-                    else f"{REFERENCE_TOKENIZER} (not available)",
-                    color_map=colours,
-                    show_inline_category=False,
-                    elem_id="tok-reference",
-                )
-            tok_button.click(tokenize, [tok_text], [medeir_tokens, reference_tokens, tok_summary])
-
+            tokenizer_tab(page)
         with gr.Tab("Long document", id="long"):
-            doc = gr.Textbox(
-                label=f"Document (up to {engine.max_tokens:,} tokens)", lines=10, max_lines=20, elem_id="long-text"
-            )
-            counter = gr.Markdown(f"0 / {engine.max_tokens:,} tokens", elem_id="long-count")
-            with gr.Row():
-                example_button = gr.Button("Fill with a ~3,000-token example", elem_id="long-example")
-                doc_button = gr.Button("Embed", variant="primary", elem_id="long-button")
-            doc_status = gr.Markdown(elem_id="long-status")
-            doc_results = gr.Dataframe(
-                EMPTY_HITS, label="Closest index entries", interactive=False, wrap=True, column_widths=COLUMN_WIDTHS
-            )
-            doc.change(count_tokens, [doc], [counter], show_progress="hidden", trigger_mode="always_last")
-            example_button.click(long_example, None, [doc])
-            doc_button.click(embed_document, [doc], [doc_results, doc_status])
+            long_document_tab(page)
     return demo
+
+
+def header(engine: Engine) -> None:
+    baseline = f" and, beside it, by {BASELINE_NAME}" if engine.baseline is not None else ""
+    gr.Markdown(
+        "# MedEIR: medical text embeddings\n"
+        "Describe a condition in your own words and find the ICD-10-CM codes and HPO terms that match, ranked by "
+        f"MedEIR{baseline}. MedEIR is an ALiBi encoder that "
+        "reads up to 8,192 tokens, with a tokenizer built for medical text.\n\n"
+        f"{engine.describe()} ({model_card_link(engine.model_name)})\n\n{NOT_CLINICAL}",
+        elem_id="header",
+    )
+
+
+def search_tab(page: Page, demo: gr.Blocks, examples: dict) -> None:
+    """Query, result count and advanced settings; MedEIR's results beside the baseline's; the examples; the guide."""
+    with gr.Row():
+        query = gr.Textbox(
+            label="Query", placeholder="Describe a condition in your own words", elem_id="search-query", scale=4
+        )
+        search_button = gr.Button("Search", variant="primary", elem_id="search-button", scale=1)
+    top_k = gr.Slider(1, 50, value=10, step=1, label="Results", elem_id="search-top-k")
+    with gr.Accordion("Advanced settings", open=False, elem_id="search-advanced"):
+        settings = search_settings(page.engine)
+    search_status = gr.Markdown(elem_id="search-status")
+    with gr.Row(equal_height=False):
+        outputs = [*result_tables(page.engine.baseline is not None), search_status]
+    search_examples = examples.get("search") or []
+    if search_examples:
+        gr.Examples(
+            [[e["query"]] for e in search_examples],
+            inputs=[query],
+            outputs=outputs,
+            fn=page.run_example,
+            cache_examples=True,
+            cache_mode="lazy",
+            example_labels=example_labels(search_examples),
+            label="Real benchmark queries (click to run)",
+            elem_id="search-examples",
+        )
+    guide = gr.Markdown(elem_id="score-guide")
+    # measured on the first page load, inside a request (a ZeroGPU function cannot run at start-up)
+    demo.load(functools.partial(page.score_guide, pairs=examples.get("pairs") or {}), None, guide)
+    for trigger in (search_button.click, query.submit):
+        trigger(page.search, [query, top_k, *settings], outputs, concurrency_limit=CONCURRENCY)
+
+
+def search_settings(engine: Engine) -> list[gr.components.Component]:
+    """Source, precision, Matryoshka dimensions and the baseline column: the search's advanced settings."""
+    full, baseline = engine.dimension, engine.baseline is not None
+    source = gr.Radio(list(SOURCE_CHOICES), value="All", label="Source", elem_id="search-source")
+    precision = gr.Radio(
+        [(PRECISION_LABELS[p], p) for p in PRECISIONS],
+        value="float32",
+        label="Embedding precision (int8 and binary are made from the same embeddings; their scores are "
+        "on their own scale)",
+        elem_id="search-precision",
+    )
+    dimensions = gr.Dropdown(
+        [full, *(d for d in (full // 2, full // 4, full // 8) if d >= 8)],
+        value=full,
+        label="Dimensions (Matryoshka truncation: the first N, renormalised)",
+        elem_id="search-dimensions",
+    )
+    compare = gr.Checkbox(
+        value=baseline,
+        interactive=baseline,
+        label=f"Show {BASELINE_NAME}'s results beside MedEIR's (float32, all dimensions)",
+        elem_id="search-compare",
+    )
+    return [source, precision, dimensions, compare]
+
+
+def result_tables(baseline: bool) -> list[gr.Dataframe]:
+    """MedEIR's results, and the baseline's beside them (hidden without a baseline model)."""
+    shared = dict(interactive=False, wrap=True, max_height=1000, column_widths=COLUMN_WIDTHS)
+    return [
+        gr.Dataframe(EMPTY_HITS, label="MedEIR", elem_id="search-results", **shared),
+        gr.Dataframe(
+            EMPTY_HITS, label=f"{BASELINE_NAME} (baseline)", visible=baseline, elem_id="baseline-results", **shared
+        ),
+    ]
+
+
+def similarity_tab(page: Page, examples: dict) -> None:
+    with gr.Row():
+        first = gr.Textbox(label="First text", lines=3, elem_id="sim-a")
+        second = gr.Textbox(label="Second text", lines=3, elem_id="sim-b")
+    sim_button = gr.Button("Compare", variant="primary", elem_id="sim-button")
+    sim_result = gr.Markdown(elem_id="sim-result")
+    if examples.get("similarity"):
+        gr.Examples(
+            examples["similarity"],
+            inputs=[first, second],
+            outputs=[sim_result],
+            fn=page.similarity,
+            run_on_click=True,
+            label="Real benchmark pairs (click to run)",
+        )
+    sim_button.click(page.similarity, [first, second], [sim_result], concurrency_limit=CONCURRENCY)
+
+
+def tokenizer_tab(page: Page) -> None:
+    """The MedEIR tokenizer's pieces beside bert-base-uncased's."""
+    engine = page.engine
+    reference_vocab = len(engine.reference_tokenizer) if engine.reference_tokenizer is not None else None
+    tok_text = gr.Textbox(
+        label="Text", lines=3, value="Pheochromocytoma with paroxysmal hypertension", elem_id="tok-text"
+    )
+    tok_button = gr.Button("Tokenize", variant="primary", elem_id="tok-button")
+    tok_summary = gr.Markdown(elem_id="tok-summary")
+    colours = {"even": "#bfdbfe", "odd": "#fde68a"}
+    with gr.Row():
+        medeir_tokens = gr.HighlightedText(
+            label=f"MedEIR tokenizer ({len(engine.model.tokenizer):,}-token vocabulary)",
+            color_map=colours,
+            show_inline_category=False,
+            elem_id="tok-medeir",
+        )
+        reference_tokens = gr.HighlightedText(
+            label=f"{REFERENCE_TOKENIZER} ({reference_vocab:,}-token vocabulary)"
+            if reference_vocab
+            else f"{REFERENCE_TOKENIZER} (not available)",
+            color_map=colours,
+            show_inline_category=False,
+            elem_id="tok-reference",
+        )
+    tok_button.click(page.tokenize, [tok_text], [medeir_tokens, reference_tokens, tok_summary])
+
+
+def long_document_tab(page: Page) -> None:
+    """A document up to the model's limit, its live token count, and the index entries closest to it."""
+    limit = page.engine.max_tokens
+    doc = gr.Textbox(label=f"Document (up to {limit:,} tokens)", lines=10, max_lines=20, elem_id="long-text")
+    counter = gr.Markdown(f"0 / {limit:,} tokens", elem_id="long-count")
+    with gr.Row():
+        example_button = gr.Button("Fill with a ~3,000-token example", elem_id="long-example")
+        doc_button = gr.Button("Embed", variant="primary", elem_id="long-button")
+    doc_status = gr.Markdown(elem_id="long-status")
+    doc_results = gr.Dataframe(
+        EMPTY_HITS, label="Closest index entries", interactive=False, wrap=True, column_widths=COLUMN_WIDTHS
+    )
+    doc.change(page.count_tokens, [doc], [counter], show_progress="hidden", trigger_mode="always_last")
+    example_button.click(page.long_example, None, [doc])
+    doc_button.click(page.embed_document, [doc], [doc_results, doc_status])
 
 
 def self_check(engine: Engine) -> str:
@@ -443,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        engine = use_engine(create_engine(args.model, args.index, args.cache, args.device))
+        engine = use_gpu(create_engine(args.model, args.index, args.cache, args.device))
     except (ModelUnavailable, FileNotFoundError, ValueError) as err:
         print(f"MedEIR demo cannot start: {err}", file=sys.stderr)
         raise SystemExit(2) from None

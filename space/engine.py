@@ -7,13 +7,11 @@ model's and MiniLM's ship in space/precomputed/), else from the disk cache, else
 background thread when the demo starts. Searches never embed the index: until it is ready they say how far it is.
 """
 
-import copy
 import json
 import math
 import os
 import threading
 import time
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,20 +20,20 @@ import numpy as np
 import pyarrow as pa
 from huggingface_hub import is_offline_mode  # what the Hub client acts on (HF_HUB_OFFLINE as read at its import)
 
+# the rules the Endpoint handler applies too (hub.publish ships the file beside app.py)
+from request_checks import DEMO_LIMITS as LIMITS
+from request_checks import TokenCounter, has_visible_text, lone_surrogate, read_limits
 from space.index import (
     PRECISIONS,
     PRECOMPUTED_DIR,
     EmbeddingCache,
     Progress,
     SearchIndex,
-    build_index,
-    corpus_files,
-    ensure_data,
     find_precomputed,
     index_fingerprint,
+    index_from_build,
     model_fingerprint,
     read_index,
-    write_index,
 )
 
 DEFAULT_MODEL = "models/medeir-small"
@@ -46,11 +44,6 @@ ROOT = Path(__file__).resolve().parents[1]
 REPO = ROOT if (ROOT / "modeling_medeir.py").is_file() else None
 EXAMPLES_FILE = Path(__file__).resolve().parent / "examples.json"  # written by `python -m space.examples`
 REFERENCE_TOKENIZER = "bert-base-uncased"
-# Deployer-set limits (environment variable -> default), checked when the demo starts.
-LIMITS = {
-    "MEDEIR_MAX_CHARS": 100_000,  # characters per text, refused before tokenizing (8,192 tokens are ~35,000)
-    "MEDEIR_BATCH_SIZE": 0,  # encoding batch size; 0: 256 on a GPU, 32 on a CPU
-}
 MAX_RESULTS = 100
 SOURCE_CHOICES = ("All", "ICD-10-CM", "HPO")
 
@@ -61,27 +54,6 @@ class InputError(ValueError):
 
 class ModelUnavailable(RuntimeError):
     """The model could not be loaded; the message says which model and what to do instead."""
-
-
-def read_limits(environ=os.environ) -> dict[str, int]:
-    """The demo's limits from the environment; a bad value stops the demo at start-up with the variable named."""
-    limits = {}
-    for name, default in LIMITS.items():
-        raw = (environ.get(name) or "").strip()
-        try:
-            value = int(raw.replace("_", "")) if raw else default
-        except ValueError:
-            value = -1
-        if value < (0 if name == "MEDEIR_BATCH_SIZE" else 1):
-            raise ValueError(f"{name}={raw!r} is not a positive integer (default {default:,}); fix the setting.")
-        limits[name] = value
-    return limits
-
-
-def has_visible_text(text: str) -> bool:
-    """True if `text` has a letter, digit, punctuation mark or symbol (the handler's rule, hub/handler.py): NUL,
-    control and zero-width characters and lone combining marks are dropped by the tokenizer's normaliser."""
-    return any(unicodedata.category(char)[0] in "LNPS" for char in text)
 
 
 def pick_device() -> str:
@@ -121,9 +93,9 @@ def load_model(name: str, device: str):
         raise ModelUnavailable(f"No MedEIR model folder at {name}.{reason} {how}")
     try:
         model = SentenceTransformer(name, trust_remote_code=True, device=device)
-        config = getattr(getattr(model[0], "auto_model", None), "config", None)
-        if hasattr(config, "check_tokenizer"):  # the tokenizer object the demo uses must be the model's own
-            config.check_tokenizer(model.tokenizer, f"the tokenizer of {name}")
+        encoder = getattr(model[0], "auto_model", None)
+        if hasattr(encoder, "check_tokenizer"):  # a MedEIR model: the tokenizer the demo uses must be its own
+            encoder.check_tokenizer(model.tokenizer, f"the tokenizer of {name}")
         return model
     except Exception as err:  # any loader error becomes one readable line
         offline = " (HF_HUB_OFFLINE=1 is set: only models already in the local cache load)" if is_offline_mode() else ""
@@ -190,10 +162,7 @@ def default_index(cache_dir: Path) -> Path:
         if not bundled.is_file():
             raise FileNotFoundError(f"{bundled} is missing: publish the Space with `python -m hub.publish space`")
         return bundled
-    data = REPO / "data"
-    if not all(p.is_file() for p in corpus_files(data)):
-        data = ensure_data(REPO / "build" / "space-data", REPO)
-    return write_index(build_index(data), cache_dir / "index.parquet")
+    return index_from_build(REPO, cache_dir / "index.parquet")
 
 
 def reference_tokenizer_path() -> Path | None:
@@ -302,19 +271,12 @@ class Engine:
         self.cache = cache
         self.precomputed = precomputed
         self.reference_tokenizer = reference_tokenizer
-        limits = read_limits()
+        limits = read_limits(LIMITS)  # checked when the demo starts
         self.max_chars = limits["MEDEIR_MAX_CHARS"]
         batch_size = batch_size or limits["MEDEIR_BATCH_SIZE"] or (256 if device.startswith("cuda") else 32)
         self.main = IndexedModel(model, model_name, device, batch_size)
         self.baseline = IndexedModel(baseline, baseline_name, device, batch_size) if baseline is not None else None
-        # Token counts come from a private copy of the tokenizer that never pads or truncates: the model's own is
-        # reconfigured by every encode call, so counting with it from another request thread would race.
-        backend = getattr(model.tokenizer, "backend_tokenizer", None)
-        self._counter = copy.deepcopy(backend) if backend is not None else None
-        if self._counter is not None:
-            self._counter.no_padding()
-            self._counter.no_truncation()
-        self._count_lock = threading.Lock()  # only for a slow (Python) tokenizer
+        self._count = TokenCounter(model.tokenizer)
         self._loader: threading.Thread | None = None
 
     @property
@@ -379,10 +341,7 @@ class Engine:
 
     def count_tokens(self, text: str) -> int:
         """Tokens the model reads for `text`, [CLS] and [SEP] included, without truncation; safe from any thread."""
-        if self._counter is not None:
-            return len(self._counter.encode(text, add_special_tokens=True).ids)
-        with self._count_lock:
-            return len(self.model.tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
+        return self._count([text])[0]
 
     def check_chars(self, text: object, what: str = "The text") -> None:
         """The checks that need no tokenizer: type, size, valid Unicode, something visible."""
@@ -395,13 +354,9 @@ class Engine:
                 f"{what} is {len(text):,} characters long; the limit is {self.max_chars:,} characters "
                 f"(and {self.max_tokens:,} tokens)."
             )
-        if not text.isascii():
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as err:
-                raise InputError(
-                    f"{what} has an invalid character (a lone surrogate) at position {err.start}."
-                ) from None
+        position = lone_surrogate(text)
+        if position is not None:
+            raise InputError(f"{what} has an invalid character (a lone surrogate) at position {position}.")
         if not has_visible_text(text):
             raise InputError(f"{what} is empty: it has no letters, digits or symbols, only invisible characters.")
 
@@ -442,6 +397,7 @@ class Engine:
         self,
         query: object,
         top_k: object = 10,
+        *,
         source: str = "All",
         precision: str = "float32",
         truncate_dim: object = None,

@@ -85,6 +85,15 @@ def ensure_data(data_dir: Path, repo: Path) -> Path:
     return data_dir
 
 
+def index_from_build(repo: Path, out: Path) -> Path:
+    """Write the index made from the repository's data build to `out`: from data/ when it holds both corpora, else
+    from ICD-10-CM and HPO alone built once into build/space-data (never into the shared data/: see ensure_data)."""
+    data = Path(repo) / "data"
+    if not all(p.is_file() for p in corpus_files(data)):
+        data = ensure_data(Path(repo) / "build" / "space-data", repo)
+    return write_index(build_index(data), out)
+
+
 def index_fingerprint(table: pa.Table) -> str:
     """Hash of the index content (codes, sources, texts, in order)."""
     digest = hashlib.sha256()

@@ -13,11 +13,23 @@ from safetensors.torch import load_file, save_file
 from hub.handler import LIMITS, EndpointHandler
 
 LONG = "word " * 9000  # 9,002 tokens with [CLS] and [SEP]
+PROMPT = "search query: find the matching code for this text "
 
 
 @pytest.fixture(scope="module")
 def handler(tiny_model_dir) -> EndpointHandler:
     return EndpointHandler(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def prompted(tiny_model_dir, tmp_path_factory) -> EndpointHandler:
+    """A handler on the tiny model whose config_sentence_transformers.json gives it a "query" prompt."""
+    folder = tmp_path_factory.mktemp("with-prompt") / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    settings = json.loads((folder / "config_sentence_transformers.json").read_text())
+    settings["prompts"] = {"query": PROMPT}
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(settings))
+    return EndpointHandler(str(folder))
 
 
 def test_one_string_gives_one_embedding_equal_to_sentence_transformers(handler):
@@ -96,9 +108,15 @@ def test_batch_and_total_token_limits(tiny_model_dir, monkeypatch):
         small({"inputs": ["word " * 10, "word " * 9]})
 
 
-def test_a_prompt_the_model_knows_is_used(handler):
-    name = sorted(handler.model.prompts)[0]  # sentence-transformers 6 gives every model "query" and "document"
-    assert len(handler({"inputs": "fever", "parameters": {"prompt_name": name}})["embeddings"]) == 1
+def test_a_prompt_the_model_knows_is_used(prompted):
+    with_prompt = np.asarray(prompted({"inputs": "fever", "parameters": {"prompt_name": "query"}})["embeddings"])
+    plain = np.asarray(prompted({"inputs": "fever"})["embeddings"])
+    # the model's embedding of the prompt followed by the text, as sentence-transformers prepends it
+    np.testing.assert_allclose(
+        with_prompt, prompted.model.encode([PROMPT + "fever"], normalize_embeddings=True), atol=1e-6
+    )
+    np.testing.assert_allclose(plain, prompted.model.encode(["fever"], normalize_embeddings=True), atol=1e-6)
+    assert np.abs(with_prompt - plain).max() > 1e-3  # the prompt changed the embedding
 
 
 def test_truncate_embeds_the_first_tokens_of_an_over_long_input(handler):
@@ -161,14 +179,8 @@ def test_truncate_cuts_an_input_over_the_character_limit_before_tokenizing(handl
     assert result["tokens"] == [8192]
 
 
-def test_prompt_tokens_count_towards_the_limit_and_the_reported_tokens(tiny_model_dir, tmp_path):
-    folder = tmp_path / "with-prompt"
-    shutil.copytree(tiny_model_dir, folder)
-    settings = json.loads((folder / "config_sentence_transformers.json").read_text())
-    settings["prompts"] = {"query": "search query: find the matching code for this text "}
-    (folder / "config_sentence_transformers.json").write_text(json.dumps(settings))
-    prompted = EndpointHandler(str(folder))
-    prompt_tokens = len(prompted.model.tokenizer(settings["prompts"]["query"], add_special_tokens=False)["input_ids"])
+def test_prompt_tokens_count_towards_the_limit_and_the_reported_tokens(prompted):
+    prompt_tokens = len(prompted.model.tokenizer(PROMPT, add_special_tokens=False)["input_ids"])
     plain = prompted({"inputs": "fever"})["tokens"][0]
     assert prompted({"inputs": "fever", "parameters": {"prompt_name": "query"}})["tokens"] == [plain + prompt_tokens]
     fits = "word " * (8192 - 2)  # exactly the limit without the prompt

@@ -44,14 +44,9 @@ def run(model, implementation, **inputs):
 
 def layout_of(model, ids, mask):
     """The attention layout the model builds for a padded batch under its current implementation."""
-    return mm.AttentionLayout.from_mask(
-        model.config._attn_implementation,
-        model._alibi_slopes(ids.device),
-        tuple(ids.shape),
-        mask,
-        dtype=torch.float32,
-        window_tau=mm.ALIBI_WINDOW_TAU,
-    )
+    return mm.AttentionLayout.for_padded_batch(
+        model.config._attn_implementation, model._alibi_slopes(ids.device), tuple(ids.shape), mask
+    ).prepared(torch.float32, mm.ALIBI_WINDOW_TAU)
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +71,12 @@ def test_alibi_slopes_other_head_counts_interleave():
 def test_eager_attention_is_alibi_by_hand():
     """One head, two tokens: the attention weights must be softmax(q.k/sqrt(d) - slope*|i-j|)."""
     config = tiny_config(num_hidden_layers=1, num_attention_heads=1, hidden_size=8, intermediate_size=8)
-    layout = mm.AttentionLayout("eager", torch.tensor([0.5]))
-    layout.bias = layout.alibi_bias(2, torch.float32)
-    assert torch.equal(layout.bias, torch.tensor([[[[0.0, -0.5], [-0.5, 0.0]]]]))
+    layout = mm.AttentionLayout("eager", torch.tensor([0.5]), shape=(1, 2)).prepared(torch.float32, None)
+    assert torch.equal(layout.state.bias, torch.tensor([[[[0.0, -0.5], [-0.5, 0.0]]]]))
     q = torch.tensor([[[[1.0] * 8], [[0.0] * 8]]])  # (B=1, S=2, H=1, d=8)
     k = torch.tensor([[[[1.0] * 8], [[1.0] * 8]]])
     v = torch.tensor([[[[1.0] * 8], [[3.0] * 8]]])
-    out = mm.EagerAttention.attend(q, k, v, layout, dropout=0.0, scaling=8**-0.5)
+    out = mm.eager_attention(q, k, v, layout, dropout=0.0, scaling=8**-0.5)
     s = 8 / 8**0.5
     w = torch.softmax(torch.tensor([s, s - 0.5]), 0)  # query 0: same scores, key 1 is one step away
     assert out[0, 0, 0, 0].item() == pytest.approx((w[0] + 3 * w[1]).item(), rel=1e-6)
@@ -143,7 +137,8 @@ def test_sdpa_matches_eager_on_padded_batch(model, left, lengths):
     out = run(model, "sdpa", input_ids=ids, attention_mask=mask)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     layout = layout_of(model, ids, mask)
-    assert layout.flat == (mask.float().mean() < mm.SDPA_MIN_REAL_TOKENS) and layout.repad == layout.flat
+    unpadded = layout.unpadding is not None
+    assert unpadded == (mask.float().mean() < mm.SDPA_MIN_REAL_TOKENS) and isinstance(layout.state, mm.FullBias)
 
 
 @pytest.mark.parametrize("strided", [True, False], ids=["strided-bias", "materialised-chunks"])
@@ -153,7 +148,7 @@ def test_sdpa_long_input_chunks_match_eager(model, monkeypatch, left, strided):
     chunks as on other devices) on a small batch."""
     ids, mask = padded_batch(lengths=[150, 100, 7], left=left)
     ref = run(model, "eager", input_ids=ids, attention_mask=mask)
-    monkeypatch.setattr(mm, "_strided_bias", lambda device: strided)
+    monkeypatch.setattr(mm, "sdpa_reads_strided_bias", lambda device: strided)
     monkeypatch.setattr(mm, "SDPA_BIAS_ELEMENTS", 0)
     monkeypatch.setattr(mm, "SDPA_CHUNK_ELEMENTS", 6 * 150 * 64)  # 64-query chunks
     out = run(model, "sdpa", input_ids=ids, attention_mask=mask)
@@ -163,7 +158,8 @@ def test_sdpa_long_input_chunks_match_eager(model, monkeypatch, left, strided):
     torch.testing.assert_close(no_pad, run(model, "eager", input_ids=ids), atol=2e-5, rtol=1e-4)
 
 
-def test_flex_attention_forward_matches_eager(model):
+def assert_flex_attention_matches_eager(model) -> None:
+    """flex_attention against eager on a padded batch, and on the same batch packed into one row."""
     pytest.importorskip("torch.nn.attention.flex_attention")
     ids, mask = padded_batch()
     ref = run(model, "eager", input_ids=ids, attention_mask=mask)
@@ -172,6 +168,10 @@ def test_flex_attention_forward_matches_eager(model):
     packed, cu = pack(ids, mask)
     out = run(model, "flex_attention", input_ids=packed, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
     torch.testing.assert_close(out[0], real_tokens(ref, mask), atol=2e-5, rtol=1e-4)
+
+
+def test_flex_attention_forward_matches_eager(model):
+    assert_flex_attention_matches_eager(model)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -444,7 +444,7 @@ def test_the_configs_slopes_are_the_models(sloped):
     assert torch.equal(sloped._alibi_slopes(torch.device("cpu")), slopes)
     ids, mask = padded_batch()
     sloped.set_attn_implementation("eager")
-    bias = layout_of(sloped, ids, mask).bias[0]  # the first row has no padding
+    bias = layout_of(sloped, ids, mask).state.bias[0]  # the first row has no padding
     distance = (torch.arange(37)[:, None] - torch.arange(37)[None]).abs()
     torch.testing.assert_close(bias, -slopes[:, None, None] * distance, atol=0, rtol=0)
     standard = MedEIRModel(tiny_config()).eval()
@@ -467,7 +467,7 @@ def test_sdpa_per_sequence_with_the_configs_slopes_matches_eager(sloped, monkeyp
     inputs."""
     ids, mask = padded_batch(lengths=[150, 100, 7], left=True)
     ref = run(sloped, "eager", input_ids=ids, attention_mask=mask)
-    monkeypatch.setattr(mm, "_strided_bias", lambda device: strided)
+    monkeypatch.setattr(mm, "sdpa_reads_strided_bias", lambda device: strided)
     monkeypatch.setattr(mm, "SDPA_BIAS_ELEMENTS", 0)
     monkeypatch.setattr(mm, "SDPA_CHUNK_ELEMENTS", 6 * 150 * 64)  # 64-query chunks
     torch.testing.assert_close(run(sloped, "sdpa", input_ids=ids, attention_mask=mask), ref, atol=2e-5, rtol=1e-4)
@@ -508,28 +508,11 @@ def test_windowed_sdpa_with_the_configs_slopes_matches_eager(monkeypatch):
 
 
 def test_flex_attention_with_the_configs_slopes_matches_eager(sloped):
-    pytest.importorskip("torch.nn.attention.flex_attention")
-    ids, mask = padded_batch()
-    ref = run(sloped, "eager", input_ids=ids, attention_mask=mask)
-    out = run(sloped, "flex_attention", input_ids=ids, attention_mask=mask)
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
-    packed, cu = pack(ids, mask)
-    out = run(sloped, "flex_attention", input_ids=packed, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
-    torch.testing.assert_close(out[0], real_tokens(ref, mask), atol=2e-5, rtol=1e-4)
+    assert_flex_attention_matches_eager(sloped)
 
 
 def test_flex_attention_windowed_with_the_configs_slopes_matches_eager():
-    pytest.importorskip("torch.nn.attention.flex_attention")
-    torch.manual_seed(0)
-    model = MedEIRModel(tiny_config(alibi_slopes=SLOPES["non-monotone"])).eval()
-    ids, mask = padded_batch(lengths=[1100, 700], seed=1)
-    ref = run(model, "eager", input_ids=ids, attention_mask=mask)
-    model.set_attn_implementation("flex_attention")
-    layout = layout_of(model, ids, mask)
-    q = k = torch.randn(2, 6, 1100, 8)
-    assert mm.FlexAttention.window_mask(q, k, layout, 8**-0.5) is not layout.block_mask  # windowing engages here
-    out = run(model, "flex_attention", input_ids=ids, attention_mask=mask)
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    assert_windowed_flex_attention_matches_eager(tiny_config(alibi_slopes=SLOPES["non-monotone"]))
 
 
 def test_saved_slopes_come_back_and_give_the_same_states(sloped, tmp_path):
@@ -611,17 +594,17 @@ def long_documents():
 
 
 def count_windowed_groups(monkeypatch) -> list:
-    """Record the head groups of every `_windowed_sdpa` call that windows a head (full attention runs through it too),
-    so a test knows windowing really happened."""
+    """Record the head groups of every `sdpa_by_head_group` call that windows a head (full attention runs through it
+    too), so a test knows windowing really happened."""
     calls = []
-    original = mm._windowed_sdpa
+    original = mm.sdpa_by_head_group
 
     def spy(q, k, v, slopes, groups, *args):
         if any(window < q.shape[2] - 1 for _, window in groups):
             calls.append(groups)
         return original(q, k, v, slopes, groups, *args)
 
-    monkeypatch.setattr(mm, "_windowed_sdpa", spy)
+    monkeypatch.setattr(mm, "sdpa_by_head_group", spy)
     return calls
 
 
@@ -662,14 +645,14 @@ def test_windowed_alibi_runs_on_an_unpadded_batch_whose_bias_would_fit(shipped, 
 
 def test_sdpa_attends_in_full_where_a_window_would_span_half_the_sequence(monkeypatch):
     """A 700-token window in 1,100 tokens: chunk + 2 windows cover the sequence, so that head attends in full; a
-    narrow head still windows. The groups are those of `_window_groups` after sdpa's span rule."""
+    narrow head still windows. The groups are those of `group_heads_by_window` after sdpa's span rule."""
     torch.manual_seed(0)
     slopes = torch.tensor(alibi_slopes(2))
-    layout = mm.AttentionLayout.from_mask("sdpa", slopes, (1, 1100), None, dtype=torch.float32, window_tau=20.0)
+    layout = mm.AttentionLayout.for_padded_batch("sdpa", slopes, (1, 1100), None).prepared(torch.float32, 20.0)
     monkeypatch.setattr(mm, "alibi_windows", lambda *args: [60, 700])
     calls = count_windowed_groups(monkeypatch)
     q = k = v = torch.randn(1100, 2, 8)
-    mm.SdpaAttention.attend(q, k, v, layout, 0.0, 8**-0.5)
+    mm.sdpa_attention(q, k, v, layout, 0.0, 8**-0.5)
     assert calls == [[([0], 60), ([1], 1099)]]
 
 
@@ -677,18 +660,18 @@ def test_sdpa_attends_in_full_where_a_window_would_span_half_the_sequence(monkey
 def test_windowed_sdpa_equals_full_bias_attention(monkeypatch, strided):
     """Head groups with windows from `alibi_windows`, one of them attending in full, read the bias as a strided view
     of one vector (CPU) or materialised per query chunk (other devices): both equal one call on the whole bias."""
-    monkeypatch.setattr(mm, "_strided_bias", lambda device: strided)
+    monkeypatch.setattr(mm, "sdpa_reads_strided_bias", lambda device: strided)
     monkeypatch.setattr(mm, "SDPA_CHUNK_ELEMENTS", 4 * 400 * 64)  # materialised: several chunks per group
     torch.manual_seed(0)
     heads, length, dim = 4, 400, 16
     slopes = torch.tensor([1.0, 0.5, 0.25, 1 / 512])
     q, k, v = (torch.randn(1, heads, length, dim) * 0.3 for _ in range(3))
     windows = mm.alibi_windows(q[0], k[0], slopes, dim**-0.5, mm.ALIBI_WINDOW_TAU, length)
-    groups = mm._window_groups(windows, length)
+    groups = mm.group_heads_by_window(windows, length)
     assert groups is not None and groups[0][1] < 100 and groups[-1] == ([3], length - 1), groups
     layout = mm.AttentionLayout("sdpa", slopes)
     full = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.alibi_bias(length, torch.float32), scale=dim**-0.5)
-    out = mm._windowed_sdpa(q, k, v, slopes, groups, 0.0, dim**-0.5)
+    out = mm.sdpa_by_head_group(q, k, v, slopes, groups, 0.0, dim**-0.5)
     torch.testing.assert_close(out, full, atol=1e-6, rtol=0)
 
 
@@ -749,33 +732,37 @@ def test_windowed_alibi_widens_for_extreme_scores():
     extreme = windows_of(q, k)
     assert max(calm[:3]) < 1400 <= min(extreme[:2]) and extreme[2] < 1400, (calm, extreme)
 
-    layout = mm.AttentionLayout("eager", slopes)
-    layout.bias = layout.alibi_bias(length, torch.float32)
-    reference = mm.EagerAttention.attend(*(x.transpose(1, 2) for x in (q, k, v)), layout, 0.0, scaling).transpose(1, 2)
-    out = mm._windowed_sdpa(q, k, v, slopes, mm._window_groups(extreme, length), 0.0, scaling)
+    layout = mm.AttentionLayout("eager", slopes, shape=(1, length)).prepared(torch.float32, None)
+    reference = mm.eager_attention(*(x.transpose(1, 2) for x in (q, k, v)), layout, 0.0, scaling).transpose(1, 2)
+    out = mm.sdpa_by_head_group(q, k, v, slopes, mm.group_heads_by_window(extreme, length), 0.0, scaling)
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
     # the window of the calm input would have dropped the far key: that output is wrong for query 0
-    stale = mm._windowed_sdpa(q, k, v, slopes, mm._window_groups(calm, length), 0.0, scaling)
+    stale = mm.sdpa_by_head_group(q, k, v, slopes, mm.group_heads_by_window(calm, length), 0.0, scaling)
     assert (stale[:, :, 0] - reference[:, :, 0]).abs().max() > 0.1
 
 
 def test_windowed_alibi_groups_heads_and_keeps_full_heads_full():
-    groups = mm._window_groups([50, 90, 300, 5000, 40], 1000)
+    groups = mm.group_heads_by_window([50, 90, 300, 5000, 40], 1000)
     assert groups == [([4, 0], 50), ([1], 90), ([2], 300), ([3], 999)]
-    assert mm._window_groups([1000, 2000], 1000) is None
+    assert mm.group_heads_by_window([1000, 2000], 1000) is None
 
 
 def test_flex_attention_windowed_matches_eager():
     """CPU FlexAttention with the per-head windowed block mask (padded batch of 1,100 positions)."""
+    assert_windowed_flex_attention_matches_eager(tiny_config())
+
+
+def assert_windowed_flex_attention_matches_eager(config) -> None:
+    """flex_attention with windowing engaged against eager, on a padded batch of 1,100 positions."""
     pytest.importorskip("torch.nn.attention.flex_attention")
     torch.manual_seed(0)
-    model = MedEIRModel(tiny_config()).eval()
+    model = MedEIRModel(config).eval()
     ids, mask = padded_batch(lengths=[1100, 700], seed=1)
     ref = run(model, "eager", input_ids=ids, attention_mask=mask)
     model.set_attn_implementation("flex_attention")
     layout = layout_of(model, ids, mask)
     q = k = torch.randn(2, 6, 1100, 8)
-    assert mm.FlexAttention.window_mask(q, k, layout, 8**-0.5) is not layout.block_mask  # windowing engages here
+    assert mm.flex_windowed_block_mask(q, k, layout, 8**-0.5) is not layout.state.block_mask  # windowing engages here
     out = run(model, "flex_attention", input_ids=ids, attention_mask=mask)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
 

@@ -30,6 +30,7 @@ MODEL_FILES = {
     "config_sentence_transformers.json",
     "1_Pooling/config.json",
     "handler.py",
+    "request_checks.py",
     "onnx_encoder.py",
     "requirements.txt",
 }
@@ -65,6 +66,7 @@ def test_model_folder_holds_exactly_what_the_hub_repository_needs(hub_model, car
     assert (hub_model / "README.md").read_text() == CARD
     for copied, source in [
         ("handler.py", "hub/handler.py"),
+        ("request_checks.py", "request_checks.py"),
         ("onnx_encoder.py", "onnx_encoder.py"),
         ("requirements.txt", "hub/requirements.txt"),
         ("modeling_medeir.py", "modeling_medeir.py"),
@@ -181,6 +183,7 @@ def test_space_folder_front_matter_index_and_reference_tokenizer(hub_space):
     assert names - precomputed == {
         "app.py",
         "requirements.txt",
+        "request_checks.py",
         "README.md",
         "index.parquet",
         "space/__init__.py",
@@ -192,6 +195,8 @@ def test_space_folder_front_matter_index_and_reference_tokenizer(hub_space):
         "bert-base-uncased/tokenizer_config.json",
         "bert-base-uncased/vocab.txt",
     }
+    # the one file of request rules, the same as the model repository's handler imports
+    assert (hub_space / "request_checks.py").read_bytes() == (REPO / "request_checks.py").read_bytes()
     meta = yaml.safe_load((hub_space / "README.md").read_text().split("---\n")[1])
     assert meta["sdk"] == "gradio" and meta["sdk_version"] == gradio.__version__ and meta["app_file"] == "app.py"
     assert meta["models"] == ["someone/medeir-test"] and meta["suggested_hardware"] == "zero-a10g"

@@ -126,10 +126,9 @@ def engine(st_model, index, shared_cache, minilm_path) -> Engine:
 
 
 @pytest.fixture
-def page_engine(engine, monkeypatch) -> Engine:
-    """The engine the page handlers use (app.ENGINE)."""
-    monkeypatch.setattr(app, "ENGINE", engine)
-    return engine
+def page(engine) -> app.Page:
+    """The page's handlers, bound to the test engine (page.engine)."""
+    return app.Page(engine)
 
 
 # -- the index ----------------------------------------------------------------------------------------------------
@@ -177,7 +176,7 @@ def test_local_demo_never_writes_a_partial_build_into_data(tmp_path, monkeypatch
     seen = []
     monkeypatch.setattr(engine_module, "REPO", tmp_path)
     monkeypatch.setattr(
-        engine_module, "ensure_data", lambda folder, repo: seen.append(folder) or write_data_dir(folder, 5, 5)
+        "space.index.ensure_data", lambda folder, repo: seen.append(folder) or write_data_dir(folder, 5, 5)
     )
     path = engine_module.default_index(tmp_path / "cache")
     assert seen == [tmp_path / "build" / "space-data"] and not (tmp_path / "data").exists()
@@ -258,13 +257,13 @@ def test_tokenizer_view_shows_both_tokenizers_pieces_and_counts(engine):
     assert engine.tokenize("fever")["reference"] is None
 
 
-def test_long_document_up_to_the_limit_is_embedded_and_counted(page_engine):
-    text = app.long_example(3000)
-    assert 3000 <= page_engine.count_tokens(text) <= 3300
-    assert app.count_tokens(text).endswith("/ 8,192 tokens")
-    frame, status = app.embed_document(text)
+def test_long_document_up_to_the_limit_is_embedded_and_counted(page):
+    text = page.long_example(3000)
+    assert 3000 <= page.engine.count_tokens(text) <= 3300
+    assert page.count_tokens(text).endswith("/ 8,192 tokens")
+    frame, status = page.embed_document(text)
     assert "tokens** (limit 8,192)" in status and len(frame) == 5
-    assert "9,002 / 8,192 tokens - over the limit" in app.count_tokens(LONG)
+    assert "9,002 / 8,192 tokens - over the limit" in page.count_tokens(LONG)
 
 
 # -- bad input: a clear message in the page, never a stack trace ----------------------------------------------------
@@ -291,37 +290,37 @@ def test_bad_input_is_refused_with_a_clear_message(engine, text, message):
         engine.search(text)
 
 
-def test_page_handlers_turn_errors_into_messages(page_engine, monkeypatch):
+def test_page_handlers_turn_errors_into_messages(page, monkeypatch):
     with pytest.warns(UserWarning, match="The query is empty"):  # gr.Warning outside a request
-        frame, other, status = app.search("   ", 10, "All")
+        frame, other, status = page.search("   ", 10, "All")
     assert frame.empty and other.empty and "⚠️ The query is empty" in status
     with pytest.warns(UserWarning):
-        assert "must be text, not NoneType" in app.similarity(None, "fever")
+        assert "must be text, not NoneType" in page.similarity(None, "fever")
     with pytest.warns(UserWarning):
-        medeir, reference, summary = app.tokenize("")
+        medeir, reference, summary = page.tokenize("")
     assert medeir == [] == reference and "empty" in summary
     with pytest.warns(UserWarning):
-        frame, status = app.embed_document(LONG)
+        frame, status = page.embed_document(LONG)
     assert "9,002 tokens long" in status and "8,192" in status
     with pytest.warns(UserWarning):
-        assert "between 1 and 100" in app.search("fever", 0, "All")[2]
+        assert "between 1 and 100" in page.search("fever", 0, "All")[2]
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(page_engine, "search", broken)
-    frame, _, status = app.search("fever", 10, "All")
+    monkeypatch.setattr(page.engine, "search", broken)
+    frame, _, status = page.search("fever", 10, "All")
     assert "Something went wrong (RuntimeError: boom)" in status and "Traceback" not in status
 
 
-def test_page_handlers_return_results(page_engine):
-    frame, other, status = app.search(page_engine.texts[0], 5, "All")
+def test_page_handlers_return_results(page):
+    frame, other, status = page.search(page.engine.texts[0], 5, "All")
     assert list(frame.columns) == ["Rank", "Score", "Code", "Source", "Text"] and other.empty  # no baseline loaded
-    assert frame.iloc[0]["Code"] == page_engine.codes[0] and frame.iloc[0]["Score"] == "1.000"
-    tokens = page_engine.count_tokens(page_engine.texts[0])
+    assert frame.iloc[0]["Code"] == page.engine.codes[0] and frame.iloc[0]["Score"] == "1.000"
+    tokens = page.engine.count_tokens(page.engine.texts[0])
     assert status == f"5 results for a {tokens}-token query. Scores: cosine similarity."
-    assert app.similarity("fever", "fever").startswith("Cosine similarity: **1.000**")
-    medeir, _, summary = app.tokenize("hypertension")
+    assert page.similarity("fever", "fever").startswith("Cosine similarity: **1.000**")
+    medeir, _, summary = page.tokenize("hypertension")
     assert [piece for piece, label in medeir if label] == ["hyper", "##tension"]
     assert "bert-base-uncased: 2 tokens" in summary
 
@@ -356,13 +355,28 @@ def test_model_choice_flag_then_env_then_repository_default(monkeypatch):
 
 
 def test_check_flag_loads_everything_and_serves_nothing(tiny_model_dir, index, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(app, "ENGINE", None)
+    made, gpu_functions = [], []
+
+    def create_engine(*args, **kwargs):
+        made.append(engine_module.create_engine(*args, **kwargs))
+        return made[-1]
+
+    class FakeSpaces:  # records the function the page gives ZeroGPU
+        @staticmethod
+        def GPU(duration):
+            return lambda fn: gpu_functions.append(fn) or fn
+
+    monkeypatch.setattr(app, "create_engine", create_engine)
+    monkeypatch.setattr(app, "spaces", FakeSpaces)
     app.main(["--model", str(tiny_model_dir), "--index", str(write_index(index, tmp_path / "i.parquet")),
               "--cache", str(tmp_path / "cache"), "--check"])  # fmt: skip
     out = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("CHECK OK: Model"))
     assert "on cpu; index: 300 entries (200 ICD-10-CM, 100 HPO)" in out
     assert "index embeddings embedded at start-up" in out
-    assert [m.encoder.func for m in app.ENGINE.models] == [app.encode_on_device] * len(app.ENGINE.models)
+    # every model encodes through the one GPU function, made when the demo starts
+    (engine,) = made
+    assert [m.__name__ for m in gpu_functions] == ["encode_on_device"]
+    assert [m.encoder.func for m in engine.models] == gpu_functions * len(engine.models)
 
 
 def test_device_follows_zerogpu_cuda_or_cpu(monkeypatch):
@@ -419,12 +433,12 @@ def test_space_front_matter_and_requirements():
         (101, "between 1 and 100, not 101"),
     ],
 )
-def test_a_bad_result_count_is_refused_not_rounded(page_engine, top_k, message):
+def test_a_bad_result_count_is_refused_not_rounded(page, top_k, message):
     with pytest.raises(InputError, match=message):
-        page_engine.search("fever", top_k)
+        page.engine.search("fever", top_k)
     with pytest.warns(UserWarning):
-        assert message.split(",")[0] in app.search("fever", top_k, "All")[2]
-    assert len(page_engine.search("fever", 3.0)[0]) == 3  # a slider's 3.0 is a whole number
+        assert message.split(",")[0] in page.search("fever", top_k, "All")[2]
+    assert len(page.engine.search("fever", 3.0)[0]) == 3  # a slider's 3.0 is a whole number
 
 
 def test_two_invisible_texts_are_refused_not_scored_as_identical(engine):
@@ -518,11 +532,11 @@ def test_binary_scores_are_sign_agreement_on_odd_widths():
         np.testing.assert_allclose(index.scores(query, "binary", dims), (2 * agree - dims) / dims, atol=1e-6)
 
 
-def test_the_page_passes_precision_and_dimensions(page_engine):
-    frame, _, status = app.search(page_engine.texts[0], 5, "All", "binary", 24)
+def test_the_page_passes_precision_and_dimensions(page):
+    frame, _, status = page.search(page.engine.texts[0], 5, "All", "binary", 24)
     assert status.endswith("Scores: sign agreement, 1 - 2 x Hamming distance / dimensions, first 24 dimensions.")
     assert len(frame) == 5
-    frame, _, status = app.search(page_engine.texts[0], 5, "All", "float32", 48)
+    frame, _, status = page.search(page.engine.texts[0], 5, "All", "float32", 48)
     assert status.endswith("Scores: cosine similarity.")
 
 
@@ -572,7 +586,7 @@ def test_measure_reports_latency_and_int8_binary_agreement(engine, data_dir, tmp
 
 
 # -- the baseline column, background loading, concurrent visitors ---------------------------------------------------------
-def test_the_baseline_ranks_the_same_index_beside_medeir(st_model, baseline_model, index, shared_cache, monkeypatch):
+def test_the_baseline_ranks_the_same_index_beside_medeir(st_model, baseline_model, index, shared_cache):
     engine = make_engine(st_model, index, shared_cache, baseline=baseline_model)
     assert [m.name for m in engine.models] == ["tiny", "all-MiniLM-L6-v2"]
     assert engine.baseline.index.embeddings.shape == (300, 384)
@@ -580,8 +594,7 @@ def test_the_baseline_ranks_the_same_index_beside_medeir(st_model, baseline_mode
     hits, baseline, _ = engine.search(title, top_k=5, baseline=True)
     assert len(hits) == len(baseline) == 5 and baseline[0].code == engine.codes[4]  # MiniLM finds an exact title
     assert engine.search(title, top_k=5)[1] is None  # not asked for
-    monkeypatch.setattr(app, "ENGINE", engine)
-    _, other, _ = app.search(title, 5, "All", "float32", None, True)
+    _, other, _ = app.Page(engine).search(title, 5, "All", "float32", None, True)
     assert other.iloc[0]["Code"] == engine.codes[4] and other.iloc[0]["Score"] == "1.000"
     scores = engine.pair_scores({"same": [title, title], "other": [title, engine.texts[250]]})
     assert scores["all-MiniLM-L6-v2"]["same"] == pytest.approx(1.0, abs=1e-5)

@@ -26,7 +26,7 @@ from train.finetune import FinetuneRecipe
 from train.initialize import convert_minilm, from_scratch, save, scaled_slopes, source_pieces, transfer_embeddings
 from train.initialize import main as initialize_main
 from train.lora import LoraRecipe
-from train.pretrain import CRASH_AT_STEP, PretrainRecipe
+from train.pretrain import PretrainRecipe
 from train.recipe import load_recipe
 
 from .conftest import REPO
@@ -39,6 +39,11 @@ def run_module(module: str, *overrides: str, env: dict | None = None, launcher: 
     return subprocess.run(
         command, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=900
     )
+
+
+def killed_after(step: int) -> list[str]:
+    """A launcher that runs the training module and SIGKILLs it after optimizer step `step` (tests/kill_after_step.py)."""
+    return [sys.executable, "-m", "tests.kill_after_step", str(step)]
 
 
 def log_entries(path: Path) -> list[dict]:
@@ -239,7 +244,7 @@ def test_pretraining_lowers_the_loss_and_reports_long_lengths(uninterrupted):
 def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(
     uninterrupted, tiny_medeir_init, icd_hpo_data, tmp_path
 ):
-    crashed = pretrain(tiny_medeir_init, icd_hpo_data, tmp_path, env={CRASH_AT_STEP: "3"})
+    crashed = pretrain(tiny_medeir_init, icd_hpo_data, tmp_path, launcher=killed_after(3))
     assert crashed.returncode == -signal.SIGKILL
     assert not (tmp_path / "final").exists()
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint_0"]  # the step-2 save
@@ -253,6 +258,19 @@ def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(
     assert expected.keys() == got.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=0, rtol=0, msg=name)
+
+
+def test_a_bad_objective_is_refused_before_anything_loads(tmp_path):
+    from train.pretrain import train
+    from train.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="recipe key objective must be one of"):
+        load_recipe(PretrainRecipe, None, ["init=x", "objective=mlmm"])
+    # a recipe made in Python: refused by the objective, not by the missing model it would load first otherwise
+    recipe = PretrainRecipe(init=str(tmp_path / "no-model"), output_dir=str(tmp_path / "out"), objective="mlmm")
+    with pytest.raises(ValueError, match="objective must be 'mlm', 'distill' or 'word_distill', got 'mlmm'"):
+        train(recipe)
+    assert not (tmp_path / "out").exists()
 
 
 def test_two_process_cpu_run_ends_with_identical_weights_on_both_ranks(tiny_medeir_init, icd_hpo_data, tmp_path):
@@ -373,7 +391,7 @@ def test_word_alignment_skips_a_text_whose_words_disagree(minilm_path):
 def test_a_killed_word_distillation_resumes_where_it_stopped(
     word_distilled, tiny_medeir_init, tiny_teacher, icd_hpo_data, tmp_path
 ):
-    crashed = word_distill(tiny_medeir_init, tiny_teacher, icd_hpo_data, tmp_path, env={CRASH_AT_STEP: "3"})
+    crashed = word_distill(tiny_medeir_init, tiny_teacher, icd_hpo_data, tmp_path, launcher=killed_after(3))
     assert crashed.returncode == -signal.SIGKILL
     resumed = word_distill(tiny_medeir_init, tiny_teacher, icd_hpo_data, tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -661,10 +679,28 @@ def test_unknown_recipe_keys_are_an_error(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((REPO / "train" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
 def test_accelerate_configs_parse(path):
+    """`accelerate launch --config_file` reads every setting of the file: accelerate's config keeps each key as
+    written, and the launcher's arguments hold its process count, precision, distributed mode and every FSDP /
+    DeepSpeed setting."""
+    import yaml
     from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
-    config = load_config_from_file(str(path))
-    assert config.num_processes >= 1
+    written = yaml.safe_load(path.read_text())
+    parsed = load_config_from_file(str(path)).to_dict()
+    assert {key: parsed.get(key) for key in written} == written
+    args = launch_command_parser().parse_args(["--config_file", str(path), "-m", "train.pretrain"])
+    args, _, _ = _validate_launch_command(args)
+    assert args.num_processes == written["num_processes"] >= 1
+    assert args.mixed_precision == written["mixed_precision"]
+    mode = written["distributed_type"]
+    assert (args.multi_gpu, args.use_fsdp, args.use_deepspeed) == (
+        mode == "MULTI_GPU",
+        mode == "FSDP",
+        mode == "DEEPSPEED",
+    )
+    for key, value in {**written.get("fsdp_config", {}), **written.get("deepspeed_config", {})}.items():
+        assert getattr(args, key) == value, key
 
 
 def test_export_halves_the_weights_and_still_loads_in_float32(finetuned, tmp_path):

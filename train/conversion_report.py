@@ -26,7 +26,7 @@ import torch
 from corpus.dataset import DataBuild
 from corpus.reference import minilm_path
 from train.initialize import DEFAULT_TOKENIZER, MINILM_TOKENIZER, convert_minilm, load_tokenizer, save
-from train.monitor import CORPUS, QUERIES, monitor
+from train.monitor import CORPUS, QUERIES, monitor, score_table
 
 FOLD_POSITIONS = 32
 MINILM = "all-MiniLM-L6-v2"
@@ -140,9 +140,7 @@ def markdown(report: dict) -> str:
             f"searched over their own documents plus {CORPUS:,} others, max_seq_length 512 (monitor-size, not the "
             "held-out benchmark of `evaluation.run`). In brackets: the gap to all-MiniLM-L6-v2 on the same sample.",
             "",
-            "| model | vocabulary | slope scale | " + " | ".join(benchmarks) + " |",
-            "|---|---|---|" + "---|" * len(benchmarks),
-            *rows,
+            *score_table(["model", "vocabulary", "slope scale"], benchmarks, rows),
             "",
             "Each variant's folder is what this `train.initialize` command writes:",
             "",

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from corpus.dataset import DataBuild
-from train.finetune import FinetuneRecipe, mse_texts, teacher_path
+from train.finetune import mse_texts, teacher_path
 
 BUCKET_BATCHES = 50  # batches sorted by length together: long enough to pad little, short enough to stay mixed
 
@@ -76,16 +76,7 @@ class HiddenStateDistillation:
         self.teacher_tokenizer = AutoTokenizer.from_pretrained(folder)
         self.check_tokenizers()
         self.teacher = AutoModel.from_pretrained(folder).to(device).eval().requires_grad_(False)
-        selection = FinetuneRecipe(
-            init=folder,
-            data=recipe.data,
-            distill_mse_texts=recipe.distill_texts,
-            distill_mse_pool=recipe.distill_pool,
-            distill_max_chars=recipe.distill_max_chars,
-            exclude_sources=recipe.exclude_sources,
-            seed=recipe.seed,
-        )
-        texts = mse_texts(selection)
+        texts = mse_texts(recipe)  # the recipe names its draw as fine-tuning does (PretrainRecipe.distill_mse_texts)
         self.texts = length_buckets(texts, tokenizer, recipe.batch_size, recipe.seed)
         held = DataBuild(recipe.data).corpus("validation", columns=["text"])["text"].to_pylist()
         self.validation = random.Random(recipe.seed).sample(held, min(recipe.eval_texts, len(held)))

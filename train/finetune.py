@@ -30,7 +30,6 @@ seeded sample of queries of each public benchmark. Checkpoints every `save_steps
 the newest one. The result is a SentenceTransformer folder (MedEIR remote code included) in `<output_dir>/final`.
 """
 
-import argparse
 import functools
 import hashlib
 import json
@@ -54,7 +53,7 @@ from corpus.dataset import BENCHMARKS as REGISTERED_BENCHMARKS
 from corpus.dataset import DataBuild
 from corpus.reference import E5Encoder, minilm_path, mpnet_path
 from corpus.text import normalize
-from train.recipe import add_recipe_arguments, load_recipe, save_recipe
+from train.recipe import recipe_from_command_line, save_recipe
 
 # monitoring only (never for model choice): every benchmark with short documents
 BENCHMARKS = [name for name, info in REGISTERED_BENCHMARKS.items() if not info.long_documents]
@@ -145,6 +144,11 @@ def load_model(path: str, recipe: FinetuneRecipe) -> SentenceTransformer:
 
 def pair_datasets(recipe: FinetuneRecipe, model: SentenceTransformer) -> dict[str, datasets.Dataset]:
     """Rows with enough hard negatives as (anchor, positive, negative_1..k); the rest as (anchor, positive)."""
+    return {name: ds for sets in pair_datasets_by_kind(recipe, model).values() for name, ds in sets.items()}
+
+
+def pair_datasets_by_kind(recipe: FinetuneRecipe, model: SentenceTransformer) -> dict[str, dict[str, datasets.Dataset]]:
+    """The pair datasets under their objective: "pairs" (short texts) and "long_pairs" (`long_pair_kinds`)."""
     pairs = without_sources(DataBuild(recipe.data).pairs_dataset(), recipe).shuffle(seed=recipe.seed)
     if recipe.pair_kinds is not None:
         kinds = pairs["kind"]
@@ -166,18 +170,19 @@ def pair_datasets(recipe: FinetuneRecipe, model: SentenceTransformer) -> dict[st
     def expand(row):
         return {f"negative_{i + 1}": row["negatives"][i] for i in range(k)}
 
-    out = {}
-    for prefix, keep_long in (("pairs", False), ("long_pairs", True)):
+    out: dict[str, dict[str, datasets.Dataset]] = {}
+    for objective, keep_long in (("pairs", False), ("long_pairs", True)):
         part = pairs.filter(lambda kind, keep_long=keep_long: (kind in long_kinds) == keep_long, input_columns="kind")
         with_negatives = part.filter(lambda negatives: len(negatives) >= k > 0, input_columns="negatives")
         plain = part.filter(lambda negatives: not len(negatives) >= k > 0, input_columns="negatives")
+        sets = out[objective] = {}
         if len(with_negatives):
             columns = ["anchor", "positive"] + [f"negative_{i + 1}" for i in range(k)]
-            out[f"{prefix}_hard"] = with_negatives.map(expand).select_columns(columns)
+            sets[f"{objective}_hard"] = with_negatives.map(expand).select_columns(columns)
         if len(plain):
-            out[prefix] = plain.select_columns(["anchor", "positive"])
+            sets[objective] = plain.select_columns(["anchor", "positive"])
     if recipe.mined_negatives:  # only short texts: mining encodes every positive
-        out = {name: mine(ds, model, recipe) if name.startswith("pairs") else ds for name, ds in out.items()}
+        out["pairs"] = {name: mine(ds, model, recipe) for name, ds in out["pairs"].items()}
     return out
 
 
@@ -249,7 +254,8 @@ def mse_texts(recipe: FinetuneRecipe) -> list[str]:
     definitions and documents from the corpus, and the pairs' own short terms when the pool names "pairs".
 
     The draw is made over the whole pool before excluded sources are removed, so a leave-one-source-out run takes the
-    same texts as the full run minus the excluded ones (and finds their teacher embeddings cached)."""
+    same texts as the full run minus the excluded ones (and finds their teacher embeddings cached). train.distill
+    draws its texts here too, from a PretrainRecipe, which has the same keys."""
     data = DataBuild(recipe.data)
     if (recipe.distill_mse_pool or ["corpus"]) == ["corpus"] and not (
         recipe.exclude_sources or recipe.distill_max_chars
@@ -424,6 +430,46 @@ def pair_loss(recipe: FinetuneRecipe, model: SentenceTransformer):
     raise ValueError(f"unknown pair_loss {recipe.pair_loss!r}: cached_mnrl, mnrl or none")
 
 
+def long_pair_loss(recipe: FinetuneRecipe, model: SentenceTransformer):
+    """Long texts: CachedMNRL in mini-batches of `long_mini_batch_size`, whatever `pair_loss` is."""
+    return st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=recipe.long_mini_batch_size)
+
+
+def mse_loss(model: SentenceTransformer, teacher_dim: int):
+    """Embedding MSE to the teacher; a student of another width (e.g. `base`) regresses through a learned projection."""
+    student_dim = model.get_embedding_dimension()
+    return st_losses.MSELoss(model, projection_dim=teacher_dim if teacher_dim != student_dim else None)
+
+
+def kl_loss(recipe: FinetuneRecipe, model: SentenceTransformer):
+    return st_losses.DistillKLDivLoss(
+        model, temperature=recipe.kl_temperature, teacher_temperature=recipe.kl_teacher_temperature
+    )
+
+
+def objective_losses(
+    recipe: FinetuneRecipe, model: SentenceTransformer, objectives: dict[str, dict[str, datasets.Dataset]]
+) -> dict[str, torch.nn.Module]:
+    """The loss of every dataset, chosen by the objective it was made for ("pairs", "long_pairs", "distill_mse",
+    "distill_kl"): one loss per objective, shared by its datasets, built only when the objective has data."""
+    losses = {}
+    for objective, sets in objectives.items():
+        if not sets:
+            continue
+        if objective == "pairs":
+            loss = matryoshka(pair_loss(recipe, model), recipe)
+        elif objective == "long_pairs":
+            loss = matryoshka(long_pair_loss(recipe, model), recipe)
+        elif objective == "distill_mse":
+            loss = mse_loss(model, teacher_dim=len(next(iter(sets.values()))[0]["label"]))
+        elif objective == "distill_kl":
+            loss = matryoshka(kl_loss(recipe, model), recipe)
+        else:
+            raise ValueError(f"no loss for the objective {objective!r}")
+        losses |= dict.fromkeys(sets, loss)
+    return losses
+
+
 def matryoshka(loss: torch.nn.Module, recipe: FinetuneRecipe) -> torch.nn.Module:
     """The loss applied at every Matryoshka dimension (full size first), or unchanged without `matryoshka_dims`."""
     if not recipe.matryoshka_dims:
@@ -454,35 +500,22 @@ def training_arguments(recipe, **settings) -> SentenceTransformerTrainingArgumen
     return SentenceTransformerTrainingArguments(**arguments)
 
 
-def train(recipe: FinetuneRecipe) -> Path:
-    output_dir = Path(recipe.output_dir)
-    model = load_model(recipe.init, recipe)
-    train_sets = pair_datasets(recipe, model) if recipe.pair_loss != "none" else {}
-    train_sets |= distill_datasets(recipe)
-    if not train_sets:
+def training_objectives(recipe: FinetuneRecipe, model: SentenceTransformer) -> dict[str, dict[str, datasets.Dataset]]:
+    """Every objective the recipe enables, with its datasets (dataset name -> rows); refuses a recipe that trains
+    nothing."""
+    objectives = pair_datasets_by_kind(recipe, model) if recipe.pair_loss != "none" else {}
+    objectives |= {name: {name: ds} for name, ds in distill_datasets(recipe).items()}  # one dataset per objective
+    if not any(objectives.values()):
         raise ValueError("the recipe trains nothing: enable pairs or a distillation objective")
-    shared_pair_loss = matryoshka(pair_loss(recipe, model), recipe) if recipe.pair_loss != "none" else None
-    long_loss = matryoshka(
-        st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=recipe.long_mini_batch_size), recipe
-    )
-    losses = {}
-    for name in train_sets:
-        if name.startswith("pairs"):
-            losses[name] = shared_pair_loss
-        elif name.startswith("long_pairs"):
-            losses[name] = long_loss
-        elif name == "distill_mse":
-            teacher_dim = len(train_sets[name][0]["label"])
-            student_dim = model.get_embedding_dimension()
-            # a student of another width (e.g. `base`) regresses through a learned projection
-            losses[name] = st_losses.MSELoss(model, projection_dim=teacher_dim if teacher_dim != student_dim else None)
-        elif name == "distill_kl":
-            kl = st_losses.DistillKLDivLoss(
-                model, temperature=recipe.kl_temperature, teacher_temperature=recipe.kl_teacher_temperature
-            )
-            losses[name] = matryoshka(kl, recipe)
-    evaluators = [e for e in [validation_evaluator(recipe), *(benchmark_evaluator(recipe, b) for b in BENCHMARKS)] if e]
+    return objectives
 
+
+def trainer_for(
+    recipe: FinetuneRecipe, model: SentenceTransformer, train_sets: dict[str, datasets.Dataset], losses: dict
+) -> SentenceTransformerTrainer:
+    """The sentence-transformers trainer of the run: every dataset with its loss, sampled in proportion to its size,
+    evaluated on the validation pairs and the benchmarks' samples."""
+    evaluators = [e for e in [validation_evaluator(recipe), *(benchmark_evaluator(recipe, b) for b in BENCHMARKS)] if e]
     args = training_arguments(
         recipe,
         warmup_ratio=recipe.warmup_ratio,
@@ -498,13 +531,21 @@ def train(recipe: FinetuneRecipe) -> Path:
         bf16=torch.cuda.is_available() if recipe.bf16 is None else recipe.bf16,
         prompts=recipe.prompts,
     )
-    trainer = SentenceTransformerTrainer(
+    return SentenceTransformerTrainer(
         model=model,
         args=args,
         train_dataset=datasets.DatasetDict(train_sets),
         loss=losses,
         evaluator=SequentialEvaluator(evaluators) if evaluators else None,
     )
+
+
+def train(recipe: FinetuneRecipe) -> Path:
+    output_dir = Path(recipe.output_dir)
+    model = load_model(recipe.init, recipe)
+    objectives = training_objectives(recipe, model)
+    train_sets = {name: ds for sets in objectives.values() for name, ds in sets.items()}
+    trainer = trainer_for(recipe, model, train_sets, objective_losses(recipe, model, objectives))
     save_recipe(recipe, output_dir / "recipe.json")
     sizes = {name: len(ds) for name, ds in train_sets.items()}
     (output_dir / "datasets.json").write_text(json.dumps(sizes, indent=2) + "\n")
@@ -520,11 +561,7 @@ def train(recipe: FinetuneRecipe) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_recipe_arguments(parser)
-    args = parser.parse_args()
-    recipe = load_recipe(FinetuneRecipe, args.recipe, args.overrides, check_paths=True)
-    print(f"final model: {train(recipe)}")
+    print(f"final model: {train(recipe_from_command_line(FinetuneRecipe, __doc__))}")
 
 
 if __name__ == "__main__":

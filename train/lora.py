@@ -10,7 +10,6 @@ and after. Writes `<output_dir>/adapter` (peft adapter files), `<output_dir>/mer
 the weights: a plain MedEIR SentenceTransformer folder) and `<output_dir>/separation.json`.
 """
 
-import argparse
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from sentence_transformers import losses as st_losses
 from corpus.dataset import DataBuild
 from train.finetune import training_arguments
 from train.metrics import pair_scores
-from train.recipe import add_recipe_arguments, load_recipe, save_recipe
+from train.recipe import recipe_from_command_line, save_recipe
 
 
 @dataclass
@@ -117,10 +116,7 @@ def load_adapted(base: str, adapter_dir: str | Path) -> SentenceTransformer:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_recipe_arguments(parser)
-    args = parser.parse_args()
-    report = train(load_recipe(LoraRecipe, args.recipe, args.overrides, check_paths=True))
+    report = train(recipe_from_command_line(LoraRecipe, __doc__))
     before, after = report["separation_before"], report["separation_after"]
     print(f"separation score: {before['separation']:.4f} -> {after['separation']:.4f} ({report['steps']} steps)")
 

@@ -34,6 +34,11 @@ def monitor(path: str, data: str = "data") -> dict[str, float]:
     return scores
 
 
+def score_table(columns: list[str], benchmarks: list[str], rows: list[str]) -> list[str]:
+    """A markdown table of monitor scores: `columns` that name each row, one column per benchmark, then `rows`."""
+    return ["| " + " | ".join([*columns, *benchmarks]) + " |", "|" + "---|" * (len(columns) + len(benchmarks)), *rows]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", help="SentenceTransformer folders (MedEIR folders need no flag)")

@@ -19,15 +19,13 @@ rather than packed blocks, with the same checkpoints, resume and logs; evaluatio
 agreement with the teacher on held-out texts.
 """
 
-import argparse
 import hashlib
 import itertools
 import json
-import os
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import datasets
 import evaluate
@@ -41,11 +39,12 @@ from transformers import AutoTokenizer, DataCollatorForLanguageModeling, get_lin
 from corpus.dataset import DataBuild
 from modeling_medeir import MedEIRForMaskedLM
 from train.distill import HiddenStateDistillation, WordAlignedDistillation
-from train.recipe import add_recipe_arguments, load_recipe, save_recipe
+from train.recipe import recipe_from_command_line, save_recipe
 from train.sentence_transformers_files import write_sentence_transformers_files
 
 METRIC = str(Path(__file__).parent / "metrics" / "masked_accuracy")
-CRASH_AT_STEP = "MEDEIR_CRASH_AT_STEP"  # fault injection for the resume test: SIGKILL after this step
+DISTILLERS = {"distill": HiddenStateDistillation, "word_distill": WordAlignedDistillation}
+OBJECTIVES = ("mlm", *DISTILLERS)
 
 
 @dataclass
@@ -53,9 +52,9 @@ class PretrainRecipe:
     init: str  # a MedEIRForMaskedLM folder (train.initialize writes one)
     data: str = "data"  # the data build (corpus.dataset): its corpus train and validation texts
     output_dir: str = "runs/pretrain"
-    seq_len: int = 128
+    seq_len: int = 128  # tokens per packed block (distillation: the longest text)
     batch_size: int = 32
-    grad_accum: int = 1
+    grad_accum: int = 1  # batches per optimizer step
     lr: float = 2e-4
     weight_decay: float = 0.01
     warmup_steps: int = 100
@@ -76,7 +75,7 @@ class PretrainRecipe:
     # objective: "mlm", or "distill" (train.distill: hidden-state and embedding distillation from `teacher`; the
     # init must be on a tokenizer that keeps the teacher's ids, and `seq_len` is then the longest text in tokens), or
     # "word_distill" (the same aligned word by word, for a student on another vocabulary: vocabulary transfer)
-    objective: str = "mlm"
+    objective: Literal["mlm", "distill", "word_distill"] = "mlm"
     teacher: str = "minilm"
     distill_texts: int = 40_000  # texts drawn as train.finetune draws its MSE texts (pool, max chars, exclusions)
     distill_pool: list[str] | None = None  # "corpus" and/or "pairs"
@@ -86,6 +85,15 @@ class PretrainRecipe:
     embedding_weight: float = 1.0
     eval_texts: int = 1000  # held-out corpus texts on which agreement with the teacher is measured
     new_rows_only: bool = True  # word_distill: train only the embeddings of tokens the teacher's vocabulary lacks
+
+    # the draw of distillation texts under train.finetune's names, so that train.finetune.mse_texts reads this recipe
+    @property
+    def distill_mse_texts(self) -> int:
+        return self.distill_texts
+
+    @property
+    def distill_mse_pool(self) -> list[str] | None:
+        return self.distill_pool
 
 
 def packed_blocks(
@@ -188,7 +196,126 @@ def save_model(model: MedEIRForMaskedLM, tokenizer, folder: Path) -> None:
     write_sentence_transformers_files(folder, hidden_size=model.config.hidden_size)
 
 
-def train(recipe: PretrainRecipe) -> Path:
+def check_recipe(recipe: PretrainRecipe) -> None:
+    """What the recipe alone can get wrong, checked before any model, tokenizer or text loads."""
+    if recipe.objective not in OBJECTIVES:
+        raise ValueError(f"objective must be 'mlm', 'distill' or 'word_distill', got {recipe.objective!r}")
+    for key in ("batch_size", "grad_accum", "max_steps", "save_every", "eval_every", "seq_len"):
+        if getattr(recipe, key) < 1:
+            raise ValueError(f"recipe key {key} must be 1 or more, got {getattr(recipe, key)}")
+
+
+class MaskedLanguageModelling:
+    """`objective: mlm`: packed blocks of the corpus, masked per batch, evaluated at several lengths.
+
+    The loader yields unmasked rows; each batch is masked with a generator seeded by (seed, rank, batch index), so a
+    resumed run draws the same masks whatever the loader had prefetched before the kill.
+    """
+
+    frozen_rows = None  # every parameter trains
+
+    def __init__(self, recipe: PretrainRecipe, tokenizer, full_model: MedEIRForMaskedLM, accelerator: Accelerator):
+        self.recipe, self.accelerator, self.model = recipe, accelerator, full_model
+        data = DataBuild(recipe.data)
+        with accelerator.main_process_first():
+            blocks = packed_blocks(
+                data.corpus_path("train"),
+                tokenizer,
+                recipe.seq_len,
+                recipe.whole_word_mask,
+                recipe.max_train_texts,
+                recipe.seed,
+            )
+            self.eval_batches = evaluation_batches(recipe, tokenizer, data.corpus_path("validation"))
+        self.collator = DataCollatorForLanguageModeling(
+            tokenizer, mlm_probability=recipe.mlm_probability, whole_word_mask=recipe.whole_word_mask
+        )
+        self.loader = DataLoader(blocks, batch_size=recipe.batch_size, shuffle=True, collate_fn=list, drop_last=True)
+
+    def loss(self, model, rows: list[dict], batch_index: int) -> tuple[torch.Tensor, dict]:
+        rank = self.accelerator.process_index
+        self.collator.generator = torch.Generator().manual_seed(
+            (self.recipe.seed * 1_000_003 + rank) * 1_000_000_007 + batch_index
+        )
+        batch = {k: v.to(self.accelerator.device) for k, v in self.collator(rows).items()}
+        return model(**batch, sparse_prediction=True).loss, {}
+
+    def speed(self, rows_per_second: float) -> dict[str, float]:
+        return {"train/tokens_per_s": rows_per_second * self.recipe.seq_len}
+
+    def evaluate(self, model) -> tuple[dict[str, float], dict[str, str]]:
+        """The evaluation's results, and the progress bar's note."""
+        results = evaluate_lengths(model, self.eval_batches, self.accelerator)
+        return results, {"loss": f"{results[f'eval/loss@{self.recipe.seq_len}']:.3f}"}
+
+
+class Distillation:
+    """`objective: distill` or `word_distill` (train.distill): the encoder alone (the MLM head is neither trained nor
+    run) learns the teacher's hidden states from texts in length buckets, whose order is already a seeded shuffle."""
+
+    def __init__(self, recipe: PretrainRecipe, tokenizer, full_model: MedEIRForMaskedLM, accelerator: Accelerator):
+        self.accelerator, self.model = accelerator, full_model.model
+        with accelerator.main_process_first():
+            self.distiller = DISTILLERS[recipe.objective](recipe, tokenizer, accelerator.device)
+        # word_distill trains only the new rows of the embedding table: its gradient is masked
+        new_rows_only = recipe.objective == "word_distill" and recipe.new_rows_only
+        self.frozen_rows = self.distiller.freeze_shared(self.model) if new_rows_only else None
+        self.loader = DataLoader(self.distiller.texts, batch_size=recipe.batch_size, collate_fn=list, drop_last=True)
+
+    def loss(self, model, rows: list[str], batch_index: int) -> tuple[torch.Tensor, dict]:
+        return self.distiller.loss(model, rows)
+
+    def speed(self, rows_per_second: float) -> dict[str, float]:
+        return {"train/texts_per_s": rows_per_second}
+
+    def evaluate(self, model) -> tuple[dict[str, float], dict[str, str]]:
+        results = self.distiller.evaluate(model, self.accelerator)
+        return results, {"cosine": f"{results['eval/cosine_to_teacher']:.4f}"}
+
+
+def optimizer_and_schedule(recipe: PretrainRecipe, model: torch.nn.Module, frozen_rows, processes: int):
+    """AdamW with weight decay on matrices only, and a linear schedule with warm-up."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # weight decay moves rows whatever their gradient: none on a table whose gradient is masked
+    decay = [p for p in trainable if p.ndim >= 2 and p is not frozen_rows]
+    no_decay = [p for p in trainable if p.ndim < 2 or p is frozen_rows]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr,
+        fused=True,  # one kernel over all parameters (CPU and CUDA): the 52,543-row embedding dominates the update
+    )
+    # a prepared scheduler steps once per process at every optimizer step
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, recipe.warmup_steps * processes, recipe.max_steps * processes
+    )
+    return optimizer, scheduler
+
+
+@dataclass
+class Run:
+    """One prepared run: what every step of the loop uses."""
+
+    recipe: PretrainRecipe
+    accelerator: Accelerator
+    tokenizer: Any
+    full_model: MedEIRForMaskedLM  # what is saved at the end: it holds the trained encoder's parameters
+    objective: MaskedLanguageModelling | Distillation
+    model: torch.nn.Module  # what trains, prepared: the full model, or its encoder alone when distilling
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loader: DataLoader
+    progress: Progress  # progress.step: optimizer steps done, saved with every checkpoint
+    steps_per_epoch: int
+
+    def log(self, values: dict) -> None:
+        self.accelerator.log(values, step=self.progress.step)
+        if self.accelerator.is_main_process:
+            with (Path(self.recipe.output_dir) / "train_log.jsonl").open("a") as f:
+                f.write(json.dumps({"step": self.progress.step, **values}) + "\n")
+
+
+def start_run(recipe: PretrainRecipe) -> Run:
+    """Load the model, the objective's data and the optimizer, prepare them, and resume from the newest checkpoint."""
     output_dir = Path(recipe.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=recipe.grad_accum,
@@ -202,148 +329,117 @@ def train(recipe: PretrainRecipe) -> Path:
     set_seed(recipe.seed)
     tokenizer = AutoTokenizer.from_pretrained(recipe.init, trust_remote_code=True)
     full_model = MedEIRForMaskedLM.from_pretrained(recipe.init, attn_implementation=recipe.attn_implementation)
-    distillers = {"distill": HiddenStateDistillation, "word_distill": WordAlignedDistillation}
-    if recipe.objective not in ("mlm", *distillers):
-        raise ValueError(f"objective must be 'mlm', 'distill' or 'word_distill', got {recipe.objective!r}")
-    distiller, masked = None, None
-    if recipe.objective in distillers:
-        model = full_model.model  # the encoder alone: the MLM head is neither trained nor run
-        with accelerator.main_process_first():
-            distiller = distillers[recipe.objective](recipe, tokenizer, accelerator.device)
-        if recipe.objective == "word_distill" and recipe.new_rows_only:
-            masked = distiller.freeze_shared(model)
-        # texts in length buckets whose order is already a seeded shuffle
-        loader = DataLoader(distiller.texts, batch_size=recipe.batch_size, collate_fn=list, drop_last=True)
-    else:
-        model = full_model
-        data = DataBuild(recipe.data)
-        with accelerator.main_process_first():
-            train_blocks = packed_blocks(
-                data.corpus_path("train"),
-                tokenizer,
-                recipe.seq_len,
-                recipe.whole_word_mask,
-                recipe.max_train_texts,
-                recipe.seed,
-            )
-            eval_batches = evaluation_batches(recipe, tokenizer, data.corpus_path("validation"))
-        collator = DataCollatorForLanguageModeling(
-            tokenizer, mlm_probability=recipe.mlm_probability, whole_word_mask=recipe.whole_word_mask
-        )
-        # The loader yields unmasked rows; each batch is masked in the loop with a generator seeded by (seed, rank,
-        # batch index), so a resumed run draws the same masks whatever the loader had prefetched before the kill.
-        loader = DataLoader(train_blocks, batch_size=recipe.batch_size, shuffle=True, collate_fn=list, drop_last=True)
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    # weight decay moves rows whatever their gradient: none on a table whose gradient is masked
-    decay = [p for p in trainable if p.ndim >= 2 and p is not masked]
-    no_decay = [p for p in trainable if p.ndim < 2 or p is masked]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=recipe.lr,
-        fused=True,  # one kernel over all parameters (CPU and CUDA): the 52,543-row embedding dominates the update
+    kind = Distillation if recipe.objective in DISTILLERS else MaskedLanguageModelling
+    objective = kind(recipe, tokenizer, full_model, accelerator)
+    optimizer, scheduler = optimizer_and_schedule(
+        recipe, objective.model, objective.frozen_rows, accelerator.num_processes
     )
-    # a prepared scheduler steps once per process at every optimizer step
-    processes = accelerator.num_processes
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, recipe.warmup_steps * processes, recipe.max_steps * processes
-    )
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    model, optimizer, loader, scheduler = accelerator.prepare(objective.model, optimizer, objective.loader, scheduler)
     steps_per_epoch = len(loader) // recipe.grad_accum
     if steps_per_epoch == 0:
         raise ValueError(
             f"{len(loader.dataset)} training rows make no full step of {recipe.batch_size} x {recipe.grad_accum}"
         )
-
     progress = Progress(accelerator.project_configuration)
     accelerator.register_for_checkpointing(progress)
     checkpoints = output_dir / "checkpoints"
     if checkpoints.is_dir() and any(checkpoints.iterdir()):
         accelerator.load_state()  # the newest checkpoints/checkpoint_<n>
         accelerator.print(f"resumed from {checkpoints} at step {progress.step}")
-    step = progress.step
     if accelerator.is_main_process:
         save_recipe(recipe, output_dir / "recipe.json")
     accelerator.init_trackers("pretrain", config={k: str(v) for k, v in asdict(recipe).items()})
-    log_file = output_dir / "train_log.jsonl"
+    return Run(
+        recipe, accelerator, tokenizer, full_model, objective, model, optimizer, scheduler, loader, progress,
+        steps_per_epoch,
+    )  # fmt: skip
 
-    def log(values: dict) -> None:
-        accelerator.log(values, step=step)
-        if accelerator.is_main_process:
-            with log_file.open("a") as f:
-                f.write(json.dumps({"step": step, **values}) + "\n")
 
+def train_batch(run: Run, rows: list, batch_index: int) -> tuple[torch.Tensor, dict]:
+    """Forward and backward of one batch; the optimizer steps when the accumulation is complete."""
+    accelerator = run.accelerator
+    with accelerator.accumulate(run.model):
+        loss, parts = run.objective.loss(run.model, rows, batch_index)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(run.model.parameters(), run.recipe.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad()
+    return loss, parts
+
+
+def end_of_step(run: Run) -> dict[str, str]:
+    """After each optimizer step: a checkpoint every `save_every` steps and an evaluation every `eval_every` (both at
+    the last step). Returns the progress bar's note when it evaluated."""
+    step, recipe = run.progress.step, run.recipe
+    if step % recipe.save_every == 0 or step == recipe.max_steps:
+        run.accelerator.save_state()  # checkpoints/checkpoint_<n>, the oldest beyond keep_checkpoints deleted
+    if step % recipe.eval_every == 0 or step == recipe.max_steps:
+        results, note = run.objective.evaluate(run.model)
+        run.log(results)
+        return note
+    return {}
+
+
+def run_steps(run: Run) -> None:
+    """Optimizer steps up to `max_steps`; a resumed run skips the batches its checkpoint had already seen."""
+    recipe, accelerator = run.recipe, run.accelerator
+    step = run.progress.step
     bar = tqdm(total=recipe.max_steps, initial=step, desc="pretrain", disable=not accelerator.is_local_main_process)
-    model.train()
+    run.model.train()
     rows_seen, started = 0, time.perf_counter()
-    epoch = step // steps_per_epoch
+    epoch = step // run.steps_per_epoch
     batches_seen = step * recipe.grad_accum
-    while step < recipe.max_steps:
-        loader.set_epoch(epoch)
-        skip = (step - epoch * steps_per_epoch) * recipe.grad_accum
-        for rows in accelerator.skip_first_batches(loader, skip) if skip else loader:
+    while run.progress.step < recipe.max_steps:
+        run.loader.set_epoch(epoch)
+        skip = (run.progress.step - epoch * run.steps_per_epoch) * recipe.grad_accum
+        for rows in accelerator.skip_first_batches(run.loader, skip) if skip else run.loader:
             batches_seen += 1
-            with accelerator.accumulate(model):
-                if distiller:
-                    loss, parts = distiller.loss(model, rows)
-                else:
-                    collator.generator = torch.Generator().manual_seed(
-                        (recipe.seed * 1_000_003 + accelerator.process_index) * 1_000_000_007 + batches_seen - 1
-                    )
-                    batch = {k: v.to(accelerator.device) for k, v in collator(rows).items()}
-                    loss, parts = model(**batch, sparse_prediction=True).loss, {}
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
+            loss, parts = train_batch(run, rows, batches_seen - 1)
             rows_seen += len(rows)
             if not accelerator.sync_gradients:
                 continue
-            step += 1
+            run.progress.step += 1
             bar.update(1)
             rate = rows_seen * accelerator.num_processes / (time.perf_counter() - started)
-            speed = {"train/texts_per_s": rate} if distiller else {"train/tokens_per_s": rate * recipe.seq_len}
-            log({"train/loss": loss.item(), **parts, "train/lr": scheduler.get_last_lr()[0], **speed})
-            if os.environ.get(CRASH_AT_STEP) == str(step):
-                os.kill(os.getpid(), signal.SIGKILL)
-            if step % recipe.save_every == 0 or step == recipe.max_steps:
-                progress.step = step
-                accelerator.save_state()  # checkpoints/checkpoint_<n>, the oldest beyond keep_checkpoints deleted
-            if step % recipe.eval_every == 0 or step == recipe.max_steps:
-                if distiller:
-                    results = distiller.evaluate(model, accelerator)
-                    bar.set_postfix(cosine=f"{results['eval/cosine_to_teacher']:.4f}")
-                else:
-                    results = evaluate_lengths(model, eval_batches, accelerator)
-                    bar.set_postfix(loss=f"{results[f'eval/loss@{recipe.seq_len}']:.3f}")
-                log(results)
-            if step >= recipe.max_steps:
+            lr = run.scheduler.get_last_lr()[0]
+            run.log({"train/loss": loss.item(), **parts, "train/lr": lr, **run.objective.speed(rate)})
+            note = end_of_step(run)
+            if note:
+                bar.set_postfix(**note)
+            if run.progress.step >= recipe.max_steps:
                 break
         epoch += 1
     bar.close()
 
-    # Every rank must end with the same weights; a divergence (e.g. a rank that skipped a step) fails loudly.
-    hashes = gather_object([weights_sha256(accelerator.unwrap_model(model))])
+
+def finish(run: Run) -> Path:
+    """Check that every rank ends with the same weights, save the final model, and end the run."""
+    accelerator = run.accelerator
+    # a divergence (e.g. a rank that skipped a step) fails loudly
+    hashes = gather_object([weights_sha256(accelerator.unwrap_model(run.model))])
     if len(set(hashes)) != 1:
         raise RuntimeError(f"ranks ended with different weights: {hashes}")
-    log({"weights_sha256": hashes[0], "ranks": len(hashes)})
-
-    final = output_dir / "final"
+    run.log({"weights_sha256": hashes[0], "ranks": len(hashes)})
+    final = Path(run.recipe.output_dir) / "final"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_model(full_model, tokenizer, final)  # holds the trained encoder's parameters
+        save_model(run.full_model, run.tokenizer, final)  # holds the trained encoder's parameters
     accelerator.wait_for_everyone()
     accelerator.end_training()  # last: it also tears down the process group
     return final
 
 
+def train(recipe: PretrainRecipe) -> Path:
+    check_recipe(recipe)  # before anything loads
+    run = start_run(recipe)
+    run_steps(run)
+    return finish(run)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_recipe_arguments(parser)
-    args = parser.parse_args()
-    recipe = load_recipe(PretrainRecipe, args.recipe, args.overrides, check_paths=True)
+    recipe = recipe_from_command_line(PretrainRecipe, __doc__)
     print(f"final model: {train(recipe)}")
 
 

@@ -134,6 +134,15 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
 
+def recipe_from_command_line(cls: type[T], description: str | None, argv: list[str] | None = None) -> T:
+    """A training script's whole command line: `--recipe FILE` and `--set KEY=VALUE`, read into `cls` and checked,
+    input paths included, before anything loads."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_recipe_arguments(parser)
+    args = parser.parse_args(argv)
+    return load_recipe(cls, args.recipe, args.overrides, check_paths=True)
+
+
 def save_recipe(recipe, path: Path) -> None:
     """Write the resolved recipe next to the run's outputs, so a run says exactly how it was made."""
     path.parent.mkdir(parents=True, exist_ok=True)

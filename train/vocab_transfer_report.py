@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 from corpus.dataset import DataBuild
 from modeling_medeir import MedEIRForMaskedLM
 from train.conversion_report import MINILM, hardware
-from train.monitor import CORPUS, QUERIES, monitor
+from train.monitor import CORPUS, QUERIES, monitor, score_table
 from train.pretrain import save_model
 
 CEILING = "minilm-vocab-x0.05"
@@ -128,9 +128,7 @@ def markdown(report: dict) -> str:
             f"In brackets: the gap to {CEILING} (MiniLM converted with the same slopes on its own vocabulary) / to "
             f"{MINILM}.",
             "",
-            "| model | texts seen | " + " | ".join(benchmarks) + " |",
-            "|---|---|" + "---|" * len(benchmarks),
-            *rows,
+            *score_table(["model", "texts seen"], benchmarks, rows),
             "",
             "Training time per run (recipe written to final model saved, evaluation and checkpoints included):",
             "",
