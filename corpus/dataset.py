@@ -14,7 +14,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from corpus.sources import hpo, icd10cm, wordnet
+from corpus.sources import hpo, hpoa, icd10cm, wordnet
 from corpus.split import split_of
 
 DEFAULT_ROOT = Path("data")
@@ -113,6 +113,17 @@ HPO_DEFINITION = BenchmarkInfo(
     "at least 12 words, never rewritten; documents: the names of every HPO term.",
     hpo.group_of,
 )
+HPOA_SYMPTOMS = BenchmarkInfo(
+    "hpoa_symptoms",
+    "HPOSymptomsDiseaseRetrieval",
+    "Symptoms -> disease (everyday words)",
+    "hpoa",
+    "terms",
+    "Symptoms in everyday words -> disease: 3-8 phenotypes of a held-out disease, drawn by annotated frequency and "
+    "written as HPO layperson synonyms where they exist, comma-joined; documents: the names of every disease in "
+    "HPO's phenotype annotations (OMIM, Orphanet, DECIPHER).",
+    hpoa.group_of,
+)
 ICD10CM_INCLUSION = BenchmarkInfo(
     "icd10cm_inclusion",
     "ICD10CMInclusionRetrieval",
@@ -148,9 +159,9 @@ ICD10CM_LONGDOC = BenchmarkInfo(
 )
 # Every benchmark the build writes and the report knows, in report order.
 BENCHMARKS: dict[str, BenchmarkInfo] = {
-    b.name: b for b in (HPO_LAYPERSON, HPO_DEFINITION, ICD10CM_INCLUSION, WORDNET_GLOSS, ICD10CM_LONGDOC)
+    b.name: b for b in (HPO_LAYPERSON, HPO_DEFINITION, HPOA_SYMPTOMS, ICD10CM_INCLUSION, WORDNET_GLOSS, ICD10CM_LONGDOC)
 }
-BENCHMARK_SOURCES = tuple(dict.fromkeys(b.source for b in BENCHMARKS.values()))  # hpo, icd10cm, wordnet
+BENCHMARK_SOURCES = tuple(dict.fromkeys(b.source for b in BENCHMARKS.values()))  # hpo, hpoa, icd10cm, wordnet
 
 
 def benchmarks_of(source: str) -> list[str]:

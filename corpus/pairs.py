@@ -5,6 +5,7 @@ positive, or any positive the same anchor has anywhere in the data (in any kind)
 """
 
 import random
+import re
 from collections.abc import Iterable
 
 from corpus.records import Pair
@@ -87,3 +88,60 @@ def _test_row(text1: str, text2: str, label: float, pair: Pair) -> dict:
         "domain": pair.domain,
         "cardiology": pair.cardiology,
     }
+
+
+# --- cleaning: rows that teach nothing or teach the wrong thing ---------------------------------------------------------
+
+_WORD = re.compile(r"[a-z0-9]+")
+_STOP = frozenset(
+    [
+        "a",
+        "an",
+        "the",
+        "of",
+        "or",
+        "and",
+        "to",
+        "in",
+        "with",
+        "by",
+        "for",
+        "is",
+        "as",
+        "on",
+        "at",
+        "that",
+        "which",
+        "be",
+        "from",
+        "its",
+        "it",
+    ]
+)
+DEFINITION_KINDS = ("hpo_term_definition", "go_name_definition", "wordnet_lemma_gloss", "gcide_headword_definition")
+OBSOLETE_MARK = "[Obs.]"  # GCIDE's mark of an obsolete sense
+
+
+def content_words(text: str) -> frozenset[str]:
+    """Lower-cased words and numbers without function words ("Abnormality of the liver" -> abnormality, liver)."""
+    return frozenset(w for w in _WORD.findall(text.lower()) if w not in _STOP)
+
+
+def defect(pair: Pair) -> str | None:
+    """Why a pair is dropped, or None to keep it:
+    - `empty`: the anchor or the positive has no letter;
+    - `repeats_anchor`: the positive has the anchor's content words and no other (punctuation, case, hyphens, order
+      or function words apart: "[acyl-carrier protein] ..." -> "[acyl-carrier-protein] ...");
+    - `restates_name`: a definition whose content words all occur in the name it defines;
+    - `obsolete`: a definition of a sense its dictionary marks obsolete."""
+    if not any(c.isalpha() for c in pair.anchor) or not any(c.isalpha() for c in pair.positive):
+        return "empty"
+    anchor, positive = content_words(pair.anchor), content_words(pair.positive)
+    if anchor == positive:
+        return "repeats_anchor"
+    if pair.kind in DEFINITION_KINDS:
+        if positive <= anchor:
+            return "restates_name"
+        if OBSOLETE_MARK in pair.positive:
+            return "obsolete"
+    return None

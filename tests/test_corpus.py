@@ -289,10 +289,11 @@ def test_holdout_check_fails_on_a_leak(subset_builds):
 
 
 def test_benchmark_registry_marks_source_query_form_and_document_groups():
-    assert dataset.BENCHMARK_SOURCES == ("hpo", "icd10cm", "wordnet")
+    assert dataset.BENCHMARK_SOURCES == ("hpo", "hpoa", "icd10cm", "wordnet")
     for name, info in BENCHMARKS.items():
         assert info.name == name and info.source in dataset.BENCHMARK_SOURCES and info.queries in ("prose", "terms")
     assert dataset.benchmarks_of("hpo") == ["hpo_layperson", "hpo_definition"]
+    assert dataset.benchmarks_of("hpoa") == ["hpoa_symptoms"]
     assert dataset.benchmarks_of("icd10cm") == ["icd10cm_inclusion", "icd10cm_longdoc"]
     assert [b for b, i in BENCHMARKS.items() if i.queries == "prose"] == ["hpo_definition"]
     assert [b for b, i in BENCHMARKS.items() if i.control] == ["wordnet_gloss"]
@@ -302,6 +303,7 @@ def test_benchmark_registry_marks_source_query_form_and_document_groups():
     assert ICD10CM_LONGDOC.document_group("A01") == "icd10cm:A01"
     assert BENCHMARKS["hpo_layperson"].document_group("HP:0001626") == "hpo:HP:0001626"
     assert BENCHMARKS["wordnet_gloss"].document_group("n00001740") == "wordnet:n00001740"
+    assert BENCHMARKS["hpoa_symptoms"].document_group("OMIM:154700") == "hpoa:OMIM:154700"
 
 
 def test_build_writes_every_file_at_its_contract_path(subset_builds):

@@ -49,7 +49,7 @@ def test_retrieval_metrics_on_three_hand_worked_queries():
 # --- small benchmark subsets from the real data --------------------------------------------------------------------
 
 
-def write_subset(src: Path, dst: Path, queries: int = 6, docs: int = 16, pairs: int = 12, seed: int = 0) -> Path:
+def write_subset(src: Path, dst: Path, queries: int = 6, docs: int = 16, pairs: int = 40, seed: int = 0) -> Path:
     """A few queries of every benchmark in `src`, their relevant documents plus fillers, and a few pairs per label."""
     rng = random.Random(seed)
     for bench in sorted(b for b in BENCHMARKS if DataBuild(src).has_benchmark(b)):

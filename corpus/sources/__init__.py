@@ -3,11 +3,12 @@ plain dataclasses) and `extract` (corpus texts, pairs and counts for the build).
 
 from types import ModuleType
 
-from corpus.sources import gcide, go, hpo, hunspell, icd10cm, mesh, wordnet
+from corpus.sources import gcide, go, hpo, hpoa, hunspell, icd10cm, mesh, wordnet
 
 SOURCES: dict[str, ModuleType] = {
     "icd10cm": icd10cm,
     "hpo": hpo,
+    "hpoa": hpoa,
     "go": go,
     "mesh": mesh,
     "wordnet": wordnet,
