@@ -164,11 +164,14 @@ def inputs_of(data: DataBuild, source: str) -> dict:
     return {"pairs": pairs[:12], **{n: checksums(data, n) for n in scored_benchmarks(data, source)}}
 
 
-def baseline_scores(data: DataBuild, names: list[str], cache: Path, max_queries: int, seed: int) -> dict:
-    """Untouched all-MiniLM-L6-v2 and all-mpnet-base-v2 on each benchmark, computed once per benchmark version."""
+def baseline_scores(
+    data: DataBuild, names: list[str], cache: Path, max_queries: int, seed: int, labels: list[str]
+) -> dict:
+    """Untouched baselines (BASELINES) on each benchmark, computed once per benchmark version."""
     stored = json.loads(cache.read_text()) if cache.exists() else {}
     out: dict[str, dict[str, float]] = {}
-    for label, path in BASELINES.items():
+    for label in labels:
+        path = BASELINES[label]
         model = None
         for name in names:
             key = f"{label}|{name}|{checksums(data, name)}|{max_queries}|{seed}"
@@ -219,17 +222,14 @@ def markdown(report: dict) -> str:
         f"{report['queries']} seeded queries per benchmark over every document. Command: `{report['command']}`. "
         f"Hardware: {report['hardware']}; {report['seconds']} s in all.",
         "",
-        "| benchmark | left out | all-MiniLM-L6-v2 | all-mpnet-base-v2 | MiniLM + this build's pairs | vs MiniLM |",
-        "|---|---|---|---|---|---|",
+        "| benchmark | left out | " + " | ".join(base) + " | MiniLM + this build's pairs | vs MiniLM |",
+        "|---|---|" + "---|" * len(base) + "---|---|",
     ]
     for source, run in report["runs"].items():
         for name, score in run["scores"].items():
-            minilm = base["all-MiniLM-L6-v2"][name]
-            label = BENCHMARKS[name].label
-            lines.append(
-                f"| {label} | {source} | {minilm:.4f} | {base['all-mpnet-base-v2'][name]:.4f} | {score:.4f} "
-                f"| {score - minilm:+.4f} |"
-            )
+            measured = " | ".join(f"{scores[name]:.4f}" for scores in base.values())
+            gain = f"{score - base['all-MiniLM-L6-v2'][name]:+.4f}" if "all-MiniLM-L6-v2" in base else "-"
+            lines.append(f"| {BENCHMARKS[name].label} | {source} | {measured} | {score:.4f} | {gain} |")
     lines += ["", "Rows sampled per source (each run):", ""]
     for source, run in report["runs"].items():
         parts = ", ".join(f"{k} {v:,}" for k, v in run["sample_sources"].items())
@@ -254,6 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--queries", type=int, default=QUERIES, help="queries per benchmark (seeded sample)")
     parser.add_argument("--sources", nargs="+", choices=BENCHMARK_SOURCES, help="default: every benchmark source")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--baselines", nargs="+", choices=list(BASELINES), default=list(BASELINES))
     args = parser.parse_args(argv)
     t0 = time.time()
     data = DataBuild(args.data)
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
         path.write_text(json.dumps(runs[source], indent=2) + "\n")
         print(source, runs[source]["scores"], flush=True)
     names = [n for run in runs.values() for n in run["scores"]]
-    baselines = baseline_scores(data, names, out.parent / "baselines.json", args.queries, args.seed)
+    baselines = baseline_scores(data, names, out.parent / "baselines.json", args.queries, args.seed, args.baselines)
     report = {
         "data": str(args.data),
         "mix": mix,
