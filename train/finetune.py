@@ -239,14 +239,18 @@ def without_sources(dataset: datasets.Dataset, recipe: FinetuneRecipe) -> datase
         raise ValueError(f"exclude_sources names sources not in {recipe.data}: {sorted(unknown)}")
     texts = source_texts(str(recipe.data), excluded)
     columns = [c for c in ("text", "anchor", "positive", "negatives") if c in dataset.column_names]
+    return dataset.filter(
+        lambda source, *values: free_of_sources(source, values, excluded, texts), input_columns=["source", *columns]
+    )
 
-    def keep(source: str, *values) -> bool:
-        if source in excluded:
-            return False
-        flat = [t for v in values for t in (v if isinstance(v, list) else [v])]
-        return not any(normalize(t) in texts for t in flat)
 
-    return dataset.filter(keep, input_columns=["source", *columns])
+def free_of_sources(source: str, values, excluded: tuple[str, ...], texts: frozenset[str]) -> bool:
+    """A row that neither comes from an excluded source nor holds one of their texts (`source_texts`); `values` are
+    its text fields, each a string or a list of strings."""
+    if source in excluded:
+        return False
+    flat = [t for v in values for t in (v if isinstance(v, list) else [v])]
+    return not any(normalize(t) in texts for t in flat)
 
 
 def mse_texts(recipe: FinetuneRecipe) -> list[str]:

@@ -27,8 +27,6 @@ alone does not run it again.
 import argparse
 import copy
 import json
-import os
-import platform
 import random
 import sys
 import time
@@ -43,7 +41,8 @@ from tqdm.auto import tqdm
 from corpus.dataset import BENCHMARK_SOURCES, BENCHMARKS, DataBuild, benchmark_file, benchmarks_of, pairs_file
 from corpus.reference import minilm_path, mpnet_path
 from corpus.text import normalize
-from train.finetune import source_texts
+from train.conversion_report import hardware
+from train.finetune import free_of_sources, source_texts
 
 STEPS = 80
 BATCH = 64
@@ -60,12 +59,8 @@ def sample_rows(data: DataBuild, source: str, n: int, seed: int) -> list[dict]:
     """`n` rows of pairs/train.parquet drawn at random (seeded) from those holding no string of `source`."""
     table = data.pairs("train", columns=["anchor", "positive", "negatives", "source"]).to_pylist()
     held = source_texts(str(data.root), (source,))
-    rows = [
-        r
-        for r in table
-        if r["source"] != source
-        and not any(normalize(t) in held for t in (r["anchor"], r["positive"], *r["negatives"]))
-    ]
+    fields = ("anchor", "positive", "negatives")
+    rows = [r for r in table if free_of_sources(r["source"], [r[f] for f in fields], (source,), held)]
     return random.Random(seed).sample(rows, min(n, len(rows)))
 
 
@@ -235,15 +230,6 @@ def markdown(report: dict) -> str:
         parts = ", ".join(f"{k} {v:,}" for k, v in run["sample_sources"].items())
         lines.append(f"- without {source}: {parts} ({run['train_seconds']} s training)")
     return "\n".join(lines) + "\n"
-
-
-def hardware() -> str:
-    names = [
-        line.split(":", 1)[1].strip()
-        for line in Path("/proc/cpuinfo").read_text().splitlines()
-        if line.startswith("model name")
-    ]
-    return f"{names[0] if names else platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 def main(argv: list[str] | None = None) -> dict:
