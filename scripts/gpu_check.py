@@ -349,13 +349,6 @@ def option(args: list[str], name: str) -> str | None:
     return args[args.index(name) + 1] if name in args and args.index(name) + 1 < len(args) else None
 
 
-def pair_kinds(data: Path) -> dict[str, None]:
-    import pyarrow.parquet as pq
-
-    kinds = pq.read_table(data / "pairs" / "train.parquet", columns=["kind"]).column("kind").to_pylist()
-    return dict.fromkeys(sorted(set(kinds)))
-
-
 def recipe(check: Check) -> dict:
     """The recipe script's stages through their own commands, on the carried data, then the model's return."""
     out: dict = {"script": str(check.args.recipe_script), "stages": []}
@@ -394,7 +387,7 @@ def recipe(check: Check) -> dict:
                 continue
             output = run_dir / f"finetune-{len(out['stages'])}"
             sets = [f"data={data}", f"output_dir={output}", *check.sizes.finetune_sets]
-            sets.append("pair_kinds=" + json.dumps(pair_kinds(data)))
+            sets.append("pair_rows=null")  # the carried subset is already the recipe's sample, in the build's mix
             if not Path(values.get("init") or "").exists():  # made by a stage skipped here
                 sets.append(f"init={final or init or check.args.init_fallback}")
             if not teacher:

@@ -188,7 +188,8 @@ def flash_archive(root: Path, target: Path) -> dict:
 
 
 def data_subset(source: Path, target: Path, max_bytes: int, recipe: Path, seed: int = 0) -> dict:
-    """A seeded sample of the recipe's pair kinds, in the recipe's proportions, as large as fits `max_bytes`.
+    """A seeded sample of the training pairs the recipe reads (its `pair_kinds`, else every kind; at most its
+    `pair_rows`), in the build's own proportions, as large as fits `max_bytes`, with at least one row of each kind.
 
     No validation pairs: they feed only the monitoring evaluator, which a run of a few dozen steps never reaches
     (eval_steps 200), and the room is better spent on training rows."""
@@ -197,7 +198,8 @@ def data_subset(source: Path, target: Path, max_bytes: int, recipe: Path, seed: 
     import yaml
 
     pairs = pq.read_table(source / "pairs" / "train.parquet", columns=["kind", "anchor", "positive", "negatives"])
-    wanted = yaml.safe_load(recipe.read_text()).get("pair_kinds") or {}
+    settings = yaml.safe_load(recipe.read_text()) or {}
+    wanted = set(settings.get("pair_kinds") or [])
     kinds = pairs.column("kind").to_pylist()
     rng = random.Random(seed)
     by_kind: dict[str, list[int]] = {}
@@ -206,8 +208,9 @@ def data_subset(source: Path, target: Path, max_bytes: int, recipe: Path, seed: 
             by_kind.setdefault(kind, []).append(i)
     for rows in by_kind.values():
         rng.shuffle(rows)
-    caps = {k: min(len(v), wanted.get(k) or len(v)) for k, v in by_kind.items()}
-    total = sum(caps.values())
+    total = sum(len(rows) for rows in by_kind.values())
+    share = min(1.0, (settings.get("pair_rows") or total) / total)  # the recipe's own sample, at most
+    caps = {k: len(rows) * share for k, rows in by_kind.items()}
 
     def write(fraction: float) -> int:
         keep = sorted(i for k, rows in by_kind.items() for i in rows[: max(1, round(caps[k] * fraction))])
@@ -230,7 +233,7 @@ def data_subset(source: Path, target: Path, max_bytes: int, recipe: Path, seed: 
     return {
         "status": "ok",
         "rows": rows,
-        "of_recipe_rows": total,
+        "of_recipe_rows": round(sum(caps.values())),
         "kinds": sorted(by_kind),
         "bytes": folder_bytes(target),
     }

@@ -1,5 +1,5 @@
-"""MedEIR demo: semantic search over ICD-10-CM codes and HPO terms beside all-MiniLM-L6-v2, similarity of two texts,
-the MedEIR tokenizer next to bert-base-uncased, and long inputs up to 8,192 tokens.
+"""MedEIR demo: semantic search over ICD-10-CM codes, HPO terms and diseases beside all-MiniLM-L6-v2, similarity of two
+texts, the MedEIR tokenizer next to bert-base-uncased, and long inputs up to 8,192 tokens.
 
     python -m space.app [--model PATH_OR_HUB_ID] [--index FILE] [--port 7860]   # in the repository
     python app.py                                                              # in the published Space
@@ -150,10 +150,11 @@ class Page:
             status += f" ({BASELINE_NAME}'s index is not ready yet: {engine.status()}.)"
         return hits_frame(hits), hits_frame(baseline), status
 
-    def run_example(self, query: str):
-        """A search example: the default settings. Raised errors are shown and never cached as the example's output."""
+    def run_example(self, query: str, source: str = "All"):
+        """A search example: the default settings within its source. Raised errors are shown and never cached as the
+        example's output."""
         try:
-            return Page.search.__wrapped__(self, query)
+            return Page.search.__wrapped__(self, query, source=source)
         except InputError as err:
             raise gr.Error(str(err)) from None
 
@@ -258,7 +259,8 @@ def model_card_link(name: str) -> str:
 
 def example_labels(examples: list[dict]) -> list[str]:
     names = {"good": "", "weak": " (a miss: MedEIR's top 10 lacks the answer)"}
-    return [f"{e['query']}{names.get(e.get('kind'), '')}" for e in examples]
+    within = {"All": ""} | {label: f" (searched among {label} entries)" for label in SOURCE_CHOICES[1:]}
+    return [f"{e['query']}{within[e.get('source', 'All')]}{names.get(e.get('kind'), '')}" for e in examples]
 
 
 def build_demo(engine: Engine, examples: dict | None = None) -> gr.Blocks:
@@ -310,8 +312,8 @@ def search_tab(page: Page, demo: gr.Blocks, examples: dict) -> None:
     search_examples = examples.get("search") or []
     if search_examples:
         gr.Examples(
-            [[e["query"]] for e in search_examples],
-            inputs=[query],
+            [[e["query"], e.get("source", "All")] for e in search_examples],
+            inputs=[query, settings[0]],  # the query and the source filter
             outputs=outputs,
             fn=page.run_example,
             cache_examples=True,

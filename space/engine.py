@@ -26,6 +26,7 @@ from request_checks import TokenCounter, has_visible_text, lone_surrogate, read_
 from space.index import (
     PRECISIONS,
     PRECOMPUTED_DIR,
+    SOURCES,
     EmbeddingCache,
     Progress,
     SearchIndex,
@@ -45,7 +46,7 @@ REPO = ROOT if (ROOT / "modeling_medeir.py").is_file() else None
 EXAMPLES_FILE = Path(__file__).resolve().parent / "examples.json"  # written by `python -m space.examples`
 REFERENCE_TOKENIZER = "bert-base-uncased"
 MAX_RESULTS = 100
-SOURCE_CHOICES = ("All", "ICD-10-CM", "HPO")
+SOURCE_CHOICES = ("All", *SOURCES.values())
 
 
 class InputError(ValueError):
@@ -154,8 +155,8 @@ def default_cache_dir() -> Path:
 def default_index(cache_dir: Path) -> Path:
     """The Space's bundled index.parquet, or (in the repository) one built from the data build into the cache.
 
-    Reads data/ when the full data build is there; otherwise builds ICD-10-CM and HPO alone into build/space-data
-    (`python -m corpus.build --only icd10cm,hpo`, about a minute, once).
+    Reads data/ when the full data build is there; otherwise builds ICD-10-CM, HPO and HPO's disease annotations
+    alone into build/space-data (`python -m corpus.build --only icd10cm,hpo,hpoa`, about a minute, once).
     """
     if REPO is None:
         bundled = ROOT / "index.parquet"

@@ -1,11 +1,11 @@
-"""The Space's search index (ICD-10-CM codes and HPO terms), its embeddings on disk, and search over them.
+"""The Space's search index (ICD-10-CM codes, HPO terms, diseases), its embeddings on disk, and search over them.
 
-The index is made from two outputs of the data build (docs/data-contract.md): every ICD-10-CM code title and every
-HPO term ("name. definition"). It is written as one parquet file: into the Space folder at publish time, into a
-local cache for the local demo. Embedding ~66k texts takes minutes on a CPU, so a model's embeddings are precomputed
-(`python -m space.precompute`, shipped in precomputed/) or computed once per (model weights, index) pair and kept on
-disk under a key hashed from both. `SearchIndex` ranks them: exact cosine, and int8 and sign-bit views made from the
-same float embeddings.
+The index is made from three outputs of the data build (docs/data-contract.md): every ICD-10-CM code title, every
+HPO term ("name. definition") and every disease name of HPO's disease annotations. It is written as one parquet file:
+into the Space folder at publish time, into a local cache for the local demo. Embedding ~78k texts takes minutes on a
+CPU, so a model's embeddings are precomputed (`python -m space.precompute`, shipped in precomputed/) or computed once
+per (model weights, index) pair and kept on disk under a key hashed from both. `SearchIndex` ranks them: exact cosine,
+and int8 and sign-bit views made from the same float embeddings.
 """
 
 import hashlib
@@ -22,9 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 # data build benchmark -> label shown in the Space
-SOURCES = {"icd10cm_inclusion": "ICD-10-CM", "hpo_layperson": "HPO"}
+SOURCES = {"icd10cm_inclusion": "ICD-10-CM", "hpo_layperson": "HPO", "hpoa_symptoms": "Disease"}
 INDEX_SCHEMA = pa.schema([("code", pa.string()), ("source", pa.string()), ("text", pa.string())])
-BUILD_SOURCES = "icd10cm,hpo"  # the `--only` subset of `python -m corpus.build` that writes both benchmarks
+BUILD_SOURCES = "icd10cm,hpo,hpoa"  # the `--only` subset of `python -m corpus.build` that writes these benchmarks
 
 Progress = Callable[[float, str], None]
 
@@ -35,7 +35,7 @@ def corpus_files(data_dir: Path) -> list[Path]:
 
 
 def build_index(data_dir: Path) -> pa.Table:
-    """One table (code, source, text) from the data build's ICD-10-CM and HPO benchmark corpora."""
+    """One table (code, source, text) from the data build's ICD-10-CM, HPO and disease benchmark corpora."""
     tables = []
     for (name, label), path in zip(SOURCES.items(), corpus_files(data_dir), strict=True):
         if not path.is_file():
@@ -72,7 +72,7 @@ def read_index(path: Path) -> pa.Table:
 
 
 def ensure_data(data_dir: Path, repo: Path) -> Path:
-    """Run the data build for ICD-10-CM and HPO into `data_dir` unless both corpus files are already there.
+    """Run the data build for the index's sources into `data_dir` unless every corpus file is already there.
 
     The local demo calls this with a folder of its own (build/space-data), never the shared `data/`: a partial
     build there would look like the full corpus to the tokenizer and training jobs.
@@ -86,8 +86,8 @@ def ensure_data(data_dir: Path, repo: Path) -> Path:
 
 
 def index_from_build(repo: Path, out: Path) -> Path:
-    """Write the index made from the repository's data build to `out`: from data/ when it holds both corpora, else
-    from ICD-10-CM and HPO alone built once into build/space-data (never into the shared data/: see ensure_data)."""
+    """Write the index made from the repository's data build to `out`: from data/ when it holds every corpus, else
+    from the index's sources alone built once into build/space-data (never into the shared data/: see ensure_data)."""
     data = Path(repo) / "data"
     if not all(p.is_file() for p in corpus_files(data)):
         data = ensure_data(Path(repo) / "build" / "space-data", repo)

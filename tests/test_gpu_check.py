@@ -9,6 +9,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from scripts import gpu_bench, gpu_check, gpu_prepare
@@ -136,7 +137,11 @@ def test_data_subset_fits_the_room_and_keeps_every_kind(icd_hpo_data, tmp_path):
     room = train_bytes // 3
     small = gpu_prepare.data_subset(icd_hpo_data, tmp_path / "small", room, recipe)
     assert small["status"] == "ok" and small["bytes"] <= room and 0 < small["rows"] < full["rows"]
-    assert small["kinds"] == full["kinds"] and set(gpu_check.pair_kinds(tmp_path / "small")) == set(full["kinds"])
+    written = pq.read_table(tmp_path / "small" / "pairs" / "train.parquet").column("kind").to_pylist()
+    assert small["kinds"] == full["kinds"] == sorted(set(written))
+    build = pq.read_table(icd_hpo_data / "pairs" / "train.parquet").column("kind").to_pylist()
+    for kind in set(build):  # the build's proportions, not re-weighted (one row of each kind at least)
+        assert abs(written.count(kind) / len(written) - build.count(kind) / len(build)) < 0.01 + 1 / len(written)
 
 
 @pytest.mark.slow

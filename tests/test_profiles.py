@@ -188,6 +188,12 @@ def test_sampling_leaves_out_every_string_of_the_source(icd_hpo_data):
     assert len(rows) == 2000 and {r["source"] for r in rows} == {"icd10cm"}
     assert not any(normalize(t) in held for r in rows for t in (r["anchor"], r["positive"], *r["negatives"]))
     assert rows == yardstick.sample_rows(data, "hpo", 2000, seed=0)
+    everything = yardstick.sample_rows(data, yardstick.NOTHING, 2000, seed=0)  # the in-distribution run
+    assert len(everything) == 2000 and {r["source"] for r in everything} == {"icd10cm", "hpo"}
+    assert yardstick.scored_benchmarks(data, "hpo") == ["hpo_layperson", "hpo_definition"]
+    assert set(yardstick.scored_benchmarks(data, yardstick.NOTHING)) == {
+        "hpo_layperson", "hpo_definition", "icd10cm_inclusion"
+    }  # fmt: skip
 
 
 class _Fixed:

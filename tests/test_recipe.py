@@ -37,12 +37,12 @@ def test_a_bad_value_names_its_key(overrides, message):
 def test_values_are_converted_to_their_types():
     recipe = load_recipe(PretrainRecipe, None, ["init=x", "lr=2e-4", "max_grad_norm=1", "max_train_texts=null"])
     assert recipe.lr == 2e-4 and isinstance(recipe.max_grad_norm, float) and recipe.max_train_texts is None
-    finetune = load_recipe(FinetuneRecipe, None, ["init=x", "max_seq_length=256", "pair_kinds={a: 3, b: null}"])
-    assert finetune.max_seq_length == 256 and finetune.pair_kinds == {"a": 3, "b": None}
+    finetune = load_recipe(FinetuneRecipe, None, ["init=x", "max_seq_length=256", "pair_kinds=[a, b]", "pair_rows=9"])
+    assert finetune.max_seq_length == 256 and finetune.pair_kinds == ["a", "b"] and finetune.pair_rows == 9
     with pytest.raises(RecipeError, match=r"recipe key max_seq_length must be int, got 'abc'"):
         load_recipe(FinetuneRecipe, None, ["init=x", "max_seq_length=abc"])
-    with pytest.raises(RecipeError, match=r"recipe key pair_kinds.a must be int"):
-        load_recipe(FinetuneRecipe, None, ["init=x", "pair_kinds={a: lots}"])
+    with pytest.raises(RecipeError, match=r"recipe key pair_rows must be int"):
+        load_recipe(FinetuneRecipe, None, ["init=x", "pair_rows=lots"])
 
 
 @pytest.mark.parametrize(

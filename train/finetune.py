@@ -66,7 +66,10 @@ class FinetuneRecipe:
     output_dir: str = "runs/finetune"
     # pairs
     pair_loss: str = "cached_mnrl"  # cached_mnrl | mnrl | none
-    pair_kinds: dict[str, int | None] | None = None  # kind -> most rows to use (null: all); None: every kind, all
+    # The proportions of the kinds are the data build's (corpus.mix writes pairs/train.parquet in them): a recipe
+    # chooses how many rows it samples from the file, and may leave kinds out, never re-weights them.
+    pair_rows: int | None = None  # rows sampled (seeded, uniformly) from the training pairs; None: every row
+    pair_kinds: list[str] | None = None  # only these kinds (None: every kind), in the file's proportions
     long_pair_kinds: list[str] | None = None  # kinds with long texts: own dataset, CachedMNRL in mini-batches
     long_mini_batch_size: int = 8
     hard_negatives: int = 1  # hard negatives per row taken from the build (rows with fewer train in-batch only)
@@ -147,23 +150,28 @@ def pair_datasets(recipe: FinetuneRecipe, model: SentenceTransformer) -> dict[st
     return {name: ds for sets in pair_datasets_by_kind(recipe, model).values() for name, ds in sets.items()}
 
 
-def pair_datasets_by_kind(recipe: FinetuneRecipe, model: SentenceTransformer) -> dict[str, dict[str, datasets.Dataset]]:
-    """The pair datasets under their objective: "pairs" (short texts) and "long_pairs" (`long_pair_kinds`)."""
+def training_pairs(recipe: FinetuneRecipe) -> datasets.Dataset:
+    """The build's training pairs the recipe trains on: without the excluded sources, only `pair_kinds` if set, and
+    a seeded uniform sample of `pair_rows`, so the kinds keep the proportions the build wrote (its mix)."""
+    if recipe.pair_rows is not None and recipe.pair_rows < 1:
+        raise ValueError(f"pair_rows must be a positive number of rows (or null for all), not {recipe.pair_rows}")
     pairs = without_sources(DataBuild(recipe.data).pairs_dataset(), recipe).shuffle(seed=recipe.seed)
     if recipe.pair_kinds is not None:
-        kinds = pairs["kind"]
-        taken: dict[str, int] = {}
-        keep = []
-        for i, kind in enumerate(kinds):  # the first `cap` rows of each kind, in shuffled order
-            if kind in recipe.pair_kinds and taken.get(kind, 0) < (recipe.pair_kinds[kind] or len(kinds)):
-                taken[kind] = taken.get(kind, 0) + 1
-                keep.append(i)
-        missing = sorted(set(recipe.pair_kinds) - set(taken))
+        missing = sorted(set(recipe.pair_kinds) - set(pairs.unique("kind")))
         if missing and not recipe.exclude_sources:
             raise ValueError(f"pair kinds not in {DataBuild(recipe.data).pairs_path()}: {missing}")
         if missing:  # leave-one-source-out: the same recipe without the excluded sources' kinds
             print(f"pair kinds left out with {recipe.exclude_sources}: {missing}")
-        pairs = pairs.select(keep)
+        wanted = set(recipe.pair_kinds)
+        pairs = pairs.filter(lambda kind: kind in wanted, input_columns="kind")
+    if recipe.pair_rows is not None:  # the first rows of the shuffled file: a uniform sample, the build's proportions
+        pairs = pairs.select(range(min(recipe.pair_rows, len(pairs))))
+    return pairs
+
+
+def pair_datasets_by_kind(recipe: FinetuneRecipe, model: SentenceTransformer) -> dict[str, dict[str, datasets.Dataset]]:
+    """The pair datasets under their objective: "pairs" (short texts) and "long_pairs" (`long_pair_kinds`)."""
+    pairs = training_pairs(recipe)
     k = recipe.hard_negatives
     long_kinds = set(recipe.long_pair_kinds or [])
 

@@ -1,0 +1,72 @@
+"""MaxSim evaluation (evaluation.multi_vector) on a slice of a real benchmark with tiny models: search, reranking and
+their scores agree with what MaxSim and cosine must give."""
+
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.multi_vector_encoder import MultiVectorEncoder
+
+from corpus.dataset import DataBuild
+from evaluation import multi_vector
+
+BENCHMARK = "hpo_layperson"
+
+
+@pytest.fixture(scope="module")
+def echo_build(icd_hpo_data, tmp_path_factory) -> Path:
+    """120 documents of the real HPO benchmark whose 12 queries are copies of 12 of them: each query's one relevant
+    document is the identical text."""
+    corpus = DataBuild(icd_hpo_data).benchmark(BENCHMARK).corpus
+    ids = random.Random(0).sample(sorted(corpus), 120)
+    root = tmp_path_factory.mktemp("echo-build")
+    folder = DataBuild(root).benchmark_dir(BENCHMARK)
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"id": ids, "text": [corpus[i] for i in ids]}), folder / "corpus.parquet")
+    echoed = ids[::10]
+    queries = [f"q{n}" for n in range(len(echoed))]
+    pq.write_table(pa.table({"id": queries, "text": [corpus[i] for i in echoed]}), folder / "queries.parquet")
+    qrels = {"query_id": queries, "doc_id": echoed, "score": [1] * len(echoed)}
+    pq.write_table(pa.table(qrels), folder / "qrels.parquet")
+    return root
+
+
+@pytest.fixture(scope="module")
+def models(tiny_medeir_init) -> tuple[MultiVectorEncoder, SentenceTransformer]:
+    """The tiny init as a MultiVectorEncoder (no skiplist: every token of a text is scored) and as a dense model."""
+    torch.manual_seed(0)
+    late = MultiVectorEncoder(str(tiny_medeir_init), trust_remote_code=True)
+    return late, SentenceTransformer(str(tiny_medeir_init), trust_remote_code=True)
+
+
+def test_a_query_identical_to_a_document_finds_it_first(echo_build, models):
+    """Every query token meets itself in the identical document (score 1 per token, the most MaxSim can give), and
+    the identical text has cosine 1: each method, and the rerank, must put that document first."""
+    late, dense = models
+    scores = multi_vector.evaluate(late, echo_build, [BENCHMARK], max_queries=10, dense=dense, depth=20)
+    entry = scores[BENCHMARK]
+    assert (entry["queries"], entry["documents"]) == (10, 120)
+    for method in ("maxsim", "dense", "dense_then_maxsim"):
+        assert entry[method]["recall_at_1"] == pytest.approx(1.0), (method, entry[method])
+        assert entry[method]["ndcg_at_10"] == pytest.approx(1.0), (method, entry[method])
+
+
+def test_chunked_search_and_a_rerank_of_everything_equal_one_full_maxsim_pass(echo_build, models):
+    late, _ = models
+    benchmark = DataBuild(echo_build).benchmark(BENCHMARK)
+    queries, corpus = benchmark.queries, benchmark.corpus
+    full = late.similarity(late.encode_query(list(queries.values())), late.encode_document(list(corpus.values())))
+    chunked = multi_vector.maxsim_search(late, queries, corpus, depth=15, chunk=7)
+    everything = {q: dict.fromkeys(corpus, 0.0) for q in queries}
+    reranked = multi_vector.maxsim_rerank(late, queries, corpus, everything)
+    document_ids = list(corpus)
+    for row, q in enumerate(queries):
+        best = full[row].topk(15)
+        expected = {document_ids[j]: v for v, j in zip(best.values.tolist(), best.indices.tolist(), strict=True)}
+        assert list(chunked[q]) == list(expected)
+        assert list(chunked[q].values()) == pytest.approx(list(expected.values()), abs=1e-5)
+        assert [reranked[q][d] for d in document_ids] == pytest.approx(full[row].tolist(), abs=1e-5)
