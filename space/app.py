@@ -259,8 +259,8 @@ def model_card_link(name: str) -> str:
 
 def example_labels(examples: list[dict]) -> list[str]:
     names = {"good": "", "weak": " (a miss: MedEIR's top 10 lacks the answer)"}
-    within = {"All": ""} | {label: f" (searched among {label} entries)" for label in SOURCE_CHOICES[1:]}
-    return [f"{e['query']}{within[e.get('source', 'All')]}{names.get(e.get('kind'), '')}" for e in examples]
+    within = {"All": ""} | {label: f"{label}: " for label in SOURCE_CHOICES[1:]}  # first: long labels are cut
+    return [f"{within[e.get('source', 'All')]}{e['query']}{names.get(e.get('kind'), '')}" for e in examples]
 
 
 def build_demo(engine: Engine, examples: dict | None = None) -> gr.Blocks:
@@ -288,7 +288,8 @@ def header(engine: Engine) -> None:
     baseline = f" and, beside it, by {BASELINE_NAME}" if engine.baseline is not None else ""
     gr.Markdown(
         "# MedEIR: medical text embeddings\n"
-        "Describe a condition in your own words and find the ICD-10-CM codes and HPO terms that match, ranked by "
+        "Describe a condition in your own words and find the ICD-10-CM codes and HPO terms that match, or list "
+        "symptoms and search the diseases (Source: Disease, under Advanced settings), ranked by "
         f"MedEIR{baseline}. MedEIR is an ALiBi encoder that "
         "reads up to 8,192 tokens, with a tokenizer built for medical text.\n\n"
         f"{engine.describe()} ({model_card_link(engine.model_name)})\n\n{NOT_CLINICAL}",

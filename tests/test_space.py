@@ -746,10 +746,13 @@ def test_an_examples_rank_counts_only_the_rows_of_its_source():
 
 
 def test_the_committed_examples_file_is_what_the_page_shows():
+    from space.examples import MAX_EXAMPLE_CHARS
+
     examples = app.read_examples()
     assert examples, "space/examples.json is missing: run `python -m space.examples`"
     kinds = [e["kind"] for e in examples["search"]]
     assert kinds.count("weak") == 2 and kinds.count("good") >= 3
+    assert all(len(e["query"]) <= MAX_EXAMPLE_CHARS for e in examples["search"])  # labels that read as buttons
     assert all(e["ranks"][examples["made_with"]["baseline"]] >= 1 for e in examples["search"])
     assert app.example_labels(examples["search"])[kinds.index("weak")].endswith(
         "(a miss: MedEIR's top 10 lacks the answer)"
@@ -758,5 +761,4 @@ def test_the_committed_examples_file_is_what_the_page_shows():
     symptoms = [e for e in examples["search"] if e["benchmark"] == "hpoa_symptoms"]
     assert symptoms and all(e["source"] == "Disease" and e["query"].count(", ") >= 2 for e in symptoms)
     labels = app.example_labels(symptoms)
-    assert all(label.startswith(e["query"]) and "searched among Disease entries" in label
-               for label, e in zip(labels, symptoms, strict=True))  # fmt: skip
+    assert all(label.startswith(f"Disease: {e['query']}") for label, e in zip(labels, symptoms, strict=True))
