@@ -29,8 +29,8 @@ from space.index import SOURCES
 from space.precompute import report
 
 GOOD_PER_BENCHMARK = {"hpo_layperson": 3, "icd10cm_inclusion": 1, "hpoa_symptoms": 1}
-MAX_EXAMPLE_CHARS = 100  # an example's label is its query: longer ones do not read as a button
 WEAK_PER_BENCHMARK = {"hpo_layperson": 1, "hpoa_symptoms": 1}  # honest misses: MedEIR's top 10 lacks the answer
+MAX_EXAMPLE_CHARS = 100  # an example's label is its query: longer ones do not read as a button
 SEARCHED_WITHIN = {"hpoa_symptoms": SOURCES["hpoa_symptoms"]}  # benchmark -> the one source its examples search
 
 
