@@ -50,10 +50,9 @@ from sentence_transformers.multi_vector_encoder.losses import (
 )
 from sentence_transformers.multi_vector_encoder.modules import MultiVectorMask
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from train import finetune
-from train.recipe import recipe_from_command_line, save_recipe
+from train.recipe import recipe_from_command_line
 
 
 @dataclass
@@ -338,22 +337,9 @@ def trainer_for(
 
 
 def train(recipe: ColbertRecipe) -> Path:
-    output_dir = Path(recipe.output_dir)
     model = load_model(recipe)
     train_sets = training_sets(recipe)
-    trainer = trainer_for(recipe, model, train_sets)
-    save_recipe(recipe, output_dir / "recipe.json")
-    sizes = {name: len(ds) for name, ds in train_sets.items()}
-    (output_dir / "datasets.json").write_text(json.dumps(sizes, indent=2) + "\n")
-    print(f"training sets: {sizes}")
-    last = get_last_checkpoint(str(output_dir / "checkpoints")) if (output_dir / "checkpoints").exists() else None
-    trainer.train(resume_from_checkpoint=last)
-    with (output_dir / "train_log.jsonl").open("w") as f:
-        for entry in trainer.state.log_history:
-            f.write(json.dumps(entry) + "\n")
-    final = output_dir / "final"
-    model.save(str(final), create_model_card=False)
-    return final
+    return finetune.run_to_final(recipe, trainer_for(recipe, model, train_sets), model, train_sets)
 
 
 def main() -> None:

@@ -553,11 +553,18 @@ def trainer_for(
 
 
 def train(recipe: FinetuneRecipe) -> Path:
-    output_dir = Path(recipe.output_dir)
     model = load_model(recipe.init, recipe)
     objectives = training_objectives(recipe, model)
     train_sets = {name: ds for sets in objectives.values() for name, ds in sets.items()}
     trainer = trainer_for(recipe, model, train_sets, objective_losses(recipe, model, objectives))
+    return run_to_final(recipe, trainer, model, train_sets)
+
+
+def run_to_final(recipe, trainer, model, train_sets: dict[str, datasets.Dataset]) -> Path:
+    """What every sentence-transformers run here does around its trainer: record the recipe and the dataset sizes,
+    train (resuming from the newest checkpoint under `<output_dir>/checkpoints`), write the log, save
+    `<output_dir>/final`."""
+    output_dir = Path(recipe.output_dir)
     save_recipe(recipe, output_dir / "recipe.json")
     sizes = {name: len(ds) for name, ds in train_sets.items()}
     (output_dir / "datasets.json").write_text(json.dumps(sizes, indent=2) + "\n")
