@@ -36,7 +36,6 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Transformer
 from sentence_transformers.base.modules.dense import Dense
-from sentence_transformers.base.sampler import MultiDatasetBatchSamplers
 from sentence_transformers.multi_vector_encoder import (
     MultiVectorEncoder,
     MultiVectorEncoderTrainer,
@@ -313,20 +312,7 @@ def trainer_for(
     """The multi-vector trainer of the run: every dataset with its loss, sampled in proportion to its size,
     evaluated on the validation pairs."""
     evaluator = validation_evaluator(recipe)
-    args = training_arguments(
-        recipe,
-        warmup_ratio=recipe.warmup_ratio,
-        weight_decay=recipe.weight_decay,
-        multi_dataset_batch_sampler=MultiDatasetBatchSamplers.PROPORTIONAL,
-        eval_strategy="steps" if evaluator else "no",
-        eval_steps=recipe.eval_steps,
-        save_strategy="steps",
-        save_steps=recipe.save_steps,
-        save_total_limit=recipe.save_total_limit,
-        logging_steps=recipe.logging_steps,
-        report_to=["tensorboard"],
-        bf16=torch.cuda.is_available() if recipe.bf16 is None else recipe.bf16,
-    )
+    args = training_arguments(recipe, **finetune.run_settings(recipe, evaluated=evaluator is not None))
     return MultiVectorEncoderTrainer(
         model=model,
         args=args,

@@ -522,27 +522,31 @@ def training_objectives(recipe: FinetuneRecipe, model: SentenceTransformer) -> d
     return objectives
 
 
+def run_settings(recipe, evaluated: bool) -> dict:
+    """The trainer settings every sentence-transformers run here takes from its recipe: schedule, datasets sampled
+    in proportion to their size, evaluation, checkpoints, logging, bf16 (on a CUDA GPU unless the recipe says)."""
+    return {
+        "warmup_ratio": recipe.warmup_ratio,
+        "weight_decay": recipe.weight_decay,
+        "multi_dataset_batch_sampler": MultiDatasetBatchSamplers.PROPORTIONAL,
+        "eval_strategy": "steps" if evaluated else "no",
+        "eval_steps": recipe.eval_steps,
+        "save_strategy": "steps",
+        "save_steps": recipe.save_steps,
+        "save_total_limit": recipe.save_total_limit,
+        "logging_steps": recipe.logging_steps,
+        "report_to": ["tensorboard"],
+        "bf16": torch.cuda.is_available() if recipe.bf16 is None else recipe.bf16,
+    }
+
+
 def trainer_for(
     recipe: FinetuneRecipe, model: SentenceTransformer, train_sets: dict[str, datasets.Dataset], losses: dict
 ) -> SentenceTransformerTrainer:
     """The sentence-transformers trainer of the run: every dataset with its loss, sampled in proportion to its size,
     evaluated on the validation pairs and the benchmarks' samples."""
     evaluators = [e for e in [validation_evaluator(recipe), *(benchmark_evaluator(recipe, b) for b in BENCHMARKS)] if e]
-    args = training_arguments(
-        recipe,
-        warmup_ratio=recipe.warmup_ratio,
-        weight_decay=recipe.weight_decay,
-        multi_dataset_batch_sampler=MultiDatasetBatchSamplers.PROPORTIONAL,
-        eval_strategy="steps" if evaluators else "no",
-        eval_steps=recipe.eval_steps,
-        save_strategy="steps",
-        save_steps=recipe.save_steps,
-        save_total_limit=recipe.save_total_limit,
-        logging_steps=recipe.logging_steps,
-        report_to=["tensorboard"],
-        bf16=torch.cuda.is_available() if recipe.bf16 is None else recipe.bf16,
-        prompts=recipe.prompts,
-    )
+    args = training_arguments(recipe, **run_settings(recipe, evaluated=bool(evaluators)), prompts=recipe.prompts)
     return SentenceTransformerTrainer(
         model=model,
         args=args,
