@@ -26,6 +26,9 @@ HANDLER_LIMITS: dict[str, int | None] = {
     "MEDEIR_MAX_TOTAL_CHARS": 1_000_000,  # characters per request
     "MEDEIR_MAX_TOTAL_TOKENS": 131_072,  # tokens per request, prompts included
     "MEDEIR_MAX_BATCH_TOKENS": 16_384,  # padded tokens per forward pass: bounds peak memory, not what is accepted
+    # token vectors per multi-vector response (two 8,192-token documents): bounds the response, ~2.1M numbers at 128
+    # dimensions, whatever the token limits allow
+    "MEDEIR_MAX_TOTAL_VECTORS": 16_384,
 }
 # The demo's limits. None: no fixed default, the demo chooses at start-up.
 DEMO_LIMITS: dict[str, int | None] = {
@@ -72,26 +75,38 @@ def lone_surrogate(text: str) -> int | None:
 
 
 class TokenCounter:
-    """Tokens the model reads per text ([CLS] and [SEP] included, never truncated); safe from any thread.
+    """Tokens the model reads per text ([CLS] and [SEP] included, never truncated unless `max_length` is given); safe
+    from any thread.
 
-    Counts come from a private copy of the fast tokenizer that never pads or truncates. The model's own tokenizer is
-    reconfigured (padding, truncation) by every encode call: counting with it from several request threads at once
-    flipped its state under a concurrent encode. A slow (Python) tokenizer has no such copy and is called under a lock.
+    Counts come from a private copy of the fast tokenizer that never pads (and truncates only at `max_length`, as the
+    model's tokenizer does when it encodes with that limit). The model's own tokenizer is reconfigured (padding,
+    truncation) by every encode call: counting with it from several request threads at once flipped its state under a
+    concurrent encode. A slow (Python) tokenizer has no such copy and is called under a lock.
     """
 
-    def __init__(self, tokenizer, fast=None):
-        """`tokenizer`: the model's; `fast`: the `tokenizers` object to copy, if not the tokenizer's own backend."""
+    def __init__(self, tokenizer, fast=None, max_length: int | None = None):
+        """`tokenizer`: the model's; `fast`: the `tokenizers` object to copy, if not the tokenizer's own backend;
+        `max_length`: cut every text to this many tokens (special tokens included) on the tokenizer's truncation side."""
         fast = fast if fast is not None else getattr(tokenizer, "backend_tokenizer", None)
         self._tokenizer = tokenizer
+        self._max_length = max_length
         self._fast = copy.deepcopy(fast) if fast is not None else None
         if self._fast is not None:
             self._fast.no_padding()
-            self._fast.no_truncation()
+            if max_length is None:
+                self._fast.no_truncation()
+            else:
+                self._fast.enable_truncation(max_length, direction=getattr(tokenizer, "truncation_side", "right"))
         self._lock = threading.Lock()
 
     def __call__(self, texts: list[str]) -> list[int]:
+        return [len(ids) for ids in self.ids(texts)]
+
+    def ids(self, texts: list[str]) -> list[list[int]]:
+        """The token ids the model reads per text, special tokens included."""
         if self._fast is not None:
-            return [len(e.ids) for e in self._fast.encode_batch(texts, add_special_tokens=True)]
+            return [e.ids for e in self._fast.encode_batch(texts, add_special_tokens=True)]
+        cut = {"truncation": True, "max_length": self._max_length} if self._max_length else {"truncation": False}
         with self._lock:
-            encoded = self._tokenizer(texts, add_special_tokens=True, truncation=False, padding=False, verbose=False)
-        return [len(ids) for ids in encoded["input_ids"]]
+            encoded = self._tokenizer(texts, add_special_tokens=True, padding=False, verbose=False, **cut)
+        return [list(ids) for ids in encoded["input_ids"]]

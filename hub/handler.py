@@ -13,7 +13,20 @@ Requests
     {"inputs": {"source_sentence": "text", "sentences": ["text", ...]}}     (the Hub's sentence-similarity task)
         -> [float, ...]: cosine similarity of the source sentence to each sentence
 
+A late-interaction (ColBERT) folder, one that sentence-transformers' MultiVectorEncoder saved (train.colbert's output;
+its config_sentence_transformers.json says "model_type": "MultiVectorEncoder"), is loaded as a MultiVectorEncoder and
+serves one vector per token instead:
+    {"inputs": "text" | ["text", ...], "parameters": {"output": "multi_vector", "input_type": "query" | "document"}}
+        -> {"multi_vectors": [[[number, ...], ...], ...], "tokens": [int, ...], "dimension": int, "input_type": str}
+           multi_vectors[i]: input i's token vectors in token order, as MultiVectorEncoder's encode_query /
+           encode_document give them (projected, unit length; padding and, for documents, the model's skiplisted
+           tokens such as punctuation dropped; query expansion tokens added if the model expands queries)
+
 Parameters (all optional)
+    output        str   "dense" (default: one embedding per text) or "multi_vector" (token vectors); each needs a folder
+                        of its kind, and the other is refused with a message naming what the folder is
+    input_type    str   multi_vector only: "document" (default: the document length, prompt and skiplist) or "query"
+                        (the model's query length, 32 tokens for train.colbert's, query prompt and query expansion)
     similarity    bool  add the inputs x inputs cosine matrix (default false)
     truncate      bool  cut inputs longer than the model's limit instead of refusing them (default false); inputs
                         over MEDEIR_MAX_CHARS characters are then cut to that many characters before tokenizing
@@ -26,17 +39,30 @@ Parameters (all optional)
                         per-dimension ranges calibrated once per replica on the model's embeddings of 2,048
                         vocabulary words, so they compare across requests and replicas. "similarity" is always
                         computed in float32.
+For "output": "multi_vector", "truncate" cuts at the side's token limit (queries: the model's query length),
+"prompt_name" replaces the side's own prompt, "truncate_dim" keeps the first N dimensions of every token vector and
+renormalises it, and "similarity" or a precision other than "float32" is refused: token vectors are scored with MaxSim,
+which the client computes from them.
 
-`tokens` counts what the model reads for each input: the prompt, the text, [CLS] and [SEP].
+`tokens` counts what the model reads for each input: the prompt, the text, [CLS] and [SEP] (for multi-vector output
+after the cut at the side's limit, without query expansion tokens).
 
 Errors: a request that breaks a rule raises ValueError with a message naming the input and the limit. The
 Endpoints toolkit answers any exception from a handler with HTTP 400 and {"error": "<message>"}, so this is
 what a client sees. The limits (environment variables, checked when the replica starts) are HANDLER_LIMITS in
-request_checks.py; the model's token limit per input is 8,192. A fault of the deployment (weights that give NaN)
-raises RuntimeError.
+request_checks.py; the model's token limit per input is 8,192. MEDEIR_MAX_TOTAL_VECTORS (default 16,384) bounds the
+token vectors of one multi-vector response: each input's count is known from the tokenizer before anything is
+encoded, and a request over the limit is refused then. A fault of the deployment (weights that give NaN) raises
+RuntimeError; a multi-vector folder whose vector counts the handler cannot predict (token pooling, say) stops the
+replica at start-up.
+
+Threads: token counts use private tokenizer copies, so any number of requests are checked at once. Dense requests
+encode concurrently; multi-vector encodes run one at a time, because queries and documents set different truncation
+and padding on the model's one tokenizer, and two at once would cut each other's texts.
 """
 
 import importlib.util
+import json
 import os
 import threading
 from typing import Any
@@ -44,6 +70,8 @@ from typing import Any
 import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
+from sentence_transformers.multi_vector_encoder import MultiVectorEncoder
+from sentence_transformers.multi_vector_encoder.modules import MultiVectorMask
 
 try:  # the current module path; the older one (deprecated in 6.2) where it is missing
     from sentence_transformers.util.quantization import quantize_embeddings
@@ -55,6 +83,8 @@ from request_checks import HANDLER_LIMITS as LIMITS
 from request_checks import TokenCounter, has_visible_text, lone_surrogate, read_limits
 
 PARAMETERS = {
+    "output": str,
+    "input_type": str,
     "similarity": bool,
     "truncate": bool,
     "batch_size": int,
@@ -63,6 +93,8 @@ PARAMETERS = {
     "precision": str,
 }
 PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
+OUTPUTS = ("dense", "multi_vector")
+INPUT_TYPES = ("document", "query")
 # MEDEIR_BACKEND: "torch" (sentence-transformers, the default) or "onnx" (onnxruntime on the folder's ONNX file,
 # MEDEIR_ONNX_FILE, default onnx/model.onnx; onnx/model_qint8_avx512_vnni.onnx is the int8 one). The ONNX graph
 # materialises each attention matrix, so its memory grows with the square of the input length.
@@ -92,6 +124,24 @@ def _onnx_model(path: str, file_name: str):
     return module.OnnxEncoder(path, file_name), config
 
 
+def folder_kind(path: str) -> str:
+    """ "multi_vector" for a folder a MultiVectorEncoder saved (its config_sentence_transformers.json says so), else
+    "dense"."""
+    settings = os.path.join(path, "config_sentence_transformers.json")
+    if os.path.isfile(settings):
+        with open(settings, encoding="utf-8") as f:
+            if json.load(f).get("model_type") == "MultiVectorEncoder":
+                return "multi_vector"
+    return "dense"
+
+
+def skiplist_ids(mask: MultiVectorMask, tokenizer) -> frozenset[int]:
+    """The ids of the mask's skiplist words, resolved as MultiVectorMask resolves them (words the vocabulary lacks
+    would be [UNK] and are left out)."""
+    ids = ((tokenizer.convert_tokens_to_ids(word), word) for word in mask.skiplist_words)
+    return frozenset(i for i, word in ids if i != tokenizer.unk_token_id or word == tokenizer.unk_token)
+
+
 class EndpointHandler:
     """Loaded once per Endpoint replica with the repository folder; called once per request, from several threads."""
 
@@ -102,15 +152,23 @@ class EndpointHandler:
         self.max_total_chars = limits["MEDEIR_MAX_TOTAL_CHARS"]
         self.max_total_tokens = limits["MEDEIR_MAX_TOTAL_TOKENS"]
         self.max_batch_tokens = limits["MEDEIR_MAX_BATCH_TOKENS"]
+        self.max_total_vectors = limits["MEDEIR_MAX_TOTAL_VECTORS"]
+        self.kind = folder_kind(path or ".")
         backend = os.environ.get("MEDEIR_BACKEND", "torch").strip() or "torch"
         if backend not in BACKENDS:
             raise ValueError(f"MEDEIR_BACKEND={backend!r} is not one of {', '.join(BACKENDS)}; fix the setting.")
         self.backend = backend
         if backend == "onnx":
+            if self.kind == "multi_vector":
+                raise ValueError(
+                    f"MEDEIR_BACKEND=onnx serves dense models, and {path or '.'} is a late-interaction "
+                    "(MultiVectorEncoder) folder: serve it with MEDEIR_BACKEND=torch."
+                )
             self.model, config = _onnx_model(path or ".", os.environ.get("MEDEIR_ONNX_FILE") or ONNX_FILE)
         else:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.model = SentenceTransformer(path or ".", trust_remote_code=True, device=device)
+            model_class = MultiVectorEncoder if self.kind == "multi_vector" else SentenceTransformer
+            self.model = model_class(path or ".", trust_remote_code=True, device=device)
             self.model.eval()
             encoder = getattr(self.model[0], "auto_model", None)
             config = getattr(encoder, "config", None)
@@ -128,12 +186,61 @@ class EndpointHandler:
         self._count = TokenCounter(self.model.tokenizer, self.model.counter if backend == "onnx" else None)
         self._ranges: np.ndarray | None = None
         self._ranges_lock = threading.Lock()
+        self._encode_lock = threading.Lock()  # multi-vector encodes only (see the module docstring)
+        if self.kind == "multi_vector":
+            self._prepare_multi_vector(limit, path or ".")
+
+    def _prepare_multi_vector(self, position_limit: int | None, path: str) -> None:
+        """Each side's token limit, skiplist and query expansion as the model applies them, then a check on a few
+        texts that the vector counts predicted from them are the ones the model returns."""
+        transformer = self.model[0]
+        expansion = getattr(transformer, "query_expansion", None)
+        query_length = getattr(transformer, "query_length", None)
+        if expansion is not None:  # the expansion length is the queries' width ("fixed") or their floor ("min")
+            fixed = expansion["strategy"] == "fixed"
+            query_length = expansion["length"] if fixed or not query_length else max(query_length, expansion["length"])
+        self.expansion_length = expansion["length"] if expansion is not None else 0
+
+        def cap(length: int | None) -> int:
+            length = length or self.model.max_seq_length
+            return min(length, position_limit) if position_limit else length
+
+        self.side_tokens = {"query": cap(query_length), "document": cap(getattr(transformer, "document_length", None))}
+        self.max_tokens = self.side_tokens["document"]
+        mask = next((m for m in self.model if isinstance(m, MultiVectorMask)), None)
+        skip = skiplist_ids(mask, self.model.tokenizer) if mask is not None else frozenset()
+        self._skip = {
+            side: skip if mask is not None and side in mask.skiplist_tasks else frozenset() for side in INPUT_TYPES
+        }
+        # the ids each side reads, cut at its limit as the model's tokenizer cuts them: for counting skiplisted tokens
+        self._side_ids = {
+            side: TokenCounter(self.model.tokenizer, max_length=self.side_tokens[side]) for side in INPUT_TYPES
+        }
+        probe = [
+            "fever, cough (dry).",
+            "Cholera due to Vibrio cholerae 01, biovar cholerae",
+            "word " * (min(self.side_tokens["query"], 256) + 8),
+        ]
+        for side in INPUT_TYPES:
+            prompt = self._side_prompt(side, None)
+            prompted = [prompt + text for text in probe]
+            tokens = [min(count, self.side_tokens[side]) for count in self.count_tokens(prompted)]
+            expected = self._vector_counts(prompted, tokens, side)
+            got = [len(v) for v in self._encode_multi_vector(probe, side, prompt, len(probe), None)]
+            if got != expected:
+                raise RuntimeError(
+                    f"{path} returns {got} token vectors for {side}s where its tokenizer and settings give {expected}: "
+                    "the handler cannot bound its responses (a module that changes the number of vectors, such as "
+                    "token pooling, is not supported)."
+                )
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any] | list[float]:
         if not isinstance(data, dict) or "inputs" not in data:
             raise ValueError('The request must be a JSON object with "inputs": a string or a list of strings.')
         parameters = self._parameters(data.get("parameters"))
         inputs = data["inputs"]
+        if parameters["output"] == "multi_vector":
+            return self._multi_vector(inputs, parameters)
         if isinstance(inputs, dict):
             return self._sentence_similarity(inputs, parameters)
         texts = self._texts(inputs, parameters["truncate"])
@@ -164,8 +271,9 @@ class EndpointHandler:
             # bool is a subclass of int: refuse true/false as a batch size
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise ValueError(f'Parameter "{name}" must be {kind.__name__}, not {type(value).__name__}.')
-        defaults = {"similarity": False, "truncate": False, "batch_size": 32, "prompt_name": None}
+        defaults = {"output": "dense", "similarity": False, "truncate": False, "batch_size": 32, "prompt_name": None}
         out = {**defaults, "truncate_dim": None, "precision": "float32", **given}
+        self._check_output(out, given)
         if not 1 <= out["batch_size"] <= 256:
             raise ValueError(f'Parameter "batch_size" must be between 1 and 256, not {out["batch_size"]}.')
         prompts = getattr(self.model, "prompts", None) or {}
@@ -180,6 +288,46 @@ class EndpointHandler:
         if out["precision"] not in PRECISIONS:
             raise ValueError(f'Parameter "precision" must be one of {", ".join(PRECISIONS)}, not "{out["precision"]}".')
         return out
+
+    def _check_output(self, parameters: dict[str, Any], given: dict[str, Any]) -> None:
+        """The output the request asks for must be one this folder gives, with parameters that mean something for it."""
+        output = parameters["output"]
+        if output not in OUTPUTS:
+            raise ValueError(f'Parameter "output" must be one of {", ".join(OUTPUTS)}, not "{output}".')
+        if output == "multi_vector" and self.kind == "dense":
+            raise ValueError(
+                '"output": "multi_vector" needs a late-interaction (MultiVectorEncoder) model, and this Endpoint serves '
+                'a dense (SentenceTransformer) model, which gives one embedding per text: leave "output" out.'
+            )
+        if output == "dense" and self.kind == "multi_vector":
+            raise ValueError(
+                "This Endpoint serves a late-interaction (MultiVectorEncoder) model, which gives one vector per token "
+                'and no single embedding per text: pass "output": "multi_vector" (and "input_type": "query" or '
+                '"document"), with "inputs" a string or a list of strings.'
+            )
+        if output == "dense":
+            if "input_type" in given:
+                raise ValueError(
+                    '"input_type" applies to "output": "multi_vector" only; a dense request picks its prompt with '
+                    '"prompt_name".'
+                )
+            return
+        parameters.setdefault("input_type", "document")
+        if parameters["input_type"] not in INPUT_TYPES:
+            raise ValueError(
+                f'Parameter "input_type" must be one of {", ".join(INPUT_TYPES)}, not "{parameters["input_type"]}".'
+            )
+        if parameters["similarity"]:
+            raise ValueError(
+                '"similarity" applies to "output": "dense" only: token vectors are scored with MaxSim (each query '
+                "vector's best match among a document's, summed), which needs a query and a document; compute it "
+                "from the returned vectors."
+            )
+        if parameters["precision"] != "float32":
+            raise ValueError(
+                f'"output": "multi_vector" returns float32 token vectors only, not "{parameters["precision"]}": '
+                'leave "precision" out.'
+            )
 
     def _texts(self, inputs: Any, truncate: bool, field: str = "inputs") -> list[str]:
         texts = [inputs] if isinstance(inputs, str) else inputs
@@ -234,16 +382,28 @@ class EndpointHandler:
     def _check(self, texts: list[str], parameters: dict[str, Any], field: str = "inputs") -> list[int]:
         """Token counts as the model reads them (prompt included); refuse over-long texts unless truncating."""
         prompt = self._prompt(parameters["prompt_name"])
-        counts = self.count_tokens([prompt + text for text in texts])
+        return self._check_lengths([prompt + text for text in texts], parameters, prompt, self.max_tokens, field)
+
+    def _check_lengths(
+        self,
+        prompted: list[str],
+        parameters: dict[str, Any],
+        prompt: str,
+        limit: int,
+        field: str = "inputs",
+        per: str = "",
+    ) -> list[int]:
+        """Token counts of the prompted texts, cut at `limit` when truncating; an over-long text is refused otherwise."""
+        counts = self.count_tokens(prompted)
         if not parameters["truncate"]:
             for i, count in enumerate(counts):
-                if count > self.max_tokens:
+                if count > limit:
                     with_prompt = f" with the {parameters['prompt_name'] or 'default'} prompt" if prompt else ""
                     raise ValueError(
-                        f"{field}[{i}] is {count:,} tokens long{with_prompt}; the limit is {self.max_tokens:,} tokens "
+                        f"{field}[{i}] is {count:,} tokens long{with_prompt}; the limit is {limit:,} tokens{per} "
                         '(shorten it, or pass "truncate": true to embed its first tokens only).'
                     )
-        return [min(c, self.max_tokens) for c in counts]
+        return [min(c, limit) for c in counts]
 
     def _check_total(self, counts: list[int]) -> list[int]:
         if sum(counts) > self.max_total_tokens:
@@ -322,3 +482,81 @@ class EndpointHandler:
         )
         embeddings = self._encode(texts, tokens, parameters)
         return (embeddings[1:] @ embeddings[0]).tolist()
+
+    # -- multi-vector (late-interaction) output -----------------------------------------------------------------
+    def _multi_vector(self, inputs: Any, parameters: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(inputs, dict):
+            raise ValueError(
+                '"output": "multi_vector" takes "inputs" as a string or a list of strings; the sentence-similarity '
+                'request ("source_sentence", "sentences") is for dense models.'
+            )
+        side = parameters["input_type"]
+        texts = self._texts(inputs, parameters["truncate"])
+        self._check_total_chars(texts)
+        prompt = self._side_prompt(side, parameters["prompt_name"])
+        prompted = [prompt + text for text in texts]
+        limit = self.side_tokens[side]
+        tokens = self._check_total(self._check_lengths(prompted, parameters, prompt, limit, per=f" per {side}"))
+        expected = self._vector_counts(prompted, tokens, side)
+        if sum(expected) > self.max_total_vectors:
+            raise ValueError(
+                f"The request would return {sum(expected):,} token vectors; the limit is {self.max_total_vectors:,} "
+                "per request (MEDEIR_MAX_TOTAL_VECTORS): split it into several requests."
+            )
+        # the model pads each batch to its longest text (a query to at least its expansion length)
+        width = max(max(tokens), self.expansion_length if side == "query" else 0)
+        batch_size = max(1, min(parameters["batch_size"], self.max_batch_tokens // width))
+        vectors = self._encode_multi_vector(texts, side, prompt, batch_size, parameters["truncate_dim"])
+        bad = [i for i, v in enumerate(vectors) if not np.isfinite(v).all()]
+        if bad:
+            raise RuntimeError(
+                f"The model returned NaN or infinite token vectors (inputs {', '.join(map(str, bad[:10]))}): a fault "
+                "of this deployment (its weights or dtype), not of the request."
+            )
+        got = [len(v) for v in vectors]
+        if got != expected:  # checked at start-up; never send a response larger than the one that was allowed
+            raise RuntimeError(f"The model returned {got} token vectors where {expected} were counted beforehand.")
+        return {
+            "multi_vectors": [v.tolist() for v in vectors],
+            "tokens": tokens,
+            "dimension": parameters["truncate_dim"] or self.dimension,
+            "input_type": side,
+        }
+
+    def _side_prompt(self, side: str, prompt_name: str | None) -> str:
+        """The prompt MultiVectorEncoder prepends on this side: the named one, else the side's own ("query"; for
+        documents the first of "document", "passage", "corpus"), else the model's default, else none."""
+        prompts = getattr(self.model, "prompts", None) or {}
+        if prompt_name is None:
+            names = ("query",) if side == "query" else ("document", "passage", "corpus")
+            prompt_name = next((name for name in names if name in prompts), None)
+        return (prompts.get(prompt_name) or "") if prompt_name is not None else self._prompt(None)
+
+    def _vector_counts(self, prompted: list[str], tokens: list[int], side: str) -> list[int]:
+        """Token vectors the model returns per prompted text that it reads as `tokens` tokens on this side: those
+        tokens less the skiplisted ones, plus the query expansion tokens that fill a query up to its length."""
+        skip = self._skip[side]
+        if skip:
+            kept = self._side_ids[side].ids(prompted)
+            counts = [sum(1 for token in ids if token not in skip) for ids in kept]
+        else:
+            counts = list(tokens)
+        if side == "query" and self.expansion_length:
+            counts = [n + max(0, self.expansion_length - t) for n, t in zip(counts, tokens, strict=True)]
+        return counts
+
+    def _encode_multi_vector(
+        self, texts: list[str], side: str, prompt: str, batch_size: int, truncate_dim: int | None
+    ) -> list[np.ndarray]:
+        """Each text's token vectors (float32, tokens x dimension) from encode_query or encode_document."""
+        encode = self.model.encode_query if side == "query" else self.model.encode_document
+        with self._encode_lock:
+            vectors = encode(
+                texts,
+                prompt=prompt,
+                batch_size=batch_size,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+                truncate_dim=truncate_dim,
+            )
+        return [np.asarray(v, dtype=np.float32) for v in vectors]

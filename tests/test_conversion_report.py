@@ -70,3 +70,38 @@ def test_report_scores_every_variant_and_converts_each_once(tiny_data, tmp_path,
     assert converted == ["minilm-vocab-x0"] and scored == [str(runs / "minilm-vocab-x0")]
     assert [v["name"] for v in report["variants"]] == ["minilm-vocab-x1", "minilm-vocab-x0.05", "minilm-vocab-x0"]
     assert json.loads((runs / "minilm-vocab-x0" / "config.json").read_text())["alibi_slopes"] == [0.0] * 12
+
+
+def test_monitor_scores_are_kept_under_the_benchmarks_they_read(tiny_data, tmp_path):
+    """The cache key follows the monitored benchmark files, not the rest of the build: new training pairs keep it,
+    a changed benchmark changes it."""
+    import shutil
+
+    from train.monitor import monitor_version
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_data, copy)
+    (copy / "pairs").mkdir()
+    pq.write_table(pa.Table.from_pylist([{"anchor": "a", "positive": "b"}]), copy / "pairs" / "train.parquet")
+    (copy / "manifest.json").write_text(json.dumps({"dataset_version": "another build"}))
+    assert monitor_version(str(copy)) == monitor_version(str(tiny_data))
+    queries = copy / "benchmarks" / "wordnet_gloss" / "queries.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": "q0", "text": "heart attacks"}]), queries)
+    assert monitor_version(str(copy)) != monitor_version(str(tiny_data))
+
+
+def test_a_chain_of_vocabulary_transfer_runs_is_traced_to_its_conversion(tmp_path):
+    """A run that starts from another run's final model counts that run's texts and reports the same untrained start."""
+    from train.vocab_transfer_report import conversion_start, texts_before
+
+    first, second = tmp_path / "words", tmp_path / "then-texts"
+    for run, init, steps in ((first, "runs/conversion/superset-vocab-x0.05", 10), (second, first / "final", 4)):
+        run.mkdir()
+        recipe = {"init": str(init), "max_steps": steps, "batch_size": 8, "grad_accum": 2}
+        (run / "recipe.json").write_text(json.dumps(recipe))
+    assert conversion_start(str(second / "final")) == "superset-vocab-x0.05"
+    assert texts_before(str(second / "final")) == 4 * 16 + 10 * 16
+    assert (conversion_start("runs/conversion/medeir-vocab-x0.05"), texts_before("runs/conversion/x")) == (
+        "medeir-vocab-x0.05",
+        0,
+    )

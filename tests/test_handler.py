@@ -3,7 +3,6 @@ clear ValueError (the toolkit's HTTP 400 {"error": ...}) for every rule a reques
 
 import json
 import shutil
-import threading
 import time
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from hub.handler import LIMITS, EndpointHandler
+from tests.concurrency import answers_from_threads
 
 LONG = "word " * 9000  # 9,002 tokens with [CLS] and [SEP]
 PROMPT = "search query: find the matching code for this text "
@@ -133,22 +133,7 @@ def test_threads_sharing_one_handler_get_exactly_the_serial_results(handler):
         requests.append({"inputs": texts, "parameters": {"truncate": i % 2 == 0, "batch_size": 4}})
     requests += [{"inputs": ["word " * 300] * 4, "parameters": {"truncate": True}}] * 4  # 302 tokens, under the limit
     serial = [handler(r) for r in requests]
-    results: dict[int, object] = {}
-    start = threading.Barrier(8)
-
-    def worker(k: int) -> None:
-        start.wait()
-        for i in range(k, len(requests), 8):
-            try:
-                results[i] = handler(requests[i])
-            except Exception as err:  # recorded, then asserted below
-                results[i] = err
-
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = answers_from_threads(handler, requests, workers=8)
     for i, expected in enumerate(serial):
         got = results[i]
         assert not isinstance(got, Exception), f"request {i} failed under concurrency: {got!r}"

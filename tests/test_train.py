@@ -22,7 +22,7 @@ from corpus.dataset import DataBuild
 from corpus.text import normalize
 from modeling_medeir import alibi_slopes
 from train.colbert import ColbertRecipe
-from train.distill import aligned_words, check_shared_ids, length_buckets
+from train.distill import aligned_words, check_shared_ids, covering_words, length_buckets
 from train.finetune import FinetuneRecipe
 from train.initialize import convert_minilm, from_scratch, save, scaled_slopes, source_pieces, transfer_embeddings
 from train.initialize import main as initialize_main
@@ -342,11 +342,11 @@ def tiny_teacher(minilm_path, tmp_path_factory) -> Path:
     return path
 
 
-def word_distill(init: Path, teacher: Path, data: Path, out: Path, **kwargs):
+def word_distill(init: Path, teacher: Path, data: Path, out: Path, *extra: str, **kwargs):
     settings = ["objective=word_distill", f"teacher={teacher}", "distill_texts=256", "distill_pool=[corpus, pairs]"]
     # weight decay on purpose: it must not reach the frozen rows of the embedding table
     settings += ["exclude_sources=[hpo]", "eval_texts=32", "eval_every=3", "lr=2e-2", "seq_len=48", "weight_decay=0.1"]
-    return pretrain(init, data, out, *settings, **kwargs)
+    return pretrain(init, data, out, *settings, *extra, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -387,6 +387,47 @@ def test_word_alignment_skips_a_text_whose_words_disagree(minilm_path):
     assert aligned_words(encode(student), encode(teacher), 6) == [0, 2]  # words cut by truncation give no target
     teacher.backend_tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # "Hypercholesterolaemia," one word
     assert aligned_words(encode(student), encode(teacher), 512) == [None, 7]
+
+
+def test_covering_words_are_the_words_that_use_new_rows_most_frequent_first(minilm_path):
+    student = AutoTokenizer.from_pretrained(REPO / "tokenizer")
+    teacher = AutoTokenizer.from_pretrained(minilm_path).get_vocab()
+    new = {i for t, i in student.get_vocab().items() if t not in teacher}
+    texts = ["Cardiomyopathy of the heart", "CARDIOMYOPATHY, dilated", "Hypercholesterolaemia in the heart"]
+    words = covering_words(texts, student, new, limit=10)
+    assert words[0] == "cardiomyopathy"  # twice, normalised as the tokenizer normalises, before words seen once
+    assert {"the", "heart", "of", ","}.isdisjoint(words)  # MiniLM's own tokens: nothing new to learn
+    for word in words:
+        assert new.intersection(student(word, add_special_tokens=False)["input_ids"]), word
+    assert covering_words(texts, student, new, limit=1) == ["cardiomyopathy"]
+    assert covering_words(texts, student, set(), limit=10) == []
+
+
+def test_word_distillation_reads_covering_words_alone(tiny_medeir_init, tiny_teacher, icd_hpo_data, tmp_path):
+    """With no drawn text, the one-word texts alone train, and exactly the new rows that those words use."""
+    from train.finetune import mse_texts
+    from train.pretrain import PretrainRecipe
+
+    result = word_distill(
+        tiny_medeir_init, tiny_teacher, icd_hpo_data, tmp_path, "distill_texts=0", "distill_words=40", "max_steps=5"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    before = load_file(tiny_medeir_init / "model.safetensors")["model.embeddings.word_embeddings.weight"]
+    after = load_file(tmp_path / "final" / "model.safetensors")["model.embeddings.word_embeddings.weight"]
+    changed = set((after != before).any(dim=1).nonzero().flatten().tolist())
+    student = AutoTokenizer.from_pretrained(tiny_medeir_init)
+    teacher = set(AutoTokenizer.from_pretrained(tiny_teacher).get_vocab())
+    new = {i for t, i in student.get_vocab().items() if t not in teacher}
+    pool = mse_texts(
+        PretrainRecipe(
+            init=str(tiny_medeir_init), data=str(icd_hpo_data), distill_texts=10**9, distill_pool=["corpus", "pairs"],
+            exclude_sources=["hpo"],
+        )
+    )  # fmt: skip
+    words = covering_words(pool, student, new, limit=40)
+    assert len(words) == 40  # 5 steps x 8 words
+    used = {i for ids in student(words, add_special_tokens=False)["input_ids"] for i in ids} & new
+    assert changed == used
 
 
 def test_a_killed_word_distillation_resumes_where_it_stopped(

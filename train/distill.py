@@ -20,6 +20,8 @@ Texts are `train.finetune.mse_texts` (same pool, same seeded draw, same `exclude
 length buckets so that short terms and long documents do not pad each other.
 """
 
+import collections
+import dataclasses
 import random
 
 import torch
@@ -76,13 +78,16 @@ class HiddenStateDistillation:
         self.teacher_tokenizer = AutoTokenizer.from_pretrained(folder)
         self.check_tokenizers()
         self.teacher = AutoModel.from_pretrained(folder).to(device).eval().requires_grad_(False)
-        texts = mse_texts(recipe)  # the recipe names its draw as fine-tuning does (PretrainRecipe.distill_mse_texts)
-        self.texts = length_buckets(texts, tokenizer, recipe.batch_size, recipe.seed)
+        self.texts = length_buckets(self.training_texts(), tokenizer, recipe.batch_size, recipe.seed)
         held = DataBuild(recipe.data).corpus("validation", columns=["text"])["text"].to_pylist()
         self.validation = random.Random(recipe.seed).sample(held, min(recipe.eval_texts, len(held)))
 
     def check_tokenizers(self) -> None:
         check_shared_ids(self.tokenizer, self.teacher_tokenizer)
+
+    def training_texts(self) -> list[str]:
+        # the recipe names its draw as fine-tuning does (PretrainRecipe.distill_mse_texts)
+        return mse_texts(self.recipe)
 
     def _encode(self, tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
         batch = tokenizer(
@@ -179,7 +184,9 @@ class WordAlignedDistillation(HiddenStateDistillation):
              + embedding_weight * (1 - cos(e_student(own tokens), e_teacher))
 
     With `new_rows_only` (see `freeze_shared`) only the embeddings of the tokens the teacher's vocabulary lacks train,
-    which is all a mean-of-pieces initialisation got wrong; the teacher's function is kept exactly. A text whose
+    which is all a mean-of-pieces initialisation got wrong; the teacher's function is kept exactly. With
+    `distill_words`, every word of the pool that uses a new row is also read alone (`covering_words`): drawn texts
+    reach only the rows their words happen to use. A text whose
     words do not agree (e.g. a different normaliser) gives no word targets, only the sentence one, and is counted
     (`train/skipped_texts`)."""
 
@@ -187,6 +194,16 @@ class WordAlignedDistillation(HiddenStateDistillation):
         """Word alignment needs no shared ids, only fast tokenizers (word ids and offsets)."""
         if not (self.tokenizer.is_fast and self.teacher_tokenizer.is_fast):
             raise ValueError("word-aligned distillation needs fast tokenizers (word_ids and offsets)")
+
+    def training_texts(self) -> list[str]:
+        """The drawn texts, then `distill_words` one-word texts: the words of the whole pool (excluded sources left
+        out) that use a new row, most frequent first (`covering_words`)."""
+        texts = super().training_texts()
+        if not self.recipe.distill_words:
+            return texts
+        pool = mse_texts(dataclasses.replace(self.recipe, distill_texts=10**12))
+        rows = set(self.new_rows().tolist())
+        return texts + covering_words(pool, self.tokenizer, rows, self.recipe.distill_words)
 
     def new_rows(self) -> torch.Tensor:
         """Ids of the student's tokens that the teacher's vocabulary lacks."""
@@ -250,6 +267,20 @@ class WordAlignedDistillation(HiddenStateDistillation):
             "embedding_own": 1 - (embedding * target).sum(-1).mean(),
             "skipped_texts": torch.tensor(float(skipped)),
         }
+
+
+def covering_words(texts: list[str], tokenizer, rows: set[int], limit: int) -> list[str]:
+    """Up to `limit` distinct words of `texts` whose tokenization uses one of `rows`, most frequent first (ties in
+    alphabetical order). Words are the tokenizer's own (its normaliser, then its pre-tokenizer), the units word
+    alignment matches, so each one read alone as a text is one aligned word: a target at every depth for the rows it
+    uses, whether or not a drawn text happens to contain it."""
+    normalizer, pre_tokenizer = tokenizer.backend_tokenizer.normalizer, tokenizer.backend_tokenizer.pre_tokenizer
+    counts = collections.Counter()
+    for text in texts:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    words = sorted(counts, key=lambda w: (-counts[w], w))
+    ids = tokenizer(words, add_special_tokens=False, verbose=False)["input_ids"]
+    return [word for word, pieces in zip(words, ids, strict=True) if rows.intersection(pieces)][:limit]
 
 
 def word_means(hidden: torch.Tensor, index: torch.Tensor, words: int) -> torch.Tensor:

@@ -9,16 +9,32 @@ CPU; it is not the held-out benchmark (`python -m evaluation.run` scores every q
 """
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
 from sentence_transformers import SentenceTransformer
 
+from corpus.dataset import BENCHMARK_PARTS, DataBuild
 from train.finetune import BENCHMARKS, FinetuneRecipe, benchmark_evaluator
 
 QUERIES = 200
 CORPUS = 5000
 MAX_SEQ_LENGTH = 512
+
+
+def monitor_version(data: str = "data") -> str:
+    """What the monitor's scores depend on: a digest of the monitored benchmarks' files and the sample sizes. Builds
+    that differ only in their training pairs share it, so a score cached under it stays valid across such rebuilds
+    (the build's own version changes with every pair)."""
+    build = DataBuild(data)
+    digest = hashlib.sha256(f"{QUERIES} {CORPUS} {MAX_SEQ_LENGTH}".encode())
+    for name in BENCHMARKS:
+        if build.has_benchmark(name):
+            for part in BENCHMARK_PARTS:
+                path = build.benchmark_dir(name) / f"{part}.parquet"
+                digest.update(f"{name}/{part} {hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def monitor(path: str, data: str = "data") -> dict[str, float]:

@@ -85,6 +85,9 @@ class PretrainRecipe:
     embedding_weight: float = 1.0
     eval_texts: int = 1000  # held-out corpus texts on which agreement with the teacher is measured
     new_rows_only: bool = True  # word_distill: train only the embeddings of tokens the teacher's vocabulary lacks
+    # word_distill: also up to this many words of the pool that use a new row, each read alone (train.distill.
+    # covering_words): the rows no drawn text reaches get targets too, at a few tokens a word
+    distill_words: int = 0
 
     # the draw of distillation texts under train.finetune's names, so that train.finetune.mse_texts reads this recipe
     @property
@@ -203,6 +206,11 @@ def check_recipe(recipe: PretrainRecipe) -> None:
     for key in ("batch_size", "grad_accum", "max_steps", "save_every", "eval_every", "seq_len"):
         if getattr(recipe, key) < 1:
             raise ValueError(f"recipe key {key} must be 1 or more, got {getattr(recipe, key)}")
+    if recipe.distill_words < 0 or (recipe.distill_words and recipe.objective != "word_distill"):
+        raise ValueError(
+            f"distill_words must be 0 or more, and is read by objective word_distill only (got {recipe.distill_words} "
+            f"with objective {recipe.objective})"
+        )
 
 
 class MaskedLanguageModelling:

@@ -5,9 +5,10 @@
 RUN: the output folder of a `train.pretrain` run with `objective: word_distill`
 (train/recipes/pretrain-vocab-transfer-small.yaml). Each of its checkpoints (one every `save_every` steps, all
 kept) is written out as a model folder, RUN/texts-<n>, and scored with train.monitor (nDCG@10 on the samples of
-results/conversion/report.md). The starting point and the two references come from train.conversion_report's
-scores (runs/conversion/scores.json): minilm-vocab-x0.05, the same architecture and slopes on MiniLM's own vocabulary
-(the ceiling of a transfer that keeps MiniLM's body), and all-MiniLM-L6-v2 itself. Scores are kept in
+results/conversion/report.md). A run may start from another's final model; each chain's untrained start (the
+conversion it begins from) and the two references come from train.conversion_report's scores
+(runs/conversion/scores.json): minilm-vocab-x0.05, the same architecture and slopes on MiniLM's own vocabulary (the
+ceiling of a transfer that keeps MiniLM's body), and all-MiniLM-L6-v2 itself. Scores are kept in
 runs/vocab-transfer/scores.json, so a rerun scores only new checkpoints.
 """
 
@@ -24,7 +25,7 @@ from transformers import AutoTokenizer
 from corpus.dataset import DataBuild
 from modeling_medeir import MedEIRForMaskedLM
 from train.conversion_report import MINILM, hardware
-from train.monitor import CORPUS, QUERIES, monitor, score_table
+from train.monitor import CORPUS, QUERIES, monitor, monitor_version, score_table
 from train.pretrain import save_model
 
 CEILING = "minilm-vocab-x0.05"
@@ -48,6 +49,14 @@ def checkpoint_models(run: Path) -> list[tuple[int, Path]]:
     return models
 
 
+def conversion_start(init: str) -> str:
+    """The conversion variant (train.conversion_report's folder name) a chain of runs starts from."""
+    recipe = Path(init).parent / "recipe.json"
+    if Path(init).name == "final" and recipe.exists():
+        return conversion_start(json.loads(recipe.read_text())["init"])
+    return Path(init).name
+
+
 def texts_before(init: str) -> int:
     """Texts a run's starting point had already been trained on, when it is another run's final model."""
     recipe = Path(init).parent / "recipe.json"
@@ -63,8 +72,11 @@ def run_seconds(run: Path) -> int:
 
 
 def report(runs: list[Path], data: str, out: Path, command: str) -> dict:
-    version = DataBuild(data).version()
-    reference = json.loads(CONVERSION_SCORES.read_text())[version]
+    version = monitor_version(data)  # the conversion report's scores are kept under the same key
+    references = json.loads(CONVERSION_SCORES.read_text())
+    if version not in references:
+        raise SystemExit(f"no conversion scores on these benchmarks ({version}): run python -m train.conversion_report")
+    reference = references[version]
     cache = json.loads(SCORES.read_text()) if SCORES.exists() else {}
     scores = cache.setdefault(version, {})
     rows = []
@@ -79,7 +91,9 @@ def report(runs: list[Path], data: str, out: Path, command: str) -> dict:
             keys = ("init", "lr", "new_rows_only", "seq_len", "distill_texts")
             rows.append({"run": str(run), "texts": texts, "model": str(folder), "scores": scores[str(folder)]})
             rows[-1] |= {k: recipe[k] for k in keys} | {"run_seconds": run_seconds(run)}
+            rows[-1]["distill_words"] = recipe.get("distill_words", 0)  # recipes before one-word texts lack it
             rows[-1]["texts_before"] = texts_before(recipe["init"])
+            rows[-1]["start"] = conversion_start(recipe["init"])
     for row in rows:
         row["gap_to_ceiling"] = {b: round(s - reference[CEILING][b], 4) for b, s in row["scores"].items()}
         row["gap_to_minilm"] = {b: round(s - reference[MINILM][b], 4) for b, s in row["scores"].items()}
@@ -87,9 +101,14 @@ def report(runs: list[Path], data: str, out: Path, command: str) -> dict:
         "command": command,
         "hardware": hardware(),
         "data": data,
-        "dataset_version": version,
+        "dataset_version": DataBuild(data).version(),
+        "monitor_version": version,
         "sample": {"queries": QUERIES, "other_documents": CORPUS, "metric": "nDCG@10"},
-        "references": {name: reference[name] for name in (MINILM, CEILING, "medeir-vocab-x0.05")},
+        "references": {
+            name: reference[name]
+            for name in (MINILM, CEILING, *sorted({row["start"] for row in rows}))
+            if name in reference
+        },
         "rows": rows,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -110,9 +129,15 @@ def markdown(report: dict) -> str:
         ]
         return f"| {name} | {texts} | " + " | ".join(cells) + " |"
 
-    rows = [line("medeir-vocab-x0.05 (start, untrained)", "0", refs["medeir-vocab-x0.05"])]
+    rows, starts = [], set()
     for row in report["rows"]:
+        if row["start"] in refs and row["start"] not in starts:  # a chain's untrained start, before its first run
+            starts.add(row["start"])
+            rows.append(line(f"{row['start']} (start, untrained)", "0", refs[row["start"]]))
         phase = "new rows only" if row["new_rows_only"] else f"all weights, lr {row['lr']:g}"
+        if row["distill_words"]:  # one-word texts (train.distill.covering_words), with drawn texts or alone
+            drawn = f" + {row['distill_texts']:,} texts" if row["distill_texts"] else ""
+            phase += f"; every pass: the pool's words that use a new row, one a text{drawn}"
         texts = f"{row['texts_before']:,} + {row['texts']:,}" if row["texts_before"] else f"{row['texts']:,}"
         rows.append(line(f"{row['model']} ({phase})", texts, row["scores"]))
     rows += [line(f"{CEILING} (ceiling)", "", refs[CEILING]), line(f"{MINILM} (reference)", "", refs[MINILM])]
@@ -121,7 +146,8 @@ def markdown(report: dict) -> str:
         [
             "# Vocabulary transfer by word-aligned distillation",
             "",
-            f"Generated by `{report['command']}` on {report['hardware']} (data build {report['dataset_version']}).",
+            f"Generated by `{report['command']}` on {report['hardware']} (data build {report['dataset_version']}, "
+            f"monitoring benchmarks {report['monitor_version']}).",
             "",
             f"nDCG@10 from `train.monitor` (per benchmark {report['sample']['queries']} queries over their own "
             f"documents plus {report['sample']['other_documents']:,} others, the samples of results/conversion/report.md). "
