@@ -198,12 +198,12 @@ class WordAlignedDistillation(HiddenStateDistillation):
     def training_texts(self) -> list[str]:
         """The drawn texts, then `distill_words` one-word texts: the words of the whole pool (excluded sources left
         out) that use a new row, most frequent first (`covering_words`)."""
-        texts = super().training_texts()
         if not self.recipe.distill_words:
-            return texts
+            return super().training_texts()
+        # the whole pool in its seeded order, read once: the drawn texts are its first `distill_texts`
         pool = mse_texts(dataclasses.replace(self.recipe, distill_texts=10**12))
         rows = set(self.new_rows().tolist())
-        return texts + covering_words(pool, self.tokenizer, rows, self.recipe.distill_words)
+        return pool[: self.recipe.distill_texts] + covering_words(pool, self.tokenizer, rows, self.recipe.distill_words)
 
     def new_rows(self) -> torch.Tensor:
         """Ids of the student's tokens that the teacher's vocabulary lacks."""
