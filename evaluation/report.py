@@ -25,6 +25,7 @@ from corpus.dataset import (
     PAIRS_TEST,
 )
 from evaluation.metrics import RETRIEVAL_METRICS
+from evaluation.models import MULTI_VECTOR
 
 METRIC_LABELS = {
     "ndcg_at_10": "nDCG@10",
@@ -34,6 +35,13 @@ METRIC_LABELS = {
     "recall_at_100": "R@100",
 }
 BENCHMARK_LABELS = {name: info.label for name, info in BENCHMARKS.items()}
+# the parts of the report evaluation.run skips for a multi-vector model (its NOT_FOR_MULTI_VECTOR), as headed here
+SKIPPED_LABELS = {
+    "pairs": "pair similarity",
+    "compression": "embedding size and precision",
+    "onnx": "ONNX",
+    "official": "official MTEB tasks",
+}
 # The release targets for the shipped model (nDCG@10): out-of-distribution benchmarks (leave-one-source-out, prose) at
 # least all-MiniLM-L6-v2 + OOD_MARGIN, the general-English control at least MiniLM, today's public figures kept
 # (FLOORS), and no benchmark below MiniLM.
@@ -75,6 +83,11 @@ def tokens_per_s(model: dict, seq_len: int) -> str:
         if row["seq_len"] == seq_len:
             return f"{row['tokens_per_s']:,.0f}" if "tokens_per_s" in row else "–"
     return "–"
+
+
+def is_multi_vector(model: dict) -> bool:
+    """A late-interaction model (one vector per token, MaxSim), as opposed to a dense one or a reranking row."""
+    return model.get("backend") == MULTI_VECTOR
 
 
 def ndcg(model: dict | None, bench: str) -> float | None:
@@ -213,7 +226,7 @@ def main_table(report: dict) -> list[str]:
     rows = []
     for m in report["models"]:
         params = "n/a" if m.get("parameters") is None else f"{m['parameters'] / 1e6:.1f}M"
-        row = [m["name"], params, m["max_seq_length"]]
+        row = [m["name"], params, m.get("max_seq_length", "–")]
         row += [fmt(m["retrieval"].get(b, {}).get("ndcg_at_10")) for b in benches]
         if has_pairs:
             pairs = m.get("pairs", {})
@@ -232,6 +245,23 @@ def retrieval_section(report: dict) -> list[str]:
         "whole corpus by the model's similarity and scores with pytrec_eval. Every model reads at most its own "
         "max_seq_length tokens of a text and truncates the rest."
     )
+    if any(is_multi_vector(m) for m in report["models"]):
+        lines[-1] += (
+            " Multi-vector (late-interaction) models are scored by `evaluation.multi_vector` instead, on the same "
+            "sampled queries with the same scorer: every document encoded token by token up to the model's document "
+            "length, each query (up to its query length) scored by MaxSim against the whole corpus and its best 100 "
+            "documents kept."
+        )
+    for m in (m for m in report["models"] if m.get("role") == "rerank"):
+        by = (
+            f"their cosine plus the mean MaxSim (MaxSim over the query's vectors) of {m['reranker']}, weighted equally"
+            if m.get("rerank_score") == "fused"
+            else f"the MaxSim of {m['reranker']}"
+        )
+        lines[-1] += (
+            f' "{m["name"]}": the {m["depth"]} best documents per query of {m["first_stage"]} (cosine) re-ordered '
+            f"by {by}."
+        )
     for bench, info in report["benchmarks"].items():
         first = next((m["retrieval"][bench] for m in report["models"] if bench in m["retrieval"]), {})
         lines += [
@@ -393,6 +423,81 @@ def longdoc_section(report: dict, with_long: list[dict]) -> list[str]:
     return [*lines, "", "![long-document lengths](plots/longdoc_lengths.png)"]
 
 
+def index_section(report: dict, multi: list[dict]) -> list[str]:
+    """Bytes a document of each model's index, per benchmark, with the measured encode and search times of the
+    multi-vector models and rerankings beside the dense models' sizes."""
+    env, settings = report["environment"], report["settings"]
+    lines = [
+        "## Index size and search time",
+        "",
+        "What a model stores to search a corpus. A dense model stores one vector of `dim` floats per document: dim x 4 "
+        "bytes in float32, half that in float16. A late-interaction (multi-vector) model stores one vector per token "
+        "it keeps of each document (every token up to its document length, less the punctuation its skiplist drops): "
+        "token vectors x dim x 4 bytes. Token vectors are counted as this run encoded each benchmark's documents; "
+        "MB are 10^6 bytes.",
+        "",
+        f"Times are wall-clock in this run on {env['hardware']} ({env['device']}, {env['torch_threads']} torch "
+        f"threads). Encode: encoding all of a benchmark's documents (batches of {settings['batch_size']}, "
+        f"{settings['long_batch_size']} on long documents) divided by their number. Search: scoring every sampled "
+        "query against every document's token vectors by MaxSim (brute force, no index structure, query encoding "
+        "excluded) and keeping its best 100, divided by the queries. Dense models are encoded and searched inside mteb "
+        "from cached embeddings, so no time is given for them. A reranking stores only the dense index; its search "
+        "time is the dense model's cosine top N over its cached embeddings + encoding the candidates and scoring them "
+        "by MaxSim. On a CPU shared with other jobs these times are rough.",
+        "",
+    ]
+    header = [
+        "benchmark",
+        "model",
+        "documents",
+        "vectors / document",
+        "bytes / document float32",
+        "float16",
+        "MB / 1,000 documents float32",
+        "float16",
+        "encode ms / document",
+        "search ms / query",
+    ]
+    shown = [m for m in report["models"] if m.get("index") and m.get("role") != "loso"]
+    rows = []
+    for bench in report["benchmarks"]:
+        for m in (m for m in shown if bench in m["index"]):
+            index, size = m["index"][bench], m["index"][bench]["bytes_per_document"]
+            if m.get("role") == "rerank":
+                search = f"{index['first_stage_ms_per_query']:.2f} + {index['rerank_ms_per_query']:.2f}"
+            else:
+                search = fmt(index.get("search_ms_per_query"), 2)
+            rows.append(
+                [
+                    BENCHMARK_LABELS.get(bench, bench),
+                    m["name"],
+                    f"{index['documents']:,}",
+                    f"{index['vectors_per_document']:.1f}",
+                    f"{size['float32']:,.0f}",
+                    f"{size['float16']:,.0f}",
+                    f"{size['float32'] / 1000:,.2f}",
+                    f"{size['float16'] / 1000:,.2f}",
+                    fmt(index.get("encode_ms_per_document"), 2),
+                    search,
+                ]
+            )
+    return lines + table(header, rows)
+
+
+def skipped_section(report: dict, with_skips: list[dict]) -> list[str]:
+    lines = [
+        "## Not run for multi-vector models",
+        "",
+        "Parts of this report that measure one embedding per text, and why each does not apply:",
+        "",
+    ]
+    for m in with_skips:
+        lines += [
+            f"- {m['name']}, {SKIPPED_LABELS.get(part, part)}: skipped: {why}" for part, why in m["skipped"].items()
+        ]
+    return lines
+
+
 def compression_section(report: dict, with_comp: list[dict]) -> list[str]:
     lines = [
         "## Embedding size and precision",
@@ -447,6 +552,19 @@ def timing_section(report: dict) -> list[str]:
     ]
 
 
+def model_line(m: dict) -> str:
+    """One model of the report's model list: folder, vectors, similarity, prompts, fingerprint and note."""
+    if is_multi_vector(m):
+        vectors = f"one {m['embedding_dim']}-dim vector per token, queries up to {m['query_length']} tokens"
+    else:
+        vectors = f"{m['embedding_dim']} dims"
+    note = f": {m['note']}" if m.get("note") else ""
+    return (
+        f"{m['name']}: {m['path']} ({vectors}, similarity {m['similarity']}, prompts {m['prompts'] or 'none'}, "
+        f"fingerprint {m['fingerprint']}){note}"
+    )
+
+
 def markdown(report: dict) -> str:
     env, data, settings = report["environment"], report["data"], report["settings"]
     sample = f", a seeded sample of {settings['max_queries']} queries per benchmark" if settings["max_queries"] else ""
@@ -472,12 +590,9 @@ def markdown(report: dict) -> str:
         "",
         *main_table(report),
         "",
-        "Models: "
-        + "; ".join(
-            f"{m['name']}: {m['path']} ({m['embedding_dim']} dims, similarity {m['similarity']}, prompts "
-            f"{m['prompts'] or 'none'}, fingerprint {m['fingerprint']}){': ' + m['note'] if m.get('note') else ''}"
-            for m in report["models"]
-        ),
+        "Models: " + "; ".join(model_line(m) for m in report["models"] if m.get("role") != "rerank"),
+        "",
+        *section_of(report, lambda m: m.get("skipped"), skipped_section),
         "",
         *retrieval_section(report),
         "",
@@ -486,6 +601,8 @@ def markdown(report: dict) -> str:
         *section_of(report, lambda m: "pairs" in m, pairs_section),
         "",
         *section_of(report, lambda m: "longdoc" in m, longdoc_section),
+        "",
+        *section_of(report, is_multi_vector, index_section),
         "",
         *section_of(report, lambda m: m.get("compression"), compression_section),
         "",

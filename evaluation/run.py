@@ -6,6 +6,8 @@
     python -m evaluation.run --models "MedEIR-small=models/medeir-small" minilm mpnet e5-small \
         --loso hpo=runs/loso-hpo/final icd10cm=runs/loso-icd10cm/final --truncate-dims 256 128 64 \
         --precisions int8 binary --out results/evaluation/<name>
+    python -m evaluation.run --models "MedEIR-small=models/medeir-small" \
+        "MedEIR-small-ColBERT=runs/colbert-small/final" minilm --out results/evaluation/<name>
 
 The converted starting point (`init`) is added to every report unless --no-init. Models given with --loso SOURCE=SPEC
 were trained with every pair, corpus text and distillation text of SOURCE removed: they are scored only on that
@@ -20,10 +22,26 @@ Per model (each at its own max_seq_length, with its own "query" / "document" pro
     separation score;
   - the long-document benchmark's length distribution in the model's own tokens, and how many answers fall inside
     its window;
-  - encoding throughput (evaluation.speed.encode_throughput; torch models only);
-  - MedEIR models only: nDCG@10 at each --truncate-dims (Matryoshka) and --precisions (int8, binary), scored from the
-    cached float embeddings, so no text is encoded again.
+  - encoding throughput (evaluation.speed.encode_throughput; torch models only, multi-vector ones included);
+  - dense MedEIR models only: nDCG@10 at each --truncate-dims (Matryoshka) and --precisions (int8, binary), scored
+    from the cached float embeddings, so no text is encoded again.
 Embeddings are cached under --cache, keyed by a hash of the model's files (and backend), so a re-run only scores.
+
+A late-interaction model (a folder a MultiVectorEncoder saved, such as train.colbert's <output_dir>/final; also as
+--loso SOURCE=FOLDER) is scored by MaxSim through evaluation.multi_vector on the same benchmarks and the same sampled
+queries, into the same tables and targets (--main picks the model they judge): every document encoded token by token
+up to the model's document length (the long-document benchmark at --long-batch-size), each query scored against the
+whole corpus. Its token vectors are not cached, so every run encodes them again. What does not apply to one vector per
+token is skipped and said so in the report: pair cosine similarity, Matryoshka truncation and int8 / binary precision,
+ONNX, and the official MTEB tasks (run through mteb's single-vector search). Beside its scores the report gives the
+size of its index (token vectors kept x dim x 4 bytes a document in float32, half in float16; a dense model's is
+dim x 4) and its encode time per document and search time per query, measured in the run.
+
+When --models also holds a dense MedEIR folder, the first of them is the first stage of a reranking: its top
+--rerank-depth documents per query (cosine, from the embeddings of its own retrieval run) re-ordered by each
+multi-vector model's MaxSim (evaluation.multi_vector.maxsim_rerank), reported as one more row, "DENSE top 100
+reranked by MULTI-VECTOR", on every benchmark (--rerank-depth 0: none); and one row more re-ordered by the dense
+cosine plus the mean MaxSim (MaxSim over the query's vectors), weighted equally (evaluation.multi_vector.fused).
 """
 
 import argparse
@@ -42,7 +60,7 @@ import torch
 
 from corpus.dataset import BENCHMARK_SOURCES, BENCHMARKS, DEFAULT_ROOT, ICD10CM_LONGDOC, DataBuild
 from corpus.reference import MODEL_CACHE
-from evaluation import metrics, models, tasks
+from evaluation import metrics, models, multi_vector, tasks
 from evaluation.report import slug
 from evaluation.speed import WARMUP_FORWARDS, encode_throughput
 from train.metrics import pair_scores
@@ -51,10 +69,21 @@ PAIRS = "pairs"  # --benchmarks entry of the pair-similarity evaluation
 LONGDOC = ICD10CM_LONGDOC.name  # the long-document benchmark whose lengths the report shows
 HISTOGRAM_BINS = np.linspace(-1.0, 1.0, 81)  # cosine similarity, 0.025 wide
 SPEED_METHOD = (
-    "evaluation.speed.encode_throughput: the loaded SentenceTransformer (encoder, pooling, normalize) on random token "
-    "ids (tokenization excluded), ~{batch_tokens} tokens per forward, {warmup} warm-up forwards, median of {repeats} "
-    "timed forwards, float32"
+    "evaluation.speed.encode_throughput: the loaded model, all its modules (a SentenceTransformer's encoder, pooling, "
+    "normalize; a MultiVectorEncoder's encoder, token projection, mask, normalize) on random token ids (tokenization "
+    "excluded), ~{batch_tokens} tokens per forward, {warmup} warm-up forwards, median of {repeats} timed forwards, "
+    "float32"
 )
+# Parts of the report that do not apply to a late-interaction model, and why.
+NOT_FOR_MULTI_VECTOR = {
+    "pairs": "pair similarity is the cosine of one embedding per text; a late-interaction model has one vector per "
+    "token and scores a query against a document (MaxSim), not two texts alike",
+    "compression": "Matryoshka truncation and int8 / binary precision are measured on one cached float embedding per "
+    "text; token vectors are neither cached nor quantised here",
+    "onnx": "the onnx: / onnx-int8: specs run onnx_encoder, which pools one embedding per text; no ONNX export of the "
+    "token vectors exists",
+    "official": "not run for a multi-vector model: the official MTEB tasks go through mteb's single-vector search",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,6 +99,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"a model trained without one source ({', '.join(BENCHMARK_SOURCES)}), scored on that source's benchmarks",
     )
     parser.add_argument("--main", help="name or spec of the MedEIR model the targets judge (default: the first one)")
+    parser.add_argument(
+        "--rerank-depth",
+        type=int,
+        default=100,
+        help="dense candidates per query each multi-vector model reranks (first stage: the first dense MedEIR folder "
+        "of --models); 0: no reranking",
+    )
     parser.add_argument("--truncate-dims", nargs="*", type=int, default=[], help="Matryoshka dims (MedEIR models)")
     parser.add_argument("--precisions", nargs="*", default=[], choices=metrics.PRECISIONS[1:], help="MedEIR models")
     parser.add_argument("--out", type=Path, required=True, help="report folder")
@@ -161,6 +197,107 @@ def evaluate_retrieval(model, model_dir: Path, task_list: list, args: argparse.N
     return out
 
 
+def evaluate_maxsim(model, task_list: list, args: argparse.Namespace) -> tuple[dict, dict]:
+    """Each local benchmark scored by MaxSim (evaluation.multi_vector.search_task: the task's sampled queries against
+    every document, each read up to the model's document length), and per benchmark the size of the index it held
+    and the times it took (SearchCost.summary)."""
+    retrieval, index = {}, {}
+    for task in task_list:
+        start = time.perf_counter()
+        scores, cost = multi_vector.search_task(model, task, encode_kwargs(task, args)["batch_size"])
+        retrieval[task.benchmark] = {
+            **scores,
+            "queries": cost.queries,
+            "documents": cost.documents,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        index[task.benchmark] = cost.summary()
+        per_document, seconds = cost.token_vectors / cost.documents, retrieval[task.benchmark]["seconds"]
+        print(f"  {task.benchmark}: nDCG@10 {scores['ndcg_at_10']:.4f} by MaxSim", end="")
+        print(f" ({per_document:.1f} token vectors a document, {seconds} s)")
+    return retrieval, index
+
+
+def evaluate_rerank(model, name: str, first_stage: str, task_list: list, args: argparse.Namespace) -> list[dict]:
+    """The report entries of the `first_stage` dense model's top --rerank-depth documents per query re-ordered by the
+    multi-vector `model`: by its MaxSim alone (evaluation.multi_vector.maxsim_rerank), and by the dense cosine plus
+    the mean MaxSim, weighted equally (multi_vector.fused), both from one encoding of each candidate. The candidates
+    are ranked by cosine from the dense model's embeddings in mteb's cache of its retrieval run (whichever of the two
+    runs first encodes them), so the dense model encodes nothing twice."""
+    from mteb.models.cache_wrappers import CachedEmbeddingWrapper
+
+    resolved = models.resolve(first_stage, args.cache)
+    dense = models.load(resolved, args.device)
+    dim = dense.get_embedding_dimension()
+    cached = CachedEmbeddingWrapper(
+        models.mteb_encoder(dense), args.cache / "embeddings" / models.fingerprint(resolved) / "mteb"
+    )
+    retrieval = {"maxsim": {}, "fused": {}}
+    index = {}
+    for task in task_list:
+        start = time.perf_counter()
+        queries, corpus, qrels = multi_vector.task_texts(task)
+        query_embeddings = cached_embeddings(cached, task, args, "query")
+        document_embeddings = cached_embeddings(cached, task, args, "document")
+        searched = time.perf_counter()
+        candidates = multi_vector.cosine_search(
+            query_embeddings, document_embeddings, list(queries), list(corpus), args.rerank_depth
+        )
+        reranking = time.perf_counter()
+        batch_size = encode_kwargs(task, args)["batch_size"]
+        maxsim, query_vectors = multi_vector.maxsim_scores(model, queries, corpus, candidates, batch_size)
+        done = time.perf_counter()
+        runs = {"maxsim": maxsim, "fused": multi_vector.fused(candidates, maxsim, query_vectors)}
+        for way, run in runs.items():
+            retrieval[way][task.benchmark] = {
+                **metrics.retrieval_scores(qrels, run),
+                "queries": len(queries),
+                "documents": len(corpus),
+                "seconds": round(done - start, 1),
+            }
+        index[task.benchmark] = {
+            **multi_vector.index_size(len(corpus), len(corpus), dim),
+            "queries": len(queries),
+            "candidates_encoded": len({d for ranked in candidates.values() for d in ranked}),
+            "first_stage_ms_per_query": 1000 * (reranking - searched) / len(queries),
+            "rerank_ms_per_query": 1000 * (done - reranking) / len(queries),
+            "search_ms_per_query": 1000 * (done - searched) / len(queries),
+        }
+        scores = ", ".join(f"{way} {retrieval[way][task.benchmark]['ndcg_at_10']:.4f}" for way in runs)
+        print(f"  {task.benchmark}: nDCG@10 reranking {resolved.name}: {scores}")
+    cached.close()
+    names = {
+        "maxsim": f"{resolved.name} top {args.rerank_depth} reranked by {name}",
+        "fused": f"{resolved.name} top {args.rerank_depth} reranked by cosine + mean MaxSim of {name}",
+    }
+    return [
+        {
+            "name": names[way],
+            "role": "rerank",
+            "rerank_score": way,
+            "first_stage": resolved.name,
+            "reranker": name,
+            "depth": args.rerank_depth,
+            "retrieval": retrieval[way],
+            "index": index,
+            "seconds": {"retrieval": round(sum(r["seconds"] for r in retrieval[way].values()), 1)},
+        }
+        for way in names
+    ]
+
+
+def first_stage_spec(specs: list[str], args: argparse.Namespace) -> str | None:
+    """The dense model whose candidates every multi-vector model reranks: the first dense MedEIR folder of --models
+    (none when --rerank-depth is 0 or --models has no multi-vector model)."""
+    if not args.rerank_depth:
+        return None
+    resolved = {spec: models.resolve(spec, args.cache) for spec in specs}
+    if not any(r.backend == models.MULTI_VECTOR for r in resolved.values()):
+        return None
+    dense = (s for s, r in resolved.items() if r.backend == "torch" and models.role(r) == "medeir")
+    return next(dense, None)
+
+
 class CompressedEncoder:
     """Float embeddings (from mteb's cache) truncated to `dim`, re-normalised and quantised by metrics.compress, for
     mteb: cosine for float32, dot product for int8, minus the Hamming distance for binary."""
@@ -180,20 +317,22 @@ class CompressedEncoder:
         return metrics.compressed_similarity((np.asarray(a) * np.asarray(b)).sum(-1), self.dim, self.precision)
 
 
-def document_embeddings(cached, task, args: argparse.Namespace) -> np.ndarray:
-    """A task's document embeddings through the same cached encoder mteb used (so they come from its cache)."""
+def cached_embeddings(cached, task, args: argparse.Namespace, side: str = "document") -> np.ndarray:
+    """A task's document (or query) embeddings through the same cached encoder mteb used (so they come from its
+    cache), in the order of the task's ids."""
     from mteb._create_dataloaders import create_dataloader
     from mteb.types import PromptType
 
-    corpus = task.dataset["default"]["test"]["corpus"]
+    prompt_type = PromptType.document if side == "document" else PromptType.query
+    texts = task.dataset["default"]["test"]["corpus" if side == "document" else "queries"]
     kwargs = encode_kwargs(task, args)
-    loader = create_dataloader(corpus, task_metadata=task.metadata, prompt_type=PromptType.document, **kwargs)
+    loader = create_dataloader(texts, task_metadata=task.metadata, prompt_type=prompt_type, **kwargs)
     return cached.encode(
         loader,
         task_metadata=task.metadata,
         hf_split="test",
         hf_subset="default",
-        prompt_type=PromptType.document,
+        prompt_type=prompt_type,
         **kwargs,
     )
 
@@ -215,7 +354,7 @@ def evaluate_compression(model, model_dir: Path, task_list: list, args: argparse
     rows = [{"dim": d, "precision": p, "bytes": metrics.embedding_bytes(d, p), "retrieval": {}} for d, p in settings]
     for task in task_list:
         task.load_data()
-        documents = document_embeddings(cached, task, args) if "int8" in args.precisions else None
+        documents = cached_embeddings(cached, task, args) if "int8" in args.precisions else None
         for row in rows:
             ranges = metrics.int8_ranges(documents, row["dim"]) if row["precision"] == "int8" else None
             encoder = CompressedEncoder(cached, row["dim"], row["precision"], ranges)
@@ -317,8 +456,9 @@ def summarize(values: list[int], window: int) -> dict:
     }
 
 
-def longdoc_lengths(model, data_dir: Path) -> dict:
-    """Long-document lengths in this model's tokens, and where each answer starts relative to its window.
+def longdoc_lengths(model, data_dir: Path, window: int | None = None) -> dict:
+    """Long-document lengths in this model's tokens, and where each answer starts relative to its window (the
+    model's max_seq_length unless given: a multi-vector model's document length).
 
     An answer's start is the token index (after [CLS]) of the query's first occurrence in its document; it is inside
     the window when the whole query fits before max_seq_length. Models truncate, so an answer outside it is unseen;
@@ -326,7 +466,7 @@ def longdoc_lengths(model, data_dir: Path) -> dict:
     """
     benchmark = DataBuild(data_dir).benchmark(LONGDOC)
     docs, queries = benchmark.corpus, benchmark.queries
-    window = model.max_seq_length
+    window = window or model.max_seq_length
     whole = getattr(model, "reads_whole_text", False)
 
     def count(text: str) -> int:  # tokens without [CLS] / [SEP]; verbose=False: no "longer than max" warning
@@ -354,11 +494,12 @@ def longdoc_lengths(model, data_dir: Path) -> dict:
 
 def throughput(model, args: argparse.Namespace) -> dict:
     from sentence_transformers import SentenceTransformer
+    from sentence_transformers.multi_vector_encoder import MultiVectorEncoder
 
     if not args.speed_lengths:
         return {"skipped": "--speed-lengths given empty"}
-    if not isinstance(model, SentenceTransformer):
-        return {"skipped": "not a torch SentenceTransformer (evaluation.speed measures those)"}
+    if not isinstance(model, SentenceTransformer | MultiVectorEncoder):
+        return {"skipped": "not a torch SentenceTransformer or MultiVectorEncoder (evaluation.speed measures those)"}
     rows = encode_throughput(model, args.speed_lengths, args.speed_batch_tokens, args.speed_repeats)
     method = SPEED_METHOD.format(
         batch_tokens=args.speed_batch_tokens, warmup=WARMUP_FORWARDS, repeats=args.speed_repeats
@@ -366,8 +507,22 @@ def throughput(model, args: argparse.Namespace) -> dict:
     return {"method": method, "rows": rows}
 
 
+def multi_vector_lengths(model) -> tuple[int, int]:
+    """Tokens a multi-vector model reads of a query and of a document: its Transformer's query_length and
+    document_length, the model's max_seq_length where one is unset."""
+    from sentence_transformers.base.modules import Transformer
+
+    transformer = next(m for m in model if isinstance(m, Transformer))
+    return transformer.query_length or model.max_seq_length, transformer.document_length or model.max_seq_length
+
+
 def describe(resolved: models.Resolved, spec: str, model, fingerprint: str) -> dict:
     parameters = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else None
+    if resolved.backend == models.MULTI_VECTOR:  # max_seq_length: what it reads of a document
+        query_length, document_length = multi_vector_lengths(model)
+        lengths = {"max_seq_length": document_length, "query_length": query_length}
+    else:
+        lengths = {"max_seq_length": model.max_seq_length}
     return {
         "name": resolved.name,
         "spec": spec,
@@ -377,7 +532,7 @@ def describe(resolved: models.Resolved, spec: str, model, fingerprint: str) -> d
         "fingerprint": fingerprint,
         "parameters": parameters,
         "embedding_dim": model.get_embedding_dimension(),
-        "max_seq_length": model.max_seq_length,
+        **lengths,
         "prompts": {k: v for k, v in (model.prompts or {}).items() if v},
         "similarity": str(model.similarity_fn_name),
         "note": models.NOTES.get(resolved.alias or "", ""),
@@ -385,14 +540,22 @@ def describe(resolved: models.Resolved, spec: str, model, fingerprint: str) -> d
 
 
 def evaluate_model(
-    spec: str, task_list: list, unreachable: str | None, args: argparse.Namespace, loso: str | None = None
-) -> dict:
-    """Every section of the report for one model; a leave-one-source-out model only on its source's benchmarks."""
+    spec: str,
+    task_list: list,
+    unreachable: str | None,
+    args: argparse.Namespace,
+    loso: str | None = None,
+    first_stage: str | None = None,
+) -> list[dict]:
+    """Every section of the report for one model; a leave-one-source-out model only on its source's benchmarks. A
+    multi-vector model is scored by MaxSim, skips what does not apply to it (NOT_FOR_MULTI_VECTOR) and, given the
+    spec of a dense `first_stage`, reranks its candidates: its entry is then followed by the reranking's."""
     resolved = models.resolve(spec, args.cache)
     if loso:
         resolved = models.Resolved(f"{resolved.name} (trained without {loso})", *astuple(resolved)[1:])
     print(f"\n== {resolved.name} ({resolved.path}, {resolved.backend})")
     model = models.load(resolved, args.device)
+    multi = resolved.backend == models.MULTI_VECTOR
     fingerprint = models.fingerprint(resolved)
     model_dir = args.cache / "embeddings" / fingerprint
     entry = describe(resolved, spec, model, fingerprint)
@@ -403,25 +566,36 @@ def evaluate_model(
     timings = {}
 
     start = time.perf_counter()
-    entry["retrieval"] = evaluate_retrieval(model, model_dir, task_list, args)
+    if multi:
+        entry["retrieval"], entry["index"] = evaluate_maxsim(model, task_list, args)
+    else:
+        entry["retrieval"] = evaluate_retrieval(model, model_dir, task_list, args)
+        dim = entry["embedding_dim"]
+        entry["index"] = {
+            b: multi_vector.index_size(r["documents"], r["documents"], dim) for b, r in entry["retrieval"].items()
+        }
     timings["retrieval"] = time.perf_counter() - start
     benchmarks = {t.benchmark for t in task_list}
     if LONGDOC in benchmarks:
-        entry["longdoc"] = longdoc_lengths(model, args.data)
+        entry["longdoc"] = longdoc_lengths(model, args.data, entry["max_seq_length"])
     if loso:  # the rest (pairs of every source, official tasks, speed) is the main model's business
         entry["seconds"] = {k: round(v, 1) for k, v in timings.items()}
-        return entry
+        return [entry]
 
-    if entry["role"] == "medeir" and (args.truncate_dims or args.precisions):
+    if multi:
+        asked = {"pairs": PAIRS in args.benchmarks, "compression": bool(args.truncate_dims or args.precisions)}
+        entry["skipped"] = {part: why for part, why in NOT_FOR_MULTI_VECTOR.items() if asked.get(part, True)}
+    elif entry["role"] == "medeir" and (args.truncate_dims or args.precisions):
         start = time.perf_counter()
         entry["compression"] = evaluate_compression(model, model_dir, task_list, args)
         timings["compression"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    entry["official"] = evaluate_official(model, unreachable, args.out / "mteb" / slug(resolved.name))
+    why_not = NOT_FOR_MULTI_VECTOR["official"] if multi else unreachable
+    entry["official"] = evaluate_official(model, why_not, args.out / "mteb" / slug(resolved.name))
     timings["official"] = time.perf_counter() - start
 
-    if PAIRS in args.benchmarks:
+    if PAIRS in args.benchmarks and not multi:
         start = time.perf_counter()
         entry["pairs"] = evaluate_pairs(model, model_dir, args.data, args.batch_size)
         timings["pairs"] = time.perf_counter() - start
@@ -433,7 +607,9 @@ def evaluate_model(
     entry["throughput"] = throughput(model, args)
     timings["throughput"] = time.perf_counter() - start
     entry["seconds"] = {k: round(v, 1) for k, v in timings.items()}
-    return entry
+    if multi and first_stage:
+        return [entry, *evaluate_rerank(model, resolved.name, first_stage, task_list, args)]
+    return [entry]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -463,6 +639,7 @@ def main(argv: list[str] | None = None) -> dict:
             "long_batch_size": args.long_batch_size,
             "truncate_dims": args.truncate_dims,
             "precisions": args.precisions,
+            "rerank_depth": args.rerank_depth,
         },
         "environment": environment(args.device),
         "benchmarks": {
@@ -475,8 +652,12 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "official_hub": unreachable or "reachable",
     }
-    report["models"] = [evaluate_model(spec, task_list, unreachable, args) for spec in model_specs(args)]
-    report["models"] += [evaluate_model(spec, task_list, unreachable, args, loso=src) for src, spec in args.loso]
+    specs = model_specs(args)
+    first_stage = first_stage_spec(specs, args)
+    report["models"] = [
+        e for spec in specs for e in evaluate_model(spec, task_list, unreachable, args, first_stage=first_stage)
+    ]
+    report["models"] += [e for src, spec in args.loso for e in evaluate_model(spec, task_list, unreachable, args, src)]
     report["main_model"] = main_model(report["models"], args.main)
     report["seconds"] = round(time.perf_counter() - start, 1)
 
@@ -497,7 +678,7 @@ def main(argv: list[str] | None = None) -> dict:
 def main_model(entries: list[dict], wanted: str | None) -> str | None:
     """The MedEIR model the targets judge: --main (a name or spec), else the first MedEIR folder of --models."""
     if wanted:
-        match = [m["name"] for m in entries if wanted in (m["name"], m["spec"]) and m["role"] != "loso"]
+        match = [m["name"] for m in entries if wanted in (m["name"], m.get("spec")) and m["role"] != "loso"]
         if not match:
             raise SystemExit(f"--main {wanted!r} is none of the models evaluated")
         return match[0]

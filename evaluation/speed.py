@@ -240,7 +240,8 @@ def measure(
 def encode_throughput(
     model, lengths: list[int], batch_tokens: int = 8192, repeats: int = 5, seed: int = 0
 ) -> list[dict]:
-    """Tokens/s of an already-loaded SentenceTransformer (all its modules: encoder, pooling, normalize) at each length.
+    """Tokens/s of an already-loaded SentenceTransformer or MultiVectorEncoder (all its modules: encoder, then pooling
+    and normalize, or token projection, mask and normalize) at each length.
 
     Same method as `measure`: random token ids (tokenization excluded), ~`batch_tokens` tokens per forward,
     WARMUP_FORWARDS untimed forwards, the median of `repeats` timed ones. A length above the model's max_seq_length is reported as skipped, since the

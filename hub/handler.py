@@ -26,7 +26,7 @@ Parameters (all optional)
     output        str   "dense" (default: one embedding per text) or "multi_vector" (token vectors); each needs a folder
                         of its kind, and the other is refused with a message naming what the folder is
     input_type    str   multi_vector only: "document" (default: the document length, prompt and skiplist) or "query"
-                        (the model's query length, 32 tokens for train.colbert's, query prompt and query expansion)
+                        (the model's query length, 128 tokens for train.colbert's, query prompt and query expansion)
     similarity    bool  add the inputs x inputs cosine matrix (default false)
     truncate      bool  cut inputs longer than the model's limit instead of refusing them (default false); inputs
                         over MEDEIR_MAX_CHARS characters are then cut to that many characters before tokenizing

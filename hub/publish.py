@@ -30,6 +30,7 @@ from pathlib import Path
 
 from corpus.reference import TOKENIZER_FILES, ReferenceUnavailable, bert_tokenizer_files
 from train.export import COPY_ATOL, ExportError, fresh_env, package, verify
+from train.sentence_transformers_files import is_multi_vector_folder
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = ".medeir-publish"  # marks a folder this script made, so a rerun may empty it
@@ -133,7 +134,9 @@ def assemble_model(
     if prompts.is_file():
         _copy(prompts, out / prompts.name)  # its prompts survive package()
     onnx_files = sorted((model_dir / "onnx").glob("*.onnx"))  # ONNX Runtime / TEI / transformers.js files
-    if not onnx_files:
+    if is_multi_vector_folder(model_dir):
+        copy_multi_vector_modules(model_dir, out)  # kept by package(): projection, scoring mask, lengths
+    elif not onnx_files:
         print(f"note: {model_dir} has no onnx/ files; `python -m train.export --onnx-only {model_dir}` writes them")
     for path in onnx_files:
         _copy(path, out / "onnx" / path.name)
@@ -145,6 +148,19 @@ def assemble_model(
     for target, source in HANDLER_FILES.items():
         _copy(REPO / source, out / target)
     return listing(out)
+
+
+def copy_multi_vector_modules(model_dir: Path, out: Path) -> None:
+    """A late-interaction folder's sentence-transformers modules (modules.json, sentence_bert_config.json and every
+    module folder it names, e.g. the projection's weights): its tokens' vectors depend on them."""
+    modules = json.loads((model_dir / "modules.json").read_text())
+    for name in ("modules.json", "sentence_bert_config.json"):
+        _copy(model_dir / name, out / name)
+    for module in modules:
+        if module["path"]:
+            for path in sorted((model_dir / module["path"]).rglob("*")):
+                if path.is_file():
+                    _copy(path, out / path.relative_to(model_dir))
 
 
 def write_card(card: Path, target: Path, report: Path | None = None, model: str | None = None) -> None:

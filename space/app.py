@@ -1,13 +1,16 @@
-"""MedEIR demo: semantic search over ICD-10-CM codes, HPO terms and diseases beside all-MiniLM-L6-v2, similarity of two
-texts, the MedEIR tokenizer next to bert-base-uncased, and long inputs up to 8,192 tokens.
+"""MedEIR demo: semantic search over ICD-10-CM codes, HPO terms and diseases beside all-MiniLM-L6-v2 (optionally
+reranked by a late-interaction MedEIR-ColBERT model, with its token-by-token matches), similarity of two texts, the
+MedEIR tokenizer next to bert-base-uncased, and long inputs up to 8,192 tokens.
 
-    python -m space.app [--model PATH_OR_HUB_ID] [--index FILE] [--port 7860]   # in the repository
-    python app.py                                                              # in the published Space
+    python -m space.app [--model PATH_OR_HUB_ID] [--colbert PATH_OR_HUB_ID] [--index FILE] [--port 7860]  # repository
+    python app.py                                                                                    # the Space
 
 Model: --model, else $MEDEIR_MODEL, else models/medeir-small in the repository, else the `models:` entry of the
-Space's README front matter (the published Space). Device: on a ZeroGPU Space only `encode_on_device` holds the GPU
-(@spaces.GPU); with plain CUDA everything runs on the GPU; otherwise on the CPU. The models load at start-up, outside
-any GPU function, as ZeroGPU requires; index embeddings that were not precomputed are embedded in the background.
+Space's README front matter (the published Space). Late-interaction model: --colbert, else $MEDEIR_COLBERT_MODEL
+("none": off), else models/medeir-small-colbert in the repository when it exists, else none (no rerank). Device: on a
+ZeroGPU Space only `encode_on_device` holds the GPU (@spaces.GPU); with plain CUDA everything runs on the GPU;
+otherwise on the CPU. The models load at start-up, outside any GPU function, as ZeroGPU requires; index embeddings
+that were not precomputed are embedded in the background.
 """
 
 try:  # present on Spaces (imported first: ZeroGPU must patch CUDA before anything touches it); a no-op elsewhere
@@ -30,12 +33,15 @@ import pandas as pd
 # The published Space keeps this layout: app.py at its root next to the space/ package (engine.py, index.py).
 from space.engine import (
     BASELINE_NAME,
+    COLBERT_NAME,
     REPO,
+    RERANK_CANDIDATES,
     SOURCE_CHOICES,
     Engine,
     Hit,
     InputError,
     ModelUnavailable,
+    TokenMatches,
     create_engine,
     read_examples,
 )
@@ -48,6 +54,13 @@ CONCURRENCY = 4  # searches served at once: ranking runs in parallel, encoding i
 REFERENCE_TOKENIZER = "bert-base-uncased"
 RESULT_COLUMNS = ["Rank", "Score", "Code", "Source", "Text"]
 COLUMN_WIDTHS = ["9%", "12%", "16%", "17%", "46%"]
+RERANK_COLUMNS = ["Rank", "MaxSim", "Dense rank", "Code", "Source", "Text"]
+RERANK_WIDTHS = ["8%", "10%", "12%", "14%", "14%", "42%"]
+TOKEN_VIEW_COLUMNS = 256  # document tokens drawn in the heatmap; the list under it covers every one
+RERANK_HINT = (
+    f'Tick "Rerank with {COLBERT_NAME} (MaxSim)" and search: MedEIR\'s top {RERANK_CANDIDATES} results are then '
+    f"reordered by {COLBERT_NAME}, and the token matches of each reordered result are shown."
+)
 PRECISION_LABELS = {"float32": "float32: exact cosine", "int8": "int8", "binary": "binary (1 bit a dimension)"}
 
 
@@ -67,12 +80,18 @@ def use_gpu(engine: Engine) -> Engine:
     """
 
     @gpu(duration=GPU_SECONDS)
-    def encode_on_device(texts: list[str], model: int = 0) -> np.ndarray:
-        """The one function that needs the GPU: ZeroGPU attaches a GPU for the length of each call."""
+    def encode_on_device(texts: list[str], model: int = 0, side: str | None = None):
+        """The one function that needs the GPU: ZeroGPU attaches a GPU for the length of each call. `model` picks a
+        dense model (embeddings); `side` ("query" or "document") asks the late-interaction model for token vectors
+        instead."""
+        if side is not None:
+            return engine.colbert.encode_local(texts, side)
         return engine.models[model].encode_local(texts)
 
     for number, indexed in enumerate(engine.models):
         indexed.encoder = functools.partial(encode_on_device, model=number)
+    if engine.colbert is not None:
+        engine.colbert.encoder = encode_on_device
     return engine
 
 
@@ -109,6 +128,102 @@ def hits_frame(hits: list[Hit] | None) -> pd.DataFrame:
 
 
 EMPTY_HITS = pd.DataFrame([], columns=RESULT_COLUMNS)
+
+
+def moved(hit: Hit) -> str:
+    """The dense rank a reranked result came from, and how far the rerank moved it."""
+    shift = hit.dense_rank - hit.rank
+    return f"{hit.dense_rank} ({'↑' if shift > 0 else '↓'}{abs(shift)})" if shift else f"{hit.dense_rank} (=)"
+
+
+def reranked_frame(hits: list[Hit] | None) -> pd.DataFrame:
+    rows = [[h.rank, f"{h.score:.3f}", moved(h), h.code, h.source, h.text] for h in hits or []]
+    return pd.DataFrame(rows, columns=RERANK_COLUMNS)
+
+
+EMPTY_RERANK = pd.DataFrame([], columns=RERANK_COLUMNS)
+
+
+def _colour(fraction: float) -> str:
+    """White (0) to dark blue (1)."""
+    low, high = np.array([255, 255, 255]), np.array([30, 64, 175])
+    r, g, b = (low + (high - low) * min(max(fraction, 0.0), 1.0)).round().astype(int)
+    return f"rgb({r},{g},{b})"
+
+
+TOKEN_TABLE_STYLE = """<style>
+.medeir-tokens { overflow-x: auto; }
+.medeir-tokens table { border-collapse: collapse; font-size: 12px; }
+.medeir-tokens caption { caption-side: bottom; text-align: left; padding-top: 6px; }
+.medeir-tokens th { font-weight: normal; padding: 2px 4px; }
+.medeir-tokens thead th { writing-mode: vertical-rl; transform: rotate(180deg); }
+.medeir-tokens tbody th { text-align: right; }
+.medeir-tokens td { min-width: 18px; height: 18px; text-align: center; font-size: 10px; }
+.medeir-tokens td.dark { color: white; }
+.medeir-tokens td.best { outline: 2px solid #dc2626; outline-offset: -2px; }
+.medeir-tokens td.adds { font-size: 12px; padding-left: 6px; }
+.medeir-tokens .added { color: #6b7280; font-style: italic; }
+</style>"""
+
+
+def token_table_html(matches: TokenMatches, max_columns: int = TOKEN_VIEW_COLUMNS) -> str:
+    """The similarity of every query token (rows) with every document token (columns) as coloured cells, each row's
+    best match outlined with its value, and what each query token adds to the score at the row's end. Tokens the
+    model adds ([CLS], [SEP], prompt, query expansion) are grey and italic: they count in MaxSim too."""
+    sims = matches.similarities
+    low, high = float(sims.min()), float(sims.max())
+    span = high - low if high > low else 1.0
+    shown = min(sims.shape[1], max_columns)
+
+    def label(token: str, is_text: bool) -> str:
+        return html.escape(token) if is_text else f"<span class='added'>{html.escape(token)}</span>"
+
+    head = "".join(
+        f"<th scope='col'>{label(token, bool(is_text))}</th>"
+        for token, is_text in zip(matches.document_tokens[:shown], matches.document_is_text[:shown], strict=True)
+    )
+    rows = []
+    for i, (token, is_text) in enumerate(zip(matches.query_tokens, matches.query_is_text, strict=True)):
+        cells = []
+        for j in range(shown):
+            value = float(sims[i, j])
+            fraction = (value - low) / span
+            tip = html.escape(f"{token} / {matches.document_tokens[j]}: {value:.3f}", quote=True)
+            classes = " ".join(c for c, on in (("dark", fraction > 0.6), ("best", j == matches.best[i])) if on)
+            shown_value = f"{value:.2f}" if j == matches.best[i] else ""
+            cells.append(
+                f"<td class='{classes}' title='{tip}' style='background:{_colour(fraction)}'>{shown_value}</td>"
+            )
+        rows.append(
+            f"<tr><th scope='row'>{label(token, bool(is_text))}</th>{''.join(cells)}"
+            f"<td class='adds'>{matches.contributions[i]:.3f}</td></tr>"
+        )
+    cut = (
+        f" The map shows the first {shown:,} of the document's {sims.shape[1]:,} token vectors; the list below covers "
+        "all of them."
+        if shown < sims.shape[1]
+        else ""
+    )
+    caption = (
+        f"Token vector similarity (cosine), from {low:.2f} (white) to {high:.2f} (dark blue). Outlined: each query "
+        f"token's best match; the last column is what it adds to MaxSim, whose sum is {matches.score:.3f}. Grey "
+        f"italic: tokens the model adds.{cut}"
+    )
+    return (
+        f"{TOKEN_TABLE_STYLE}<div class='medeir-tokens'><table><caption>{html.escape(caption, quote=False)}</caption>"
+        f"<thead><tr><th></th>{head}<th scope='col'>adds</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
+    )
+
+
+def token_list_text(matches: TokenMatches) -> str:
+    """One line per query token: its best document token and what it adds; the sum is the MaxSim score."""
+    lines = [
+        f"{query_token}{'' if is_text else ' (added by the model)'} -> {matches.document_tokens[j]} ({value:.3f})"
+        for query_token, is_text, j, value in zip(
+            matches.query_tokens, matches.query_is_text, matches.best, matches.contributions, strict=True
+        )
+    ]
+    return "\n".join([*lines, f"Sum (MaxSim score): {matches.score:.3f}"])
 
 
 def _highlighted(pieces: list[str]) -> list[tuple[str, str | None]]:
@@ -149,6 +264,42 @@ class Page:
         if compare and baseline is None and engine.baseline is not None:
             status += f" ({BASELINE_NAME}'s index is not ready yet: {engine.status()}.)"
         return hits_frame(hits), hits_frame(baseline), status
+
+    @guarded(EMPTY_RERANK, gr.update(choices=[], value=None), None)
+    def rerank(
+        self,
+        query: str,
+        top_k: int | float = 10,
+        source: str = "All",
+        precision: str = "float32",
+        dimensions: int | str | None = None,
+        rerank: bool = False,
+    ):
+        """The late-interaction model's reorder of MedEIR's results (empty when not asked for), the results to pick
+        for the token view (the top one picked), the query they answer (kept for the token view), and a status line."""
+        if not rerank:
+            return EMPTY_RERANK, gr.update(choices=[], value=None), None, RERANK_HINT
+        engine = self.engine
+        dims = None if dimensions in (None, "", engine.dimension) else dimensions
+        hits, candidates = engine.rerank(query, top_k, source=source, precision=precision, truncate_dim=dims)
+        colbert = engine.colbert
+        status = (
+            f"MedEIR's top {candidates} results reordered by {COLBERT_NAME}: MaxSim, the sum over the query's tokens "
+            "of each one's best cosine with a token of the result (not comparable with the cosine scores above)."
+        )
+        tokens = colbert.count_tokens(query, "query")
+        if tokens > colbert.query_tokens:
+            status += f" {COLBERT_NAME} reads the first {colbert.query_tokens} of the query's {tokens:,} tokens."
+        choices = [(f"{h.rank}. {h.code}: {h.text[:80]}", h.row) for h in hits]
+        return reranked_frame(hits), gr.update(choices=choices, value=hits[0].row if hits else None), query, status
+
+    @guarded("", "")
+    def token_view(self, query: str | None, row: int | None):
+        """The token-by-token matches of the reranked query with the picked result: a heatmap and the same as text."""
+        if not query or row is None:  # nothing reranked yet
+            return "", "", ""
+        matches = self.engine.token_matches(query, self.engine.entry_text(row))
+        return token_table_html(matches), token_list_text(matches), ""
 
     def run_example(self, query: str, source: str = "All"):
         """A search example: the default settings within its source. Raised errors are shown and never cached as the
@@ -298,18 +449,21 @@ def header(engine: Engine) -> None:
 
 
 def search_tab(page: Page, demo: gr.Blocks, examples: dict) -> None:
-    """Query, result count and advanced settings; MedEIR's results beside the baseline's; the examples; the guide."""
+    """Query, result count, the rerank choice and advanced settings; MedEIR's results beside the baseline's; the
+    reranked results and their token matches (with a late-interaction model); the examples; the guide."""
     with gr.Row():
         query = gr.Textbox(
             label="Query", placeholder="Describe a condition in your own words", elem_id="search-query", scale=4
         )
         search_button = gr.Button("Search", variant="primary", elem_id="search-button", scale=1)
     top_k = gr.Slider(1, 50, value=10, step=1, label="Results", elem_id="search-top-k")
+    rerank = rerank_setting(page.engine)
     with gr.Accordion("Advanced settings", open=False, elem_id="search-advanced"):
         settings = search_settings(page.engine)
     search_status = gr.Markdown(elem_id="search-status")
     with gr.Row(equal_height=False):
         outputs = [*result_tables(page.engine.baseline is not None), search_status]
+    reranked = rerank_section() if rerank is not None else None
     search_examples = examples.get("search") or []
     if search_examples:
         gr.Examples(
@@ -327,7 +481,17 @@ def search_tab(page: Page, demo: gr.Blocks, examples: dict) -> None:
     # measured on the first page load, inside a request (a ZeroGPU function cannot run at start-up)
     demo.load(functools.partial(page.score_guide, pairs=examples.get("pairs") or {}), None, guide)
     for trigger in (search_button.click, query.submit):
-        trigger(page.search, [query, top_k, *settings], outputs, concurrency_limit=CONCURRENCY)
+        event = trigger(page.search, [query, top_k, *settings], outputs, concurrency_limit=CONCURRENCY)
+        if reranked is not None:  # then the rerank (when ticked), then the token matches of its top result
+            table, choice, reranked_query, rerank_status, token_outputs = reranked
+            rerank_inputs = [query, top_k, *settings[:3], rerank]  # the query, count, source, precision, dimensions
+            event.then(
+                page.rerank,
+                rerank_inputs,
+                [table, choice, reranked_query, rerank_status],
+                concurrency_limit=CONCURRENCY,
+            ).then(page.token_view, [reranked_query, choice], token_outputs, concurrency_limit=CONCURRENCY)
+            choice.input(page.token_view, [reranked_query, choice], token_outputs, concurrency_limit=CONCURRENCY)
 
 
 def search_settings(engine: Engine) -> list[gr.components.Component]:
@@ -354,6 +518,48 @@ def search_settings(engine: Engine) -> list[gr.components.Component]:
         elem_id="search-compare",
     )
     return [source, precision, dimensions, compare]
+
+
+def rerank_setting(engine: Engine) -> gr.Checkbox | None:
+    """The rerank checkbox when a late-interaction model is loaded; otherwise one line saying that none is."""
+    if engine.colbert is None:
+        gr.Markdown(engine.colbert_status(), elem_id="rerank-absent", elem_classes="medeir-note")
+        return None
+    return gr.Checkbox(
+        value=False,
+        label=f"Rerank with {COLBERT_NAME} (MaxSim)",
+        info=engine.colbert_status().replace("**", ""),
+        elem_id="search-rerank",
+    )
+
+
+def rerank_section() -> tuple:
+    """The reranked results, and the token view: a result to pick, its heatmap and the same matches as text."""
+    rerank_status = gr.Markdown(RERANK_HINT, elem_id="rerank-status")
+    table = gr.Dataframe(
+        EMPTY_RERANK,
+        label=f"MedEIR's results reranked by {COLBERT_NAME}",
+        interactive=False,
+        wrap=True,
+        max_height=1000,
+        column_widths=RERANK_WIDTHS,
+        elem_id="rerank-results",
+    )
+    # the query the reranked results answer, for the token view (a hidden box: a gr.State would hold a heartbeat
+    # connection open for every visitor)
+    reranked_query = gr.Textbox(visible=False, elem_id="reranked-query")
+    with gr.Accordion("Token matches: which query token matched which token of a result", elem_id="token-view"):
+        choice = gr.Dropdown([], value=None, label="Reranked result", elem_id="token-choice")
+        token_status = gr.Markdown(elem_id="token-status")
+        heatmap = gr.HTML(elem_id="token-heatmap")
+        listing = gr.Textbox(
+            label="Each query token's best match (score); MaxSim is their sum",
+            lines=8,
+            max_lines=40,
+            interactive=False,
+            elem_id="token-list",
+        )
+    return table, choice, reranked_query, rerank_status, [heatmap, listing, token_status]
 
 
 def result_tables(baseline: bool) -> list[gr.Dataframe]:
@@ -441,6 +647,11 @@ def self_check(engine: Engine) -> str:
     hits, _, _ = engine.search(texts[0], 3, baseline=True)
     assert len(hits) == 3, hits
     assert engine.tokenize(texts[0])["medeir"]["count"] > 0
+    if engine.colbert is not None:
+        reranked, _ = engine.rerank(texts[0], 3)
+        assert len(reranked) == 3, reranked
+        matches = engine.token_matches(texts[0], reranked[0].text)
+        assert abs(matches.score - reranked[0].score) <= 1e-3 * max(1.0, abs(matches.score)), matches.score
     try:
         engine.check_text("   ")
     except InputError:
@@ -459,6 +670,9 @@ def examples_cache(engine: Engine) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model folder or Hub repository id (default: see above)")
+    parser.add_argument(
+        "--colbert", default=None, help="late-interaction model folder or Hub repository id, or none (default: above)"
+    )
     parser.add_argument("--index", type=Path, default=None, help="index parquet (code, source, text)")
     parser.add_argument("--cache", type=Path, default=None, help="where index embeddings are cached")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: GPU when present)")
@@ -468,11 +682,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        engine = use_gpu(create_engine(args.model, args.index, args.cache, args.device))
+        colbert = "default" if args.colbert is None else args.colbert
+        colbert = None if colbert.strip().lower() in ("", "none") else colbert
+        engine = use_gpu(create_engine(args.model, args.index, args.cache, args.device, colbert=colbert))
     except (ModelUnavailable, FileNotFoundError, ValueError) as err:
         print(f"MedEIR demo cannot start: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     print(engine.describe().replace("**", ""), file=sys.stderr, flush=True)
+    print(engine.colbert_status().replace("**", ""), file=sys.stderr, flush=True)
 
     def progress(fraction: float, desc: str) -> None:
         logger.info("%s", desc)

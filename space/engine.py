@@ -1,6 +1,7 @@
-"""What the Space does, without the page: load a MedEIR model (and all-MiniLM-L6-v2 beside it), check what a visitor
-typed, search the index, compare two texts, show how the tokenizers cut a text. Free of Gradio, so tests and the
-publish check drive it directly.
+"""What the Space does, without the page: load a MedEIR model (and all-MiniLM-L6-v2 beside it, and optionally a
+late-interaction MedEIR-ColBERT model), check what a visitor typed, search the index, rerank the results by MaxSim and
+show which query token matched which document token, compare two texts, show how the tokenizers cut a text. Free of
+Gradio, so tests and the publish check drive it directly.
 
 Every model's index embeddings come from a precomputed file made for exactly that model and index (the shipped
 model's and MiniLM's ship in space/precomputed/), else from the disk cache, else they are computed once in a
@@ -13,7 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,8 @@ from space.index import (
 )
 
 DEFAULT_MODEL = "models/medeir-small"
+DEFAULT_COLBERT = "models/medeir-small-colbert"
+COLBERT_NAME = "MedEIR-ColBERT"
 BASELINE_NAME = "all-MiniLM-L6-v2"
 BASELINE_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 # The repository root (None in the published Space, whose root holds app.py, index.parquet and this space/ package).
@@ -46,6 +49,8 @@ REPO = ROOT if (ROOT / "modeling_medeir.py").is_file() else None
 EXAMPLES_FILE = Path(__file__).resolve().parent / "examples.json"  # written by `python -m space.examples`
 REFERENCE_TOKENIZER = "bert-base-uncased"
 MAX_RESULTS = 100
+RERANK_CANDIDATES = 50  # dense results MaxSim reorders (or the number shown, when more): encoded per request
+RERANK_BATCH_TOKENS = 16_384  # padded tokens per late-interaction forward pass: bounds a request's peak memory
 SOURCE_CHOICES = ("All", *SOURCES.values())
 
 
@@ -106,6 +111,51 @@ def load_model(name: str, device: str):
         ) from err
 
 
+def load_colbert(name: str, device: str):
+    """Load a late-interaction (MultiVectorEncoder) MedEIR model from a folder or a Hub repository id, or raise
+    ModelUnavailable. Anything else is refused: MultiVectorEncoder would load a dense folder with a new, untrained
+    projection, and a model that pools tokens has no vector per token to show."""
+    from sentence_transformers.multi_vector_encoder import MultiVectorEncoder
+    from sentence_transformers.multi_vector_encoder.modules import BaseTokenPooling
+
+    how = "Choose one with --colbert PATH_OR_HUB_ID or the MEDEIR_COLBERT_MODEL environment variable."
+    if _is_local(name) and not Path(name).expanduser().is_dir():
+        raise ModelUnavailable(f"No late-interaction model folder at {name}. {how}")
+    try:
+        model_type = _model_type(name)
+        if model_type != "MultiVectorEncoder":
+            raise ModelUnavailable(
+                f"{name} is not a late-interaction model: its config_sentence_transformers.json does not say "
+                f"model_type 'MultiVectorEncoder' (a folder that MultiVectorEncoder saved). {how}"
+            )
+        model = MultiVectorEncoder(name, trust_remote_code=True, device=device)
+        if model.token_pooling is not None or any(isinstance(m, BaseTokenPooling) for m in model):
+            raise ModelUnavailable(f"{name} pools its token vectors, so they no longer match its tokens. {how}")
+        encoder = getattr(model[0], "auto_model", None)
+        if hasattr(encoder, "check_tokenizer"):
+            encoder.check_tokenizer(model.tokenizer, f"the tokenizer of {name}")
+        return model
+    except ModelUnavailable:
+        raise
+    except Exception as err:  # any loader error becomes one readable line
+        offline = " (HF_HUB_OFFLINE=1 is set: only models already in the local cache load)" if is_offline_mode() else ""
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ModelUnavailable(
+            f"Could not load {name!r}{offline}: {type(err).__name__}: {first_line[:300]} {how}"
+        ) from err
+
+
+def _model_type(name: str) -> str | None:
+    """The model_type in a sentence-transformers folder's (or Hub repository's) config_sentence_transformers.json."""
+    if _is_local(name):
+        path = Path(name).expanduser() / "config_sentence_transformers.json"
+    else:
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(name, "config_sentence_transformers.json"))
+    return json.loads(path.read_text()).get("model_type") if path.is_file() else None
+
+
 def load_tokenizer(path: Path | str | None):
     """A tokenizer from a local folder (the bert-base-uncased files), or None when there is none."""
     if path is None or not Path(path).is_dir():
@@ -126,6 +176,17 @@ def default_model() -> str:
 
     models = (metadata_load(ROOT / "README.md") or {}).get("models") or []
     return models[0] if models else DEFAULT_MODEL
+
+
+def default_colbert() -> str | None:
+    """The late-interaction model: $MEDEIR_COLBERT_MODEL ("none" turns it off), else the repository's
+    models/medeir-small-colbert when it has been built, else none."""
+    chosen = os.environ.get("MEDEIR_COLBERT_MODEL")
+    if chosen is not None:
+        return None if chosen.strip().lower() in ("", "none") else chosen
+    if REPO is not None and (REPO / DEFAULT_COLBERT).is_dir():
+        return DEFAULT_COLBERT if Path.cwd().resolve() == REPO else str(REPO / DEFAULT_COLBERT)
+    return None
 
 
 def default_baseline() -> str | None:
@@ -239,16 +300,139 @@ class IndexedModel:
 
 
 @dataclass(frozen=True)
+class TokenVectors:
+    """One text's token vectors as the late-interaction model scores them: one per token the model keeps ([CLS],
+    [SEP], prompt and query expansion tokens included; padding and, in documents, skiplisted punctuation left out),
+    with that token's id and its position in the model's input."""
+
+    ids: np.ndarray  # int64, one per vector
+    positions: np.ndarray  # int64, one per vector
+    vectors: np.ndarray  # float32, tokens x dimension
+
+
+class ColbertModel:
+    """A late-interaction (MultiVectorEncoder) model: token vectors of queries and documents, and their MaxSim.
+
+    Encoding is serialised (queries and documents set different truncation and padding on the model's one tokenizer,
+    so two encodes at once would cut each other's texts). `encoder` is what encodes; the app routes it through its
+    GPU function.
+    """
+
+    def __init__(self, model, name: str, device: str, batch_size: int):
+        self.model, self.name, self.device, self.batch_size = model, name, device, batch_size
+        self.encoder: Callable[..., list[TokenVectors]] = self.encode_local
+        self._encode_lock = threading.Lock()
+        self._count = TokenCounter(model.tokenizer)
+        transformer = model[0]
+        self.query_tokens = getattr(transformer, "query_length", None) or model.max_seq_length
+        self.document_tokens = getattr(transformer, "document_length", None) or model.max_seq_length
+        expansion = getattr(transformer, "query_expansion", None)
+        if expansion is not None:  # queries are padded to the expansion length ("fixed": and cut there)
+            fixed = expansion["strategy"] == "fixed"
+            self.query_tokens = expansion["length"] if fixed else max(self.query_tokens, expansion["length"])
+
+    @property
+    def dimension(self) -> int:
+        return int(self.model.get_embedding_dimension())
+
+    def prompt(self, side: str) -> str | None:
+        """The prompt encode_query / encode_document prepend on this side (as MultiVectorEncoder picks it)."""
+        prompts = self.model.prompts or {}
+        names = ("query",) if side == "query" else ("document", "passage", "corpus")
+        name = next((n for n in names if n in prompts), self.model.default_prompt_name)
+        return prompts.get(name) if name is not None else None
+
+    def count_tokens(self, text: str, side: str) -> int:
+        """Tokens of the prompted text on this side, before the model cuts it at its side's length."""
+        return self._count([(self.prompt(side) or "") + text])[0]
+
+    def encode_local(self, texts: list[str], side: str) -> list[TokenVectors]:
+        """Each text's scored token vectors from encode_query or encode_document, on this process's device (the GPU
+        function in the app wraps this). Batches hold at most RERANK_BATCH_TOKENS padded tokens."""
+        limit = self.query_tokens if side == "query" else self.document_tokens
+        longest = min(max(self.count_tokens(text, side) for text in texts), limit)
+        batch_size = max(1, min(self.batch_size, RERANK_BATCH_TOKENS // max(longest, 1)))
+        encode = self.model.encode_query if side == "query" else self.model.encode_document
+        with self._encode_lock:  # output_value=None: the features, with the scoring mask and the input ids
+            features = encode(texts, batch_size=batch_size, output_value=None, show_progress_bar=False)
+        out = []
+        for item in features:
+            keep = item["attention_mask"].bool()  # MultiVectorMask's scoring mask
+            out.append(
+                TokenVectors(
+                    ids=item["input_ids"][keep].cpu().numpy().astype(np.int64),
+                    positions=np.flatnonzero(keep.cpu().numpy()).astype(np.int64),
+                    vectors=item["token_embeddings"][keep].float().cpu().numpy(),
+                )
+            )
+        return out
+
+    def encode(self, texts: list[str], side: str) -> list[TokenVectors]:
+        return self.encoder(texts, side=side)
+
+    def scores(self, query: TokenVectors, documents: list[TokenVectors]) -> np.ndarray:
+        """The model's own score (MaxSim, or MeanMaxSim if it was trained so) of the query against each document."""
+        scores = self.model.similarity([query.vectors], [d.vectors for d in documents])
+        return scores[0].float().cpu().numpy()
+
+    def text_tokens(self, text: str, side: str, encoded: TokenVectors) -> np.ndarray:
+        """For each of `encoded`'s vectors, whether it is a token of the text itself rather than one the model adds
+        ([CLS], [SEP], the prompt, query expansion)."""
+        from sentence_transformers.multi_vector_encoder.interpretability import real_query_token_slice
+
+        transformer = self.model[0]
+        with self._encode_lock:  # tokenizing on this side sets the shared tokenizer's length
+            if side == "query":
+                span = real_query_token_slice(self.model, text)
+            else:  # the same comparison for a document: its input against an empty document's
+                prompt = self.prompt(side)
+                empty = transformer.preprocess([""], prompt=prompt, task=side)["input_ids"][0].tolist()
+                ids = transformer.preprocess([text], prompt=prompt, task=side)["input_ids"][0].tolist()
+                prefix = 0
+                while prefix < min(len(empty), len(ids)) and empty[prefix] == ids[prefix]:
+                    prefix += 1
+                span = slice(prefix, prefix + len(ids) - len(empty))
+        special = np.isin(encoded.ids, self.model.tokenizer.all_special_ids)
+        return (encoded.positions >= span.start) & (encoded.positions < span.stop) & ~special
+
+    def tokens(self, encoded: TokenVectors) -> list[str]:
+        return self.model.tokenizer.convert_ids_to_tokens(encoded.ids.tolist())
+
+
+@dataclass(frozen=True)
+class TokenMatches:
+    """A query against one document, token by token: the similarity of every query token vector (rows) with every
+    document token vector (columns), the dot product MaxSim takes (a cosine: the model's vectors are unit length),
+    each query token's best match, and what it adds to the score.
+
+    MaxSim is the sum of the `contributions` (each row's best similarity; divided by the number of rows for a model
+    that scores MeanMaxSim), so they add up to `score`.
+    """
+
+    query_tokens: list[str]
+    document_tokens: list[str]
+    query_is_text: np.ndarray  # False for the tokens the model adds ([CLS], [SEP], prompt, query expansion)
+    document_is_text: np.ndarray
+    similarities: np.ndarray  # query tokens x document tokens
+    best: np.ndarray  # per query token: the column of its best document token
+    contributions: np.ndarray  # per query token: what it adds to the score
+    score: float
+
+
+@dataclass(frozen=True)
 class Hit:
     rank: int
     score: float
     code: str
     source: str
     text: str
+    row: int = -1  # the entry's row in the index
+    dense_rank: int | None = None  # after a rerank: the rank the dense model gave it
 
 
 class Engine:
-    """The MedEIR model (and optionally a baseline model), the index, and the input checks every tab shares."""
+    """The MedEIR model (and optionally a baseline model and a late-interaction model), the index, and the input
+    checks every tab shares."""
 
     def __init__(
         self,
@@ -262,7 +446,12 @@ class Engine:
         precomputed: Path | None = PRECOMPUTED_DIR,
         baseline=None,
         baseline_name: str = BASELINE_NAME,
+        colbert=None,
+        colbert_name: str = "",
+        colbert_error: str | None = None,
     ):
+        """`colbert`: a loaded MultiVectorEncoder, or None; then `colbert_error` says why there is none (the page
+        shows it), or None when none was asked for."""
         self.model_name = model_name
         self.device = device
         self.codes = index.column("code").to_pylist()
@@ -277,6 +466,8 @@ class Engine:
         batch_size = batch_size or limits["MEDEIR_BATCH_SIZE"] or (256 if device.startswith("cuda") else 32)
         self.main = IndexedModel(model, model_name, device, batch_size)
         self.baseline = IndexedModel(baseline, baseline_name, device, batch_size) if baseline is not None else None
+        self.colbert = ColbertModel(colbert, colbert_name, device, batch_size) if colbert is not None else None
+        self.colbert_error = colbert_error
         self._count = TokenCounter(model.tokenizer)
         self._loader: threading.Thread | None = None
 
@@ -390,9 +581,23 @@ class Engine:
     # -- the jobs -----------------------------------------------------------------------------------------------
     def _hits(self, rows: np.ndarray, scores: np.ndarray) -> list[Hit]:
         return [
-            Hit(rank, float(score), self.codes[i], str(self.sources[i]), self.texts[i])
+            Hit(rank, float(score), self.codes[i], str(self.sources[i]), self.texts[i], int(i))
             for rank, (i, score) in enumerate(zip(rows, scores, strict=True), start=1)
         ]
+
+    def _search_settings(
+        self, query: object, top_k: object, source: str, precision: str, truncate_dim: object
+    ) -> tuple[int, int, np.ndarray | None, int | None]:
+        """Check a search's inputs: the query's token count, the result count, the rows to keep, the dimensions."""
+        tokens = self.check_text(query, "The query")
+        top_k = self.check_count(top_k, "The number of results", MAX_RESULTS)
+        if source not in SOURCE_CHOICES:
+            raise InputError(f"Source must be one of {', '.join(SOURCE_CHOICES)}, not {source!r}.")
+        if precision not in PRECISIONS:
+            raise InputError(f"Precision must be one of {', '.join(PRECISIONS)}, not {precision!r}.")
+        dims = None if truncate_dim is None else self.check_count(truncate_dim, "The dimension", self.dimension)
+        keep = None if source == "All" else self.sources == source
+        return tokens, top_k, keep, dims
 
     def search(
         self,
@@ -411,14 +616,7 @@ class Engine:
         dimensions, renormalised) show what smaller embeddings cost, each with its own score scale (SCORE_SCALES).
         The first k results are the same whatever k is.
         """
-        tokens = self.check_text(query, "The query")
-        top_k = self.check_count(top_k, "The number of results", MAX_RESULTS)
-        if source not in SOURCE_CHOICES:
-            raise InputError(f"Source must be one of {', '.join(SOURCE_CHOICES)}, not {source!r}.")
-        if precision not in PRECISIONS:
-            raise InputError(f"Precision must be one of {', '.join(PRECISIONS)}, not {precision!r}.")
-        dims = None if truncate_dim is None else self.check_count(truncate_dim, "The dimension", self.dimension)
-        keep = None if source == "All" else self.sources == source
+        tokens, top_k, keep, dims = self._search_settings(query, top_k, source, precision, truncate_dim)
         index = self._ready(self.main)
         hits = self._hits(*index.search(self.main.encode([query])[0], top_k, keep, precision, dims))
         other = None
@@ -426,6 +624,84 @@ class Engine:
             found = self.baseline.index.search(self.baseline.encode([query])[0], top_k, keep)  # float32, full width
             other = self._hits(*found)
         return hits, other, tokens
+
+    def _colbert(self) -> ColbertModel:
+        if self.colbert is None:
+            raise InputError(self.colbert_status())
+        return self.colbert
+
+    def rerank(
+        self,
+        query: object,
+        top_k: object = 10,
+        *,
+        source: str = "All",
+        precision: str = "float32",
+        truncate_dim: object = None,
+    ) -> tuple[list[Hit], int]:
+        """MedEIR's top RERANK_CANDIDATES results (or top `top_k`, when more), as `search` finds them, re-ordered by
+        the late-interaction model's MaxSim over their texts, encoded now; the first `top_k`, each with its MaxSim
+        score and its dense rank; and how many candidates were reordered. Ties keep the dense order."""
+        colbert = self._colbert()
+        _, top_k, keep, dims = self._search_settings(query, top_k, source, precision, truncate_dim)
+        index = self._ready(self.main)
+        depth = max(RERANK_CANDIDATES, top_k)
+        candidates = self._hits(*index.search(self.main.encode([query])[0], depth, keep, precision, dims))
+        if not candidates:
+            return [], 0
+        (encoded_query,) = colbert.encode([query], "query")
+        scores = colbert.scores(encoded_query, colbert.encode([hit.text for hit in candidates], "document"))
+        order = np.argsort(-scores, kind="stable")[:top_k]
+        hits = [
+            replace(candidates[i], rank=rank, score=float(scores[i]), dense_rank=candidates[i].rank)
+            for rank, i in enumerate(order, start=1)
+        ]
+        return hits, len(candidates)
+
+    def token_matches(self, query: object, document: object) -> TokenMatches:
+        """Which token of `document` each token of `query` matches best, by the late-interaction model's token
+        vectors: the similarity table that MaxSim reads, with the tokens as its tokenizer cut them."""
+        colbert = self._colbert()
+        self.check_text(query, "The query")
+        self.check_text(document, "The document")
+        (encoded_query,) = colbert.encode([query], "query")
+        (encoded_document,) = colbert.encode([document], "document")
+        similarities = encoded_query.vectors @ encoded_document.vectors.T
+        best = similarities.argmax(axis=1)
+        contributions = similarities[np.arange(len(best)), best]
+        if colbert.model.similarity_fn_name == "meanmaxsim":
+            contributions = contributions / len(best)
+        return TokenMatches(
+            query_tokens=colbert.tokens(encoded_query),
+            document_tokens=colbert.tokens(encoded_document),
+            query_is_text=colbert.text_tokens(query, "query", encoded_query),
+            document_is_text=colbert.text_tokens(document, "document", encoded_document),
+            similarities=similarities,
+            best=best,
+            contributions=contributions,
+            score=float(contributions.sum()),
+        )
+
+    def entry_text(self, row: object) -> str:
+        """The text of the index entry at `row` (a result the visitor picked), or InputError."""
+        if isinstance(row, bool) or not isinstance(row, int | float) or not float(row).is_integer():
+            raise InputError(f"Pick one of the results, not {row!r}.")
+        if not 0 <= row < len(self.texts):
+            raise InputError(f"There is no index entry {row!r}: pick one of the results.")
+        return self.texts[int(row)]
+
+    def colbert_status(self) -> str:
+        """One line on the late-interaction model: which one is loaded, or that none is and why."""
+        colbert = self.colbert
+        if colbert is not None:
+            return (
+                f"Late-interaction model **{colbert.name}** ({colbert.dimension}-dimensional token vectors, "
+                f"queries up to {colbert.query_tokens} tokens): reranks by MaxSim."
+            )
+        why = self.colbert_error or (
+            "start the demo with --colbert PATH_OR_HUB_ID or set MEDEIR_COLBERT_MODEL to use one"
+        )
+        return f"No late-interaction ({COLBERT_NAME}) model is loaded, so results cannot be reranked by MaxSim: {why}"
 
     def similarity(self, first: object, second: object) -> tuple[float, int, int]:
         """Cosine similarity of two texts, and their token counts."""
@@ -504,9 +780,14 @@ def create_engine(
     device: str | None = None,
     precomputed: Path | None = PRECOMPUTED_DIR,
     baseline: str | None = "default",
+    colbert: str | None = "default",
 ) -> Engine:
-    """Load the model (and the baseline, unless None), the index and the reference tokenizer. The index embeddings
-    are not loaded here: call `load_indexes` or `load_indexes_in_background`."""
+    """Load the model (and the baseline and the late-interaction model, unless None), the index and the reference
+    tokenizer. A baseline or late-interaction model that fails to load is logged and left out (the page says why);
+    the index embeddings are not loaded here: call `load_indexes` or `load_indexes_in_background`."""
+    import logging
+
+    logger = logging.getLogger("medeir.space")
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     name = model or default_model()
     device = device or pick_device()
@@ -517,9 +798,15 @@ def create_engine(
         try:
             baseline_model = load_model(baseline, device)
         except ModelUnavailable as err:  # the demo runs without its comparison column, and says why in the log
-            import logging
-
-            logging.getLogger("medeir.space").warning("no %s column: %s", BASELINE_NAME, err)
+            logger.warning("no %s column: %s", BASELINE_NAME, err)
+    colbert = default_colbert() if colbert == "default" else colbert
+    colbert_model, colbert_error = None, None
+    if colbert is not None:
+        try:
+            colbert_model = load_colbert(colbert, device)
+        except ModelUnavailable as err:  # the dense demo runs on; the page and the log say why there is no rerank
+            colbert_error = str(err)
+            logger.warning("no %s rerank: %s", COLBERT_NAME, err)
     table = read_index(Path(index) if index else default_index(cache_dir))
     # small chunks on a CPU keep the progress moving; on a GPU each chunk is one (ZeroGPU) call
     cache = EmbeddingCache(cache_dir, chunk_size=4096 if device.startswith("cuda") else 512)
@@ -532,4 +819,7 @@ def create_engine(
         load_tokenizer(reference_tokenizer_path()),
         precomputed=precomputed,
         baseline=baseline_model,
+        colbert=colbert_model,
+        colbert_name=colbert or "",
+        colbert_error=colbert_error,
     )

@@ -3,21 +3,20 @@ reloads offline, token vectors do not depend on padding, the scoring mask, resum
 
 import dataclasses
 import json
+import shutil
 import string
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from sentence_transformers.multi_vector_encoder import MultiVectorEncoder
 from transformers import TrainerCallback
 
 from corpus.text import normalize
-from train import colbert, finetune
+from train import colbert, export, finetune
 from train.colbert import ColbertRecipe
-from train.export import fresh_env
 from train.recipe import load_recipe
 
 from .conftest import REPO
@@ -133,30 +132,37 @@ def test_final_folder_reloads_with_the_trained_token_vectors(trained):
     for got, want in zip(reloaded.encode_document(TEXTS), expected, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert reloaded.get_embedding_dimension() == 32
-    assert (reloaded.max_seq_length, reloaded[0].document_length, reloaded[0].query_length) == (8192, 8192, 32)
+    assert (reloaded.max_seq_length, reloaded[0].document_length, reloaded[0].query_length) == (8192, 8192, 128)
 
 
-def test_final_folder_loads_offline_without_this_checkout(trained, tmp_path):
-    """A fresh offline process, without this repository on its path: only the folder supplies the model code."""
-    script = (
-        "import json, sys\n"
-        "from sentence_transformers.multi_vector_encoder import MultiVectorEncoder\n"
-        "model = MultiVectorEncoder(sys.argv[1], trust_remote_code=True)\n"
-        "vectors = model.encode_document(json.loads(sys.argv[2]))\n"
-        "print('RESULT ' + json.dumps([v.tolist() for v in vectors]))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(trained.final.resolve()), json.dumps(TEXTS)],
-        cwd=tmp_path,
-        env=fresh_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))
-    for got, want in zip(json.loads(line[len("RESULT ") :]), trained.model.encode_document(TEXTS), strict=True):
-        torch.testing.assert_close(torch.tensor(got), want, atol=1e-5, rtol=0)
+def test_export_ships_a_late_interaction_folder_that_loads_offline_with_the_same_vectors(trained, tmp_path):
+    """train.export on the trained folder: float16 encoder weights, its own projection, mask and lengths kept, no
+    onnx/; `verify` (a fresh offline process without this checkout on its path: AutoModel, MultiVectorEncoder)
+    must find the source's token vectors as queries and as documents."""
+    shipped = tmp_path / "shipped"
+    result = export.export(trained.final, shipped)
+    assert result["max_embedding_diff"] <= export.HALF_ATOL and "none" in result["onnx"], result
+    assert not (shipped / "onnx").exists() and not (shipped / "1_Pooling").exists()
+    weights = load_file(shipped / "model.safetensors")
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float16}
+    reloaded = MultiVectorEncoder(str(shipped), trust_remote_code=True)
+    lengths = (reloaded[0].query_length, reloaded[0].document_length)
+    assert reloaded.get_embedding_dimension() == 32 and lengths == (128, 8192)
+    for got, want in zip(reloaded.encode_document(TEXTS), trained.model.encode_document(TEXTS), strict=True):
+        torch.testing.assert_close(got, want, atol=export.HALF_ATOL, rtol=0)
+
+
+def test_export_check_refuses_a_late_interaction_folder_whose_vectors_differ(trained, tmp_path):
+    """A projection changed after the copy: the fresh process loads it, and the check must name the difference."""
+    copy = tmp_path / "copy"
+    shutil.copytree(trained.final, copy)
+    dense_file = copy / "1_Dense" / "model.safetensors"
+    weights = load_file(dense_file)
+    save_file({k: v.flip(0).contiguous() for k, v in weights.items()}, dense_file)
+    with pytest.raises(export.ExportError, match="differ"):
+        export.verify(trained.final, copy)
+    with pytest.raises(export.ExportError, match="not the same kind"):
+        export.verify(trained.recipe.init, copy)
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +256,7 @@ def test_the_colbert_and_dense_trainers_share_their_settings(tmp_path):
     for name in ("output_dir", "per_device_train_batch_size", "learning_rate", "max_steps", "seed", "save_steps"):
         assert getattr(args, name) == getattr(dense, name), name
     assert args.batch_sampler == dense.batch_sampler and args.optim == dense.optim
-    assert args.max_length == {"query": recipe.query_length, "document": recipe.train_document_length}
+    assert args.max_length == {"query": recipe.train_query_length, "document": recipe.train_document_length}
 
 
 def test_the_colbert_recipe_loads():

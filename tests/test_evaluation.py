@@ -533,6 +533,8 @@ def test_report_has_every_section_side_by_side(tiny_report, tiny_model_dir):
     md = (out / "report.md").read_text()
     assert md.count("skipped: no Hub access (HF_HUB_OFFLINE=1)") == 2 * len(tasks.OFFICIAL_TASKS)
     assert "Published figures (not measured here)" in md and f"| {tiny_model_dir.name} | " in md
+    assert "## Index size and search time" not in md and "## Not run for multi-vector models" not in md
+    assert "Multi-vector" not in md and "reranked by" not in md  # no late-interaction model in this run
     assert json.loads((out / "report.json").read_text())["models"][1]["name"] == "all-MiniLM-L6-v2"
     for plot in ("retrieval", "pair_similarity", "longdoc_lengths", "compression", "throughput"):
         assert (out / "plots" / f"{plot}.png").read_bytes()[:4] == b"\x89PNG"

@@ -28,7 +28,8 @@ def colbert_dir(tiny_medeir_init, tmp_path_factory) -> Path:
     """train.colbert's untrained model on the tiny init (32-dim token vectors, 32-token queries, 8,192-token
     documents, punctuation skiplisted in documents), saved as its final folder is."""
     path = tmp_path_factory.mktemp("tiny-colbert") / "final"
-    colbert.load_model(ColbertRecipe(init=str(tiny_medeir_init), projection_dim=32)).save_pretrained(str(path))
+    recipe = ColbertRecipe(init=str(tiny_medeir_init), projection_dim=32, query_length=32)
+    colbert.load_model(recipe).save_pretrained(str(path))
     return path
 
 

@@ -50,6 +50,7 @@ def test_a_query_identical_to_a_document_finds_it_first(echo_build, models):
     scores = multi_vector.evaluate(late, echo_build, [BENCHMARK], max_queries=10, dense=dense, depth=20)
     entry = scores[BENCHMARK]
     assert (entry["queries"], entry["documents"]) == (10, 120)
+    assert entry["index"]["documents"] == 120 and entry["index"]["vectors"] > 120  # a vector per token kept
     for method in ("maxsim", "dense", "dense_then_maxsim"):
         assert entry[method]["recall_at_1"] == pytest.approx(1.0), (method, entry[method])
         assert entry[method]["ndcg_at_10"] == pytest.approx(1.0), (method, entry[method])
@@ -60,7 +61,9 @@ def test_chunked_search_and_a_rerank_of_everything_equal_one_full_maxsim_pass(ec
     benchmark = DataBuild(echo_build).benchmark(BENCHMARK)
     queries, corpus = benchmark.queries, benchmark.corpus
     full = late.similarity(late.encode_query(list(queries.values())), late.encode_document(list(corpus.values())))
-    chunked = multi_vector.maxsim_search(late, queries, corpus, depth=15, chunk=7)
+    chunked, cost = multi_vector.maxsim_search(late, queries, corpus, depth=15, chunk=7)
+    assert (cost.queries, cost.documents) == (len(queries), len(corpus))
+    assert cost.token_vectors == sum(len(v) for v in late.encode_document(list(corpus.values())))
     everything = {q: dict.fromkeys(corpus, 0.0) for q in queries}
     reranked = multi_vector.maxsim_rerank(late, queries, corpus, everything)
     document_ids = list(corpus)

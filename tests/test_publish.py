@@ -91,6 +91,26 @@ def test_fresh_offline_process_loads_it_three_ways_with_the_source_embeddings(ti
     assert max(report["gaps"].values()) <= 1e-5
 
 
+def test_a_late_interaction_folder_ships_its_modules_and_the_handler_serves_its_token_vectors(
+    tiny_model_dir, card, tmp_path
+):
+    """A MultiVectorEncoder folder (projection, scoring mask, lengths): the repository carries its module files and
+    no pooling, and the fresh offline process finds the source's token vectors through MultiVectorEncoder and the
+    handler's "multi_vector" output, as queries and as documents."""
+    from sentence_transformers.multi_vector_encoder import MultiVectorEncoder
+
+    torch.manual_seed(0)
+    source = tmp_path / "late"
+    MultiVectorEncoder(str(tiny_model_dir), trust_remote_code=True).save(str(source))
+    out = tmp_path / "hub-late"
+    files = {path for path, _ in assemble_model(source, out, card)}
+    assert {"modules.json", "sentence_bert_config.json", "1_Dense/model.safetensors", "handler.py"} <= files, files
+    assert not any(path.startswith(("1_Pooling", "onnx/")) for path in files), files
+    report = check_model(source, out)
+    assert set(report["gaps"]) == {"query", "document", "handler_query", "handler_document"}
+    assert max(report["gaps"].values()) <= 1e-5, report
+
+
 def test_check_fails_when_the_weights_are_not_the_source_weights(tiny_model_dir, hub_model, tmp_path):
     changed = tmp_path / "changed"
     shutil.copytree(hub_model, changed)

@@ -398,6 +398,7 @@ def test_check_flag_loads_everything_and_serves_nothing(tiny_model_dir, index, t
 
     monkeypatch.setattr(app, "create_engine", create_engine)
     monkeypatch.setattr(app, "spaces", FakeSpaces)
+    monkeypatch.setenv("MEDEIR_COLBERT_MODEL", "none")  # the repository's ColBERT folder stays out, even when built
     app.main(["--model", str(tiny_model_dir), "--index", str(write_index(index, tmp_path / "i.parquet")),
               "--cache", str(tmp_path / "cache"), "--check"])  # fmt: skip
     out = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("CHECK OK: Model"))

@@ -1,7 +1,7 @@
-"""The demo in a real browser: the app serves on localhost (tiny model and all-MiniLM-L6-v2, a few hundred real
-ICD-10-CM and HPO rows), Debian's headless Chromium driven by Playwright searches, reads both ranked tables, checks
-that the first results do not depend on the result count, runs two visitors' searches at once, clicks an example,
-runs similarity, and photographs every tab.
+"""The demo in a real browser: the app serves on localhost (tiny model, all-MiniLM-L6-v2 and a tiny late-interaction
+model, a few hundred real ICD-10-CM and HPO rows), Debian's headless Chromium driven by Playwright searches, reads both
+ranked tables, checks that the first results do not depend on the result count, runs two visitors' searches at once,
+reranks by MaxSim and shows the token matches, clicks an example, runs similarity, and photographs every tab.
 
 Screenshots go to build/test-artifacts/ (or $MEDEIR_ARTIFACTS). The ones committed in tests/artifacts/ come from the
 shipped model on the full index:
@@ -26,6 +26,7 @@ from space.index import build_index, read_index, write_index
 
 from .conftest import REPO
 from .test_space import write_data_dir
+from .test_space_late_interaction import save_tiny_colbert
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 # Closed network: no background, component or sync traffic (each would be refused), no sandbox as root.
@@ -56,20 +57,20 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
+def server(tiny_model_dir, tiny_medeir_init, tmp_path_factory):
     """`python -m space.app` in a subprocess on a free port; yields (url, index table, cache folder)."""
     root = tmp_path_factory.mktemp("space-browser")
-    if REAL_MODEL:
+    if REAL_MODEL:  # with the repository's late-interaction model, if built
         from space.engine import default_index
 
         index_path = default_index(root / "cache")
-        model = REAL_MODEL
+        model, colbert = REAL_MODEL, []
     else:
         index_path = write_index(build_index(write_data_dir(root / "data", icd=200, hpo=100)), root / "index.parquet")
-        model = str(tiny_model_dir)
+        model, colbert = str(tiny_model_dir), ["--colbert", str(save_tiny_colbert(tiny_medeir_init, root / "colbert"))]
     index = read_index(index_path)
     port = free_port()
-    command = [sys.executable, "-m", "space.app", "--model", model, "--index", str(index_path),
+    command = [sys.executable, "-m", "space.app", "--model", model, *colbert, "--index", str(index_path),
                "--cache", str(root / "cache"), "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "MEDEIR_MODEL": ""}
     env.pop("MEDEIR_BASELINE", None)  # the default comparison model: all-MiniLM-L6-v2 from its package
@@ -180,6 +181,42 @@ def test_search_beside_minilm_then_similarity_in_a_real_browser(server, page):
     playwright.expect(result).to_contain_text("Cosine similarity: 1.000")
     settled(page, "#sim-result")
     page.screenshot(path=str(ARTIFACTS / "space-similarity.png"), full_page=True)
+
+
+def wait_for_token_sum(page, score: float, timeout: float = 60) -> None:
+    """Wait until the token list's last line, the sum of the best matches, is `score` (as the table rounds it)."""
+    deadline = time.time() + timeout
+    while True:
+        found = re.search(r"Sum \(MaxSim score\): (-?\d+\.\d{3})$", page.locator("#token-list textarea").input_value())
+        if found and abs(float(found.group(1)) - score) <= 2e-3:
+            return
+        assert time.time() < deadline, f"the token list never summed to {score}: {found and found.group(0)}"
+        time.sleep(0.2)
+
+
+def test_a_rerank_by_maxsim_and_the_token_matches_of_a_result(server, page):
+    """Ticked, a search also shows MedEIR's results reordered by the late-interaction model (MaxSim, and the dense
+    rank each came from) and the token matches of the top one; picking another result shows its matches."""
+    if page.locator("#search-rerank").count() == 0:
+        pytest.skip("this demo has no late-interaction model")
+    page.locator("#search-rerank input[type=checkbox]").check()
+    search_for(page, server[1].column("text")[7].as_py())
+    playwright.expect(page.locator("#rerank-status")).to_contain_text("results reordered by MedEIR-ColBERT")
+    playwright.expect(page.locator("#rerank-results div[role=row]")).to_have_count(10)
+    rows = table_rows(page, "#rerank-results")
+    assert [int(r[0]) for r in rows] == list(range(1, 11))
+    scores = [float(r[1]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    assert all(re.fullmatch(r"\d+ \((=|↑\d+|↓\d+)\)", r[2]) for r in rows), [r[2] for r in rows]
+    wait_for_token_sum(page, scores[0])
+    playwright.expect(page.locator("#token-heatmap table")).to_be_visible()
+    # another result: its own matches
+    page.locator("#token-choice input").click()
+    page.get_by_role("option").nth(1).click()
+    wait_for_token_sum(page, scores[1])
+    settled(page, "#token-heatmap")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "space-rerank.png"), full_page=True)
 
 
 def test_the_first_results_are_the_same_for_10_and_50(server, page):

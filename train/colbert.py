@@ -6,8 +6,10 @@ sentence-transformers' multi-vector trainer.
 The start is a dense MedEIR SentenceTransformer folder (models/medeir-small): `MultiVectorEncoder(init,
 trust_remote_code=True)` keeps its encoder, drops the mean pooling and adds a token-level projection (Dense, no bias,
 `projection_dim` outputs), the scoring mask (MultiVectorMask: padding, and punctuation in documents) and a token-level
-Normalize. Queries are cut at `query_length` tokens; documents at `document_length` (the model's whole 8,192-token
-context) once trained, at `train_document_length` while training.
+Normalize. Queries are cut at `query_length` tokens and documents at `document_length` (the model's whole 8,192-token
+context) once trained; at `train_query_length` and `train_document_length` while training. The model expands no
+queries (no [MASK] padding), so a trained query length can be raised for use: a query's MaxSim only gains the terms
+of its further tokens.
 
 Objectives, each a dataset with its own loss, sampled together in proportion to their sizes:
 
@@ -52,6 +54,7 @@ from transformers import set_seed
 
 from train import finetune
 from train.recipe import recipe_from_command_line
+from train.sentence_transformers_files import is_multi_vector_folder
 
 
 @dataclass
@@ -61,7 +64,8 @@ class ColbertRecipe:
     output_dir: str = "runs/colbert"
     # the multi-vector head
     projection_dim: int = 128  # width of every token vector
-    query_length: int = 32  # query tokens kept
+    query_length: int = 128  # query tokens kept once trained (saved with the model)
+    train_query_length: int = 32  # query tokens kept while training
     document_length: int = 8192  # document tokens kept once trained (saved with the model)
     train_document_length: int = 256  # document tokens kept while training
     skip_punctuation: bool = True  # document tokens that are punctuation are not scored (ColBERT's skiplist)
@@ -146,12 +150,6 @@ def load_model(recipe: ColbertRecipe) -> MultiVectorEncoder:
     mask.skiplist_words = [p for p in string.punctuation if p in vocabulary] if recipe.skip_punctuation else []
     mask.resolve_with_tokenizer(model.tokenizer)
     return model
-
-
-def is_multi_vector_folder(path: str) -> bool:
-    """Whether a folder was saved by a MultiVectorEncoder (its config_sentence_transformers.json says so)."""
-    config = Path(path) / "config_sentence_transformers.json"
-    return config.is_file() and json.loads(config.read_text()).get("model_type") == "MultiVectorEncoder"
 
 
 def pair_datasets(recipe: ColbertRecipe) -> dict[str, datasets.Dataset]:
@@ -281,7 +279,7 @@ def training_arguments(recipe: ColbertRecipe, **settings) -> MultiVectorEncoderT
     dense = finetune.training_arguments(recipe, **settings)
     values = {field.name: getattr(dense, field.name) for field in dataclasses.fields(dense) if field.init}
     return MultiVectorEncoderTrainingArguments(
-        **values, max_length={"query": recipe.query_length, "document": recipe.train_document_length}
+        **values, max_length={"query": recipe.train_query_length, "document": recipe.train_document_length}
     )
 
 

@@ -13,6 +13,12 @@ exported folder, calls `package` on the copy and checks it with `verify`. What a
 `verify` is the one embedding check: a fresh offline process, without this checkout on its path, loads the folder
 through AutoModel (mean pooling), SentenceTransformer and, where the folder has one, the Endpoints handler, and each
 must give the reference folder's embeddings of CHECK_TEXTS within `atol`.
+
+A late-interaction folder (train.colbert's MultiVectorEncoder, `is_multi_vector_folder`) takes the same path with its
+own sentence-transformers files kept (projection, scoring mask, query and document lengths): float16 encoder
+weights, the shipped code, and the check that a fresh process loading it with MultiVectorEncoder (and AutoModel, and
+the handler where there is one) gives the source's token vectors of CHECK_TEXTS as queries and as documents. It has
+no onnx/ files: the ONNX graph is the dense model's (mean pooling inside).
 """
 
 import argparse
@@ -24,10 +30,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from safetensors.torch import load_file, save_file
 
 from train import onnx_export
-from train.sentence_transformers_files import write_sentence_transformers_files
+from train.sentence_transformers_files import is_multi_vector_folder, write_sentence_transformers_files
 
 REPO = Path(__file__).resolve().parents[1]
 # The code that ships inside every model folder: the remote code and the onnxruntime encoder (the top-level files).
@@ -68,15 +75,18 @@ def export(source: Path, target: Path, half: bool = True, onnx: bool = True) -> 
         "half": half,
         "max_embedding_diff": max(report["gaps"].values()),
     }
-    if onnx:  # onnx/model.onnx + onnx/model_qint8_avx512_vnni.onnx, checked against torch on CHECK_TEXTS
+    if is_multi_vector_folder(target):
+        result["onnx"] = "none: a late-interaction folder is served by torch (MultiVectorEncoder)"
+    elif onnx:  # onnx/model.onnx + onnx/model_qint8_avx512_vnni.onnx, checked against torch on CHECK_TEXTS
         result["onnx"] = onnx_export.export_folder(target, texts=CHECK_TEXTS)
     return result
 
 
 def package(folder: Path) -> None:
     """Make a saved MedEIR folder what ships, in place (idempotent): compute dtype float32 in config.json, this
-    repository's SHIPPED_CODE, sentence-transformers files for the whole context (keeping the folder's prompts), and
-    a tokenizer_config.json without facts about the training machine."""
+    repository's SHIPPED_CODE, sentence-transformers files for the whole context (a dense folder, keeping its
+    prompts; a late-interaction folder keeps its own, checked against the context), and a tokenizer_config.json
+    without facts about the training machine."""
     folder = Path(folder)
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text())
@@ -84,6 +94,20 @@ def package(folder: Path) -> None:
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in SHIPPED_CODE:
         shutil.copyfile(REPO / name, folder / name)
+    if is_multi_vector_folder(folder):
+        check_multi_vector_lengths(folder, config["max_position_embeddings"])
+    else:
+        write_dense_files(folder, config)
+    tokenizer_file = folder / "tokenizer_config.json"
+    tokenizer = json.loads(tokenizer_file.read_text())
+    for key in ("is_local", "local_files_only"):  # facts about the training machine, not settings of the model
+        tokenizer.pop(key, None)
+    tokenizer["model_max_length"] = config["max_position_embeddings"]
+    tokenizer_file.write_text(json.dumps(tokenizer, indent=2, sort_keys=True) + "\n")
+
+
+def write_dense_files(folder: Path, config: dict) -> None:
+    """A dense folder's sentence-transformers files for the whole context, keeping the folder's prompts."""
     st_config = folder / "config_sentence_transformers.json"
     prompts = (json.loads(st_config.read_text()).get("prompts") or {}) if st_config.is_file() else {}
     write_sentence_transformers_files(
@@ -92,12 +116,15 @@ def package(folder: Path) -> None:
         max_seq_length=config["max_position_embeddings"],
         prompts={k: v for k, v in prompts.items() if v},
     )
-    tokenizer_file = folder / "tokenizer_config.json"
-    tokenizer = json.loads(tokenizer_file.read_text())
-    for key in ("is_local", "local_files_only"):  # facts about the training machine, not settings of the model
-        tokenizer.pop(key, None)
-    tokenizer["model_max_length"] = config["max_position_embeddings"]
-    tokenizer_file.write_text(json.dumps(tokenizer, indent=2, sort_keys=True) + "\n")
+
+
+def check_multi_vector_lengths(folder: Path, context: int) -> None:
+    """A late-interaction folder keeps the lengths it was saved with; they must fit the model's context."""
+    settings = json.loads((folder / "sentence_bert_config.json").read_text())
+    for key in ("query_length", "document_length", "max_seq_length"):
+        value = settings.get(key)
+        if value is not None and not 0 < value <= context:
+            raise ExportError(f"{folder}: {key} {value} does not fit the model's {context}-token context")
 
 
 VERIFY = """
@@ -131,23 +158,83 @@ print("RESULT " + json.dumps({"gaps": gaps, "dimension": int(ways["sentence_tran
 """
 
 
+VERIFY_MULTI_VECTOR = """
+import json, os, sys
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModel
+from sentence_transformers.multi_vector_encoder import MultiVectorEncoder
+
+folder, reference, texts = sys.argv[1], np.load(sys.argv[2]), json.loads(sys.argv[3])
+config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+assert type(config).__name__ == "MedEIRConfig", type(config)
+encoder = AutoModel.from_pretrained(folder, trust_remote_code=True)
+assert type(encoder).__name__ == "MedEIRModel" and "transformers_modules" in type(encoder).__module__, type(encoder)
+assert next(encoder.parameters()).dtype == torch.float32, "the folder does not load in float32"
+model = MultiVectorEncoder(folder, trust_remote_code=True, device="cpu")
+ways = {}
+for side in ("query", "document"):
+    ways[side] = [v.float().numpy() for v in getattr(model, "encode_" + side)(texts)]
+if os.path.isfile(os.path.join(folder, "handler.py")):
+    sys.path.insert(0, folder)
+    from handler import EndpointHandler
+    handler = EndpointHandler(folder)
+    for side in ("query", "document"):
+        answer = handler({"inputs": texts, "parameters": {"output": "multi_vector", "input_type": side}})
+        ways["handler_" + side] = [np.asarray(v, dtype=np.float32) for v in answer["multi_vectors"]]
+gaps = {}
+for name, vectors in ways.items():
+    side = name.removeprefix("handler_")
+    expected = [reference[f"{side}_{i}"] for i in range(len(texts))]
+    if [v.shape for v in vectors] != [e.shape for e in expected]:
+        gaps[name] = float("inf")
+    else:
+        gaps[name] = max(float(np.abs(v - e).max()) for v, e in zip(vectors, expected))
+print("RESULT " + json.dumps({"gaps": gaps, "dimension": int(ways["query"][0].shape[1]),
+                             "query_length": model[0].query_length, "document_length": model[0].document_length,
+                             "model_class": type(encoder).__name__}))
+"""
+
+
+def reference_vectors(folder: Path, texts: list[str]) -> dict[str, np.ndarray]:
+    """`folder`'s embeddings of `texts` as train.export's checks compare them: {"embeddings": texts x dim} for a
+    dense folder; for a late-interaction folder each text's token vectors as a query and as a document
+    ({"query_0": tokens x dim, ..., "document_0": ...})."""
+    if is_multi_vector_folder(folder):
+        from sentence_transformers.multi_vector_encoder import MultiVectorEncoder
+
+        model = MultiVectorEncoder(str(folder), trust_remote_code=True, device="cpu")
+        return {
+            f"{side}_{i}": vectors.float().numpy()
+            for side in ("query", "document")
+            for i, vectors in enumerate(getattr(model, f"encode_{side}")(texts))
+        }
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
+    return {"embeddings": model.encode(texts, convert_to_numpy=True)}
+
+
 def fresh_env() -> dict[str, str]:
     """Offline, and without this checkout on the path: only the folder itself can supply the model code."""
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
 
 
 def verify(reference: Path, folder: Path, atol: float = COPY_ATOL) -> dict:
-    """Load `folder` in a fresh offline process every way a user does and compare with `reference`'s embeddings."""
-    import numpy as np
-    from sentence_transformers import SentenceTransformer
-
-    expected = SentenceTransformer(str(reference), trust_remote_code=True, device="cpu").encode(
-        CHECK_TEXTS, convert_to_numpy=True
-    )
+    """Load `folder` in a fresh offline process every way a user does and compare with `reference`'s embeddings (a
+    late-interaction folder: its token vectors as queries and as documents)."""
+    multi_vector = is_multi_vector_folder(folder)
+    if multi_vector != is_multi_vector_folder(reference):
+        raise ExportError(f"{folder} and {reference} are not the same kind of model (dense / late interaction)")
+    expected = reference_vectors(Path(reference), CHECK_TEXTS)
+    script, reference_file = (VERIFY_MULTI_VECTOR, "reference.npz") if multi_vector else (VERIFY, "reference.npy")
     with tempfile.TemporaryDirectory(prefix="medeir-verify-") as tmp:
-        np.save(Path(tmp) / "reference.npy", expected)
+        if multi_vector:
+            np.savez(Path(tmp) / reference_file, **expected)
+        else:
+            np.save(Path(tmp) / reference_file, expected["embeddings"])
         result = subprocess.run(
-            [sys.executable, "-c", VERIFY, str(Path(folder).resolve()), "reference.npy", json.dumps(CHECK_TEXTS)],
+            [sys.executable, "-c", script, str(Path(folder).resolve()), reference_file, json.dumps(CHECK_TEXTS)],
             cwd=tmp,
             env=fresh_env(),
             capture_output=True,

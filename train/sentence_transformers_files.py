@@ -61,3 +61,10 @@ def write_sentence_transformers_files(
         written.append(path)
     (model_dir / "2_Normalize").mkdir(exist_ok=True)
     return written
+
+
+def is_multi_vector_folder(path: str | Path) -> bool:
+    """Whether a folder was saved by sentence-transformers' MultiVectorEncoder (a late-interaction model: its
+    config_sentence_transformers.json says "model_type": "MultiVectorEncoder")."""
+    config = Path(path) / "config_sentence_transformers.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "MultiVectorEncoder"
