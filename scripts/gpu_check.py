@@ -330,17 +330,17 @@ def yaml_values(path: Path) -> dict:
 # ---- d: the medeir-small recipe -------------------------------------------------------------------------------
 
 
-def recipe_stages(script: Path) -> list[list[str]]:
+def recipe_stages(script: Path, through_first_export: bool = True) -> list[list[str]]:
     """The `python -m module args...` (or `$PY -m ...`) commands of a recipe script such as train/medeir-small.sh, in
     order, up to the export that writes the shipped model (later lines, e.g. leave-one-source-out runs, are other
-    models)."""
+    models), or all of them when not `through_first_export`."""
     stages = []
     for line in script.read_text().replace("\\\n", " ").splitlines():
         line = line.split("#", 1)[0].strip()
         match = re.search(r"(?:^|\|\||&&)\s*(?:python3?|\$\{?PY(?:THON)?[^\s}]*\}?)\s+-m\s+(\S.*)$", line)
         if match:
             stages.append(shlex.split(match.group(1)))
-            if stages[-1][0] == "train.export":
+            if through_first_export and stages[-1][0] == "train.export":
                 break
     return stages
 

@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from scripts import gpu_check
+from train.colbert import ColbertRecipe
 from train.finetune import FinetuneRecipe
 from train.lora import LoraRecipe
 from train.pretrain import PretrainRecipe
@@ -81,3 +83,24 @@ def test_a_script_refuses_a_bad_recipe_before_loading_anything(module, tmp_path)
     result = subprocess.run([*command, "--set", "data=/nonexistent"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode != 0 and "no such file or folder for data=/nonexistent" in result.stderr
     assert not (tmp_path / "out").exists()  # nothing written: no recipe.json, no checkpoint
+
+
+RECIPE_CLASSES = {
+    "train.pretrain": PretrainRecipe,
+    "train.finetune": FinetuneRecipe,
+    "train.colbert": ColbertRecipe,
+    "train.lora": LoraRecipe,
+}
+
+
+@pytest.mark.parametrize("script", sorted((REPO / "train").glob("*.sh")), ids=lambda path: path.name)
+def test_pipeline_scripts_name_existing_recipes_with_known_keys(script):
+    """Every training stage of a pipeline script reads a recipe file that exists, and every `--set` names a key of
+    that stage's recipe with a value of the right type: a typo fails here, not an hour into a run."""
+    stages = [s for s in gpu_check.recipe_stages(script, through_first_export=False) if s[0] in RECIPE_CLASSES]
+    assert stages, f"{script.name} runs no recipe"
+    for stage in stages:
+        recipe = REPO / gpu_check.option(stage, "--recipe")
+        overrides = [stage[i + 1] for i, arg in enumerate(stage[:-1]) if arg == "--set"]
+        assert recipe.exists(), (script.name, stage)
+        load_recipe(RECIPE_CLASSES[stage[0]], recipe, overrides)

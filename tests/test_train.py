@@ -23,7 +23,7 @@ from corpus.text import normalize
 from modeling_medeir import alibi_slopes
 from train.colbert import ColbertRecipe
 from train.distill import aligned_words, check_shared_ids, covering_words, length_buckets
-from train.finetune import FinetuneRecipe
+from train.finetune import AlibiSlopeSchedule, FinetuneRecipe
 from train.initialize import convert_minilm, from_scratch, save, scaled_slopes, source_pieces, transfer_embeddings
 from train.initialize import main as initialize_main
 from train.lora import LoraRecipe
@@ -483,6 +483,58 @@ def test_finetuning_composes_pairs_and_distillation_and_lowers_the_loss(finetune
     assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2]), losses
     evals = [e for e in log_entries(finetuned / "train_log.jsonl") if "eval_validation_cosine_ndcg@10" in e]
     assert evals, "evaluation on the validation pairs must run during training"
+
+
+def test_slope_schedule_moves_each_head_geometrically_and_refuses_zero_slopes():
+    """After step k of n every head's slope is start^(1 - k/n) * end^(k/n): the standard slopes at the start, the end
+    scale times them after the last step, the geometric mean half-way; set at the start of a (resumed) run too."""
+    from types import SimpleNamespace
+
+    config = MedEIRConfig(num_attention_heads=4, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    standard = alibi_slopes(4)
+    schedule = AlibiSlopeSchedule(config, 0.25)
+    assert schedule.slopes(0) == pytest.approx(standard) and schedule.slopes(1) == pytest.approx(
+        [s / 4 for s in standard]
+    )
+    assert schedule.slopes(0.5) == pytest.approx([s / 2 for s in standard])
+    schedule.on_train_begin(None, SimpleNamespace(global_step=3, max_steps=12), None)  # a run resumed at step 3
+    assert config.alibi_slopes == pytest.approx(schedule.slopes(0.25))
+    schedule.on_step_end(None, SimpleNamespace(global_step=12, max_steps=12), None)
+    assert config.alibi_slopes == pytest.approx([s / 4 for s in standard])
+    with pytest.raises(ValueError, match="positive slopes"):
+        AlibiSlopeSchedule(config, 0.0)
+    with pytest.raises(ValueError, match="positive slopes"):
+        AlibiSlopeSchedule(MedEIRConfig(num_attention_heads=2, alibi_slopes=[0.5, 0.0]), 1.0)
+
+
+def test_finetuning_with_a_slope_schedule_saves_the_slopes_of_each_step(tiny_medeir_init, icd_hpo_data, tmp_path):
+    """`alibi_slope_scale_end`: the checkpoint after step 3 of 6 holds the half-way slopes, the final folder the end
+    ones."""
+    out = tmp_path / "run"
+    result = run_module(
+        "train.finetune",
+        f"init={tiny_medeir_init}",
+        f"data={icd_hpo_data}",
+        f"output_dir={out}",
+        "max_steps=6",
+        "batch_size=8",
+        "lr=1e-3",
+        "warmup_ratio=0.0",
+        "pair_loss=mnrl",
+        "pair_kinds=[icd_inclusion_title]",
+        "pair_rows=64",
+        "teacher=null",
+        "eval_steps=100",
+        "save_steps=3",
+        "alibi_slope_scale_end=0.25",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    start = json.loads((Path(tiny_medeir_init) / "config.json").read_text())
+    start_slopes = start["alibi_slopes"] or alibi_slopes(start["num_attention_heads"])
+    end = [s * 0.25 for s in alibi_slopes(start["num_attention_heads"])]
+    middle = json.loads((out / "checkpoints" / "checkpoint-3" / "config.json").read_text())["alibi_slopes"]
+    assert middle == pytest.approx([math.sqrt(a * b) for a, b in zip(start_slopes, end, strict=True)])
+    assert json.loads((out / "final" / "config.json").read_text())["alibi_slopes"] == pytest.approx(end)
 
 
 def test_pair_rows_sample_the_file_in_its_own_proportions(icd_hpo_data):

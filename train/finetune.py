@@ -20,6 +20,11 @@ A recipe composes objectives; each is a dataset with its own loss, sampled toget
 Teachers: `minilm` (all-MiniLM-L6-v2), `mpnet` (all-mpnet-base-v2), `e5-small` (multilingual-e5-small, 4-bit) from
 their registry packages (corpus.reference), or any SentenceTransformer folder.
 
+`alibi_slope_scale_end` raises (or lowers) every head's ALiBi slope during training, geometrically in the step, from
+the starting model's slope to that multiple of the standard one: a conversion that works only at small slopes starts
+there and ends with slopes whose exact attention windows are narrow, so long inputs stay cheap. The slopes live in the
+config, so every checkpoint and the final folder hold the ones trained with up to then.
+
 `exclude_sources` removes every pair, corpus text and distillation text of the named sources (the leave-one-source-out
 protocol of evaluation.run); `matryoshka_dims` wraps the pair and KL losses in MatryoshkaLoss so that embeddings
 truncated to those sizes stay useful (`truncate_dim`). Teacher embeddings are cached per text in `teacher_cache`
@@ -47,12 +52,14 @@ from sentence_transformers import losses as st_losses
 from sentence_transformers.evaluation import InformationRetrievalEvaluator, SequentialEvaluator
 from sentence_transformers.training_args import BatchSamplers, MultiDatasetBatchSamplers
 from sentence_transformers.util import mine_hard_negatives
+from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from corpus.dataset import BENCHMARKS as REGISTERED_BENCHMARKS
 from corpus.dataset import DataBuild
 from corpus.reference import E5Encoder, minilm_path, mpnet_path
 from corpus.text import normalize
+from modeling_medeir import alibi_slopes, config_alibi_slopes
 from train.recipe import recipe_from_command_line, save_recipe
 
 # monitoring only (never for model choice): every benchmark with short documents
@@ -97,6 +104,7 @@ class FinetuneRecipe:
     epochs: float = 1.0
     max_steps: int = -1
     max_seq_length: int = 128
+    alibi_slope_scale_end: float | None = None  # ALiBi slopes moved during training to this x the standard ones
     prompts: dict[str, str] | None = None  # {"query": "...", "document": "..."}
     # evaluation and checkpoints
     eval_steps: int = 200
@@ -540,19 +548,53 @@ def run_settings(recipe, evaluated: bool) -> dict:
     }
 
 
+class AlibiSlopeSchedule(TrainerCallback):
+    """Moves every head's ALiBi slope from its value in `config` at the start to `end_scale` times its standard
+    value, geometrically in the training step: after step k of n the slopes are start^(1 - k/n) * end^(k/n), so they
+    change by the same factor every step and the last step leaves exactly the end slopes. The model reads its slopes
+    from the config at every forward, and the config is saved with each checkpoint and the final folder; a resumed
+    run sets them again from its restored step."""
+
+    def __init__(self, config, end_scale: float):
+        self.config = config
+        self.start = config_alibi_slopes(config)
+        self.end = [end_scale * slope for slope in alibi_slopes(config.num_attention_heads)]
+        if not all(slope > 0 for slope in [*self.start, *self.end]):
+            raise ValueError(
+                f"a geometric slope schedule needs positive slopes at both ends, got {self.start} -> {self.end} "
+                "(alibi_slope_scale_end must be > 0, and the starting model must have ALiBi on every head)"
+            )
+
+    def slopes(self, fraction: float) -> list[float]:
+        """The slopes after `fraction` (0 to 1) of training."""
+        fraction = min(max(fraction, 0.0), 1.0)
+        return [start ** (1 - fraction) * end**fraction for start, end in zip(self.start, self.end, strict=True)]
+
+    def _set(self, state) -> None:
+        self.config.alibi_slopes = self.slopes(state.global_step / max(state.max_steps, 1))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._set(state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._set(state)
+
+
 def trainer_for(
     recipe: FinetuneRecipe, model: SentenceTransformer, train_sets: dict[str, datasets.Dataset], losses: dict
 ) -> SentenceTransformerTrainer:
     """The sentence-transformers trainer of the run: every dataset with its loss, sampled in proportion to its size,
-    evaluated on the validation pairs and the benchmarks' samples."""
+    evaluated on the validation pairs and the benchmarks' samples; the ALiBi slope schedule when the recipe has one."""
     evaluators = [e for e in [validation_evaluator(recipe), *(benchmark_evaluator(recipe, b) for b in BENCHMARKS)] if e]
     args = training_arguments(recipe, **run_settings(recipe, evaluated=bool(evaluators)), prompts=recipe.prompts)
+    schedule = recipe.alibi_slope_scale_end
     return SentenceTransformerTrainer(
         model=model,
         args=args,
         train_dataset=datasets.DatasetDict(train_sets),
         loss=losses,
         evaluator=SequentialEvaluator(evaluators) if evaluators else None,
+        callbacks=[AlibiSlopeSchedule(model[0].auto_model.config, schedule)] if schedule is not None else None,
     )
 
 
