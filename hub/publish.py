@@ -3,8 +3,9 @@
     python -m hub.publish model --model models/medeir-small [--card model_card.md] [--out build/hub-model]
                                 [--report results/evaluation/medeir-small/report.json [--report-model NAME]]
                                 [--repo-id ORG/NAME [--token T | $HF_TOKEN] [--private]] [--dry-run]
-    python -m hub.publish space --model-repo-id ORG/NAME [--data data | --index FILE] [--out build/hub-space]
-                                [--check-model models/medeir-small] [--repo-id ORG/SPACE [--token T]] [--dry-run]
+    python -m hub.publish space --model-repo-id ORG/NAME [--colbert-repo-id ORG/NAME-colbert]
+                                [--data data | --index FILE] [--out build/hub-space] [--check-model models/medeir-small]
+                                [--check-colbert models/medeir-small-colbert] [--repo-id ORG/SPACE [--token T]] [--dry-run]
 
 `model` copies an exported model folder (`python -m train.export`) into one folder the way the Hub repository holds
 it: config and safetensors weights, tokenizer, the onnx/ folder (fp32 and int8, where the model folder has one),
@@ -14,7 +15,9 @@ through train.export's `package`, the shipped code (remote code, onnx_encoder.py
 train.export's `verify` then loads that folder in a fresh offline process (AutoModel, SentenceTransformer, the
 handler) and requires the same embeddings as the source folder.
 `space` copies the Gradio app (with the same request_checks.py) with its index built from the data build and the
-bert-base-uncased tokenizer files, and runs `app.py --check` on it in a fresh process.
+bert-base-uncased tokenizer files, names the model repository (and, with --colbert-repo-id, the late-interaction
+model's after it) in the README front matter's `models:`, where the Space finds them, and runs `app.py --check` on it
+in a fresh process, with local folders standing in for the Hub models.
 With --repo-id and a token each creates the repository (exist_ok) and uploads the folder; --dry-run lists what would
 be uploaded and touches no network.
 """
@@ -197,14 +200,15 @@ def check_model(source: Path, folder: Path, atol: float = COPY_ATOL) -> dict:
 
 
 # -- the Space --------------------------------------------------------------------------------------------------
-def space_readme(model_repo_id: str, hardware: str) -> str:
-    """space/README.md with this model, the installed Gradio version and the suggested GPU in its front matter."""
+def space_readme(model_repo_id: str, hardware: str, colbert_repo_id: str | None = None) -> str:
+    """space/README.md with the installed Gradio version, the suggested GPU and `models: [model_repo_id]` in its front
+    matter, or `[model_repo_id, colbert_repo_id]` with a late-interaction model (the Space loads them in that order)."""
     import gradio
     from huggingface_hub import SpaceCard
 
     card = SpaceCard((REPO / "space" / "README.md").read_text())
     card.data.sdk_version = gradio.__version__
-    card.data.models = [model_repo_id]
+    card.data.models = [model_repo_id, colbert_repo_id] if colbert_repo_id else [model_repo_id]
     card.data.suggested_hardware = hardware
     card.text = card.text.replace("medeir/medeir-small", model_repo_id)
     return str(card)
@@ -224,8 +228,10 @@ def assemble_space(
     data_dir: Path | None = None,
     index: Path | None = None,
     hardware: str = "zero-a10g",
+    colbert_repo_id: str | None = None,
 ) -> list[tuple[str, int]]:
-    """Copy the app, its index (from `index`, or built from the data build in `data_dir`) and the reference tokenizer."""
+    """Copy the app, its index (from `index`, or built from the data build in `data_dir`), the reference tokenizer and
+    the README naming the model (and the late-interaction model, when given) in its front matter."""
     from huggingface_hub import SpaceHardware
 
     from space.index import build_index, read_index, write_index
@@ -239,7 +245,7 @@ def assemble_space(
         _copy(REPO / source, out / target)
     for path in sorted((REPO / "space" / "precomputed").glob("*.npz")):  # precomputed index embeddings (model, MiniLM)
         _copy(path, out / "space" / "precomputed" / path.name)
-    (out / "README.md").write_text(space_readme(model_repo_id, hardware))
+    (out / "README.md").write_text(space_readme(model_repo_id, hardware, colbert_repo_id))
     write_index(table, out / "index.parquet")
     for path in reference_tokenizer_files():
         _copy(path, out / "bert-base-uncased" / path.name)
@@ -252,19 +258,40 @@ from pathlib import Path
 import app
 import space.engine
 assert space.engine.REPO is None and Path(space.engine.__file__).parents[1] == Path.cwd(), "the Space imported the checkout"
-expected = sys.argv[1]
-assert space.engine.default_model() == expected, (space.engine.default_model(), expected)
-app.main(["--check", "--model", sys.argv[2], "--cache", sys.argv[3], "--device", "cpu"])
+model_id, local_model, cache, colbert_id, local_colbert = sys.argv[1:]
+assert space.engine.default_model() == model_id, (space.engine.default_model(), model_id)
+assert space.engine.default_colbert() == (colbert_id or None), (space.engine.default_colbert(), colbert_id)
+colbert = ["--colbert", local_colbert] if local_colbert else []
+app.main(["--check", "--model", local_model, *colbert, "--cache", cache, "--device", "cpu"])
 """
+# how app.main's late-interaction status line (Engine.colbert_status, on stderr) starts with and without the model
+COLBERT_LOADED, COLBERT_MISSING = "Late-interaction model ", "No late-interaction"
 
 
-def check_space(folder: Path, model_repo_id: str, local_model: Path) -> str:
-    """Run the assembled app's --check in a fresh offline process, with a local model standing in for the Hub one."""
+def check_space(
+    folder: Path,
+    model_repo_id: str,
+    local_model: Path,
+    colbert_repo_id: str | None = None,
+    local_colbert: Path | None = None,
+) -> str:
+    """Run the assembled app's --check in a fresh offline process, with local folders standing in for the Hub models.
+
+    The process must find `model_repo_id` (and `colbert_repo_id`, or no late-interaction model) in the Space's front
+    matter; with a late-interaction model the check must load `local_colbert` and rerank with it."""
+    if (colbert_repo_id is None) != (local_colbert is None):
+        raise PublishError(
+            "checking a Space with a late-interaction model needs its repository id and a local folder standing in "
+            f"for it; got {colbert_repo_id!r} and {local_colbert!r}"
+        )
+    colbert = str(Path(local_colbert).resolve()) if local_colbert else ""
     with tempfile.TemporaryDirectory(prefix="medeir-space-check-") as tmp:
         env = fresh_env()
-        env.pop("MEDEIR_MODEL", None)  # the Space must find its model in its own README front matter
+        for name in ("MEDEIR_MODEL", "MEDEIR_COLBERT_MODEL"):  # the Space must find its models in its front matter
+            env.pop(name, None)
+        args = [model_repo_id, str(Path(local_model).resolve()), tmp, colbert_repo_id or "", colbert]
         result = subprocess.run(
-            [sys.executable, "-c", SPACE_CHECK, model_repo_id, str(Path(local_model).resolve()), tmp],
+            [sys.executable, "-c", SPACE_CHECK, *args],
             cwd=folder,
             env=env,
             capture_output=True,
@@ -273,7 +300,13 @@ def check_space(folder: Path, model_repo_id: str, local_model: Path) -> str:
         )
     if result.returncode != 0 or "CHECK OK" not in result.stdout:
         raise PublishError(f"the Space in {folder} fails its check:\n{result.stdout[-1000:]}\n{result.stderr[-3000:]}")
-    return next(line for line in result.stdout.splitlines() if line.startswith("CHECK OK"))
+    line = next(line for line in result.stdout.splitlines() if line.startswith("CHECK OK"))
+    if not colbert:
+        return line
+    status = next((s for s in result.stderr.splitlines() if s.startswith((COLBERT_LOADED, COLBERT_MISSING))), "")
+    if not status.startswith(COLBERT_LOADED):
+        raise PublishError(f"the Space in {folder} did not load the late-interaction model {colbert}: {status}")
+    return f"{line} {status}"
 
 
 # -- upload -----------------------------------------------------------------------------------------------------
@@ -320,6 +353,22 @@ def finish(args, folder: Path, repo_type: str) -> None:
     print(f"uploaded: {upload(folder, args.repo_id, token, repo_type, private=args.private)}")
 
 
+def space_check_colbert(args) -> Path | None:
+    """The local late-interaction folder that stands in for --colbert-repo-id in the Space check: --check-colbert,
+    else the repository's models/medeir-small-colbert; None without --colbert-repo-id."""
+    if not args.colbert_repo_id:
+        if args.check_colbert is not None:
+            raise PublishError("--check-colbert stands in for --colbert-repo-id: pass both or neither")
+        return None
+    local = args.check_colbert or REPO / "models" / "medeir-small-colbert"
+    if args.check_model.is_dir() and not local.is_dir():
+        raise PublishError(
+            f"--colbert-repo-id {args.colbert_repo_id}: no local late-interaction model at {local} for the Space check "
+            "(build it with train.colbert and train.export, or pass --check-colbert PATH)"
+        )
+    return local
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -343,7 +392,16 @@ def main(argv: list[str] | None = None) -> None:
             sub.add_argument("--index", type=Path, default=None, help="a ready index parquet instead of --data")
             sub.add_argument("--hardware", default="zero-a10g", help="suggested_hardware (a GPU flavour)")
             sub.add_argument(
+                "--colbert-repo-id", default=None, help="the late-interaction model repository the Space reranks with"
+            )
+            sub.add_argument(
                 "--check-model", type=Path, default=REPO / "models" / "medeir-small", help="local model for the check"
+            )
+            sub.add_argument(
+                "--check-colbert",
+                type=Path,
+                default=None,
+                help="local late-interaction model for the check (default: models/medeir-small-colbert)",
             )
     args = parser.parse_args(argv)
     try:
@@ -352,9 +410,10 @@ def main(argv: list[str] | None = None) -> None:
             report = check_model(args.model, args.out)
             print(f"fresh offline load: OK, largest difference from {args.model}: {max(report['gaps'].values()):.2e}")
         else:
-            assemble_space(args.model_repo_id, args.out, args.data, args.index, args.hardware)
+            local_colbert = space_check_colbert(args)
+            assemble_space(args.model_repo_id, args.out, args.data, args.index, args.hardware, args.colbert_repo_id)
             if args.check_model.is_dir():
-                print(check_space(args.out, args.model_repo_id, args.check_model))
+                print(check_space(args.out, args.model_repo_id, args.check_model, args.colbert_repo_id, local_colbert))
             else:
                 print(f"Space check skipped: no local model at {args.check_model} (pass --check-model PATH)")
         finish(args, args.out, args.command)

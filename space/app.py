@@ -5,12 +5,13 @@ MedEIR tokenizer next to bert-base-uncased, and long inputs up to 8,192 tokens.
     python -m space.app [--model PATH_OR_HUB_ID] [--colbert PATH_OR_HUB_ID] [--index FILE] [--port 7860]  # repository
     python app.py                                                                                    # the Space
 
-Model: --model, else $MEDEIR_MODEL, else models/medeir-small in the repository, else the `models:` entry of the
-Space's README front matter (the published Space). Late-interaction model: --colbert, else $MEDEIR_COLBERT_MODEL
-("none": off), else models/medeir-small-colbert in the repository when it exists, else none (no rerank). Device: on a
-ZeroGPU Space only `encode_on_device` holds the GPU (@spaces.GPU); with plain CUDA everything runs on the GPU;
-otherwise on the CPU. The models load at start-up, outside any GPU function, as ZeroGPU requires; index embeddings
-that were not precomputed are embedded in the background.
+Model: --model, else $MEDEIR_MODEL, else models/medeir-small in the repository, else the first `models:` entry of
+the Space's README front matter (the published Space). Late-interaction model: --colbert, else $MEDEIR_COLBERT_MODEL
+("none": off), else models/medeir-small-colbert in the repository when it exists, else the second `models:` entry of
+the Space's front matter when there is one (the published Space), else none (no rerank). Device: on a ZeroGPU Space
+only `encode_on_device` holds the GPU (@spaces.GPU); with plain CUDA everything runs on the GPU; otherwise on the
+CPU. The models load at start-up, outside any GPU function, as ZeroGPU requires; index embeddings that were not
+precomputed are embedded in the background.
 """
 
 try:  # present on Spaces (imported first: ZeroGPU must patch CUDA before anything touches it); a no-op elsewhere
@@ -54,12 +55,18 @@ CONCURRENCY = 4  # searches served at once: ranking runs in parallel, encoding i
 REFERENCE_TOKENIZER = "bert-base-uncased"
 RESULT_COLUMNS = ["Rank", "Score", "Code", "Source", "Text"]
 COLUMN_WIDTHS = ["9%", "12%", "16%", "17%", "46%"]
-RERANK_COLUMNS = ["Rank", "MaxSim", "Dense rank", "Code", "Source", "Text"]
-RERANK_WIDTHS = ["8%", "10%", "12%", "14%", "14%", "42%"]
+RERANK_COLUMNS = ["Rank", "Score", "Cosine", "Mean MaxSim", "Dense rank", "Code", "Source", "Text"]
+RERANK_WIDTHS = ["6%", "8%", "8%", "9%", "10%", "12%", "11%", "36%"]
 TOKEN_VIEW_COLUMNS = 256  # document tokens drawn in the heatmap; the list under it covers every one
+RERANK_LABEL = f"Rerank with {COLBERT_NAME} (cosine + mean MaxSim)"
 RERANK_HINT = (
-    f'Tick "Rerank with {COLBERT_NAME} (MaxSim)" and search: MedEIR\'s top {RERANK_CANDIDATES} results are then '
-    f"reordered by {COLBERT_NAME}, and the token matches of each reordered result are shown."
+    f'Tick "{RERANK_LABEL}" and search: MedEIR\'s top {RERANK_CANDIDATES} results are then reordered by their cosine '
+    f"plus {COLBERT_NAME}'s mean MaxSim, and the token matches of each reordered result are shown."
+)
+RERANK_STATUS = (
+    "MedEIR's top {candidates} results reordered by cosine + {colbert} mean MaxSim. Score = Cosine (MedEIR's exact "
+    "float32 cosine, all dimensions, whatever the search precision) + Mean MaxSim (each query token's best cosine with "
+    "a token of the result, averaged over the query's tokens)."
 )
 PRECISION_LABELS = {"float32": "float32: exact cosine", "int8": "int8", "binary": "binary (1 bit a dimension)"}
 
@@ -137,7 +144,11 @@ def moved(hit: Hit) -> str:
 
 
 def reranked_frame(hits: list[Hit] | None) -> pd.DataFrame:
-    rows = [[h.rank, f"{h.score:.3f}", moved(h), h.code, h.source, h.text] for h in hits or []]
+    """Reranked results: the score they are ordered by, its two parts, and the dense rank each came from."""
+    rows = [
+        [h.rank, f"{h.score:.3f}", f"{h.cosine:.3f}", f"{h.mean_maxsim:.3f}", moved(h), h.code, h.source, h.text]
+        for h in hits or []
+    ]
     return pd.DataFrame(rows, columns=RERANK_COLUMNS)
 
 
@@ -206,8 +217,9 @@ def token_table_html(matches: TokenMatches, max_columns: int = TOKEN_VIEW_COLUMN
     )
     caption = (
         f"Token vector similarity (cosine), from {low:.2f} (white) to {high:.2f} (dark blue). Outlined: each query "
-        f"token's best match; the last column is what it adds to MaxSim, whose sum is {matches.score:.3f}. Grey "
-        f"italic: tokens the model adds.{cut}"
+        f"token's best match; the last column is what it adds to MaxSim, whose sum is {matches.score:.3f}. The best "
+        f"matches averaged over the {len(matches.best)} query tokens, {matches.mean:.3f}, are the Mean MaxSim the "
+        f"rerank adds to the cosine. Grey italic: tokens the model adds.{cut}"
     )
     return (
         f"{TOKEN_TABLE_STYLE}<div class='medeir-tokens'><table><caption>{html.escape(caption, quote=False)}</caption>"
@@ -216,14 +228,21 @@ def token_table_html(matches: TokenMatches, max_columns: int = TOKEN_VIEW_COLUMN
 
 
 def token_list_text(matches: TokenMatches) -> str:
-    """One line per query token: its best document token and what it adds; the sum is the MaxSim score."""
+    """One line per query token: its best document token and what it adds; the sum is the MaxSim score, and the
+    last line the best matches' mean, the Mean MaxSim of the rerank."""
     lines = [
         f"{query_token}{'' if is_text else ' (added by the model)'} -> {matches.document_tokens[j]} ({value:.3f})"
         for query_token, is_text, j, value in zip(
             matches.query_tokens, matches.query_is_text, matches.best, matches.contributions, strict=True
         )
     ]
-    return "\n".join([*lines, f"Sum (MaxSim score): {matches.score:.3f}"])
+    return "\n".join(
+        [
+            *lines,
+            f"Sum (MaxSim score): {matches.score:.3f}",
+            f"Mean over the {len(matches.best)} query tokens (Mean MaxSim): {matches.mean:.3f}",
+        ]
+    )
 
 
 def _highlighted(pieces: list[str]) -> list[tuple[str, str | None]]:
@@ -275,18 +294,16 @@ class Page:
         dimensions: int | str | None = None,
         rerank: bool = False,
     ):
-        """The late-interaction model's reorder of MedEIR's results (empty when not asked for), the results to pick
-        for the token view (the top one picked), the query they answer (kept for the token view), and a status line."""
+        """MedEIR's results reordered by cosine + the late-interaction model's mean MaxSim (empty when not asked for),
+        the results to pick for the token view (the top one picked), the query they answer (kept for the token view),
+        and a status line."""
         if not rerank:
             return EMPTY_RERANK, gr.update(choices=[], value=None), None, RERANK_HINT
         engine = self.engine
         dims = None if dimensions in (None, "", engine.dimension) else dimensions
         hits, candidates = engine.rerank(query, top_k, source=source, precision=precision, truncate_dim=dims)
         colbert = engine.colbert
-        status = (
-            f"MedEIR's top {candidates} results reordered by {COLBERT_NAME}: MaxSim, the sum over the query's tokens "
-            "of each one's best cosine with a token of the result (not comparable with the cosine scores above)."
-        )
+        status = RERANK_STATUS.format(candidates=candidates, colbert=COLBERT_NAME)
         tokens = colbert.count_tokens(query, "query")
         if tokens > colbert.query_tokens:
             status += f" {COLBERT_NAME} reads the first {colbert.query_tokens} of the query's {tokens:,} tokens."
@@ -527,7 +544,7 @@ def rerank_setting(engine: Engine) -> gr.Checkbox | None:
         return None
     return gr.Checkbox(
         value=False,
-        label=f"Rerank with {COLBERT_NAME} (MaxSim)",
+        label=RERANK_LABEL,
         info=engine.colbert_status().replace("**", ""),
         elem_id="search-rerank",
     )
@@ -538,7 +555,7 @@ def rerank_section() -> tuple:
     rerank_status = gr.Markdown(RERANK_HINT, elem_id="rerank-status")
     table = gr.Dataframe(
         EMPTY_RERANK,
-        label=f"MedEIR's results reranked by {COLBERT_NAME}",
+        label=f"MedEIR's results reranked by cosine + {COLBERT_NAME} mean MaxSim",
         interactive=False,
         wrap=True,
         max_height=1000,
@@ -650,8 +667,10 @@ def self_check(engine: Engine) -> str:
     if engine.colbert is not None:
         reranked, _ = engine.rerank(texts[0], 3)
         assert len(reranked) == 3, reranked
-        matches = engine.token_matches(texts[0], reranked[0].text)
-        assert abs(matches.score - reranked[0].score) <= 1e-3 * max(1.0, abs(matches.score)), matches.score
+        top = reranked[0]
+        matches = engine.token_matches(texts[0], top.text)
+        assert abs(matches.mean - top.mean_maxsim) <= 1e-3, (matches.mean, top.mean_maxsim)
+        assert abs(top.cosine + top.mean_maxsim - top.score) <= 1e-5, top
     try:
         engine.check_text("   ")
     except InputError:

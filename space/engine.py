@@ -1,7 +1,11 @@
 """What the Space does, without the page: load a MedEIR model (and all-MiniLM-L6-v2 beside it, and optionally a
-late-interaction MedEIR-ColBERT model), check what a visitor typed, search the index, rerank the results by MaxSim and
-show which query token matched which document token, compare two texts, show how the tokenizers cut a text. Free of
-Gradio, so tests and the publish check drive it directly.
+late-interaction MedEIR-ColBERT model), check what a visitor typed, search the index, rerank the results by cosine
+plus the late-interaction model's mean MaxSim and show which query token matched which document token, compare two
+texts, show how the tokenizers cut a text. Free of Gradio, so tests and the publish check drive it directly.
+
+The models come from the environment, else the repository's models/ folder, else (the published Space) its README
+front matter: `models:` names the MedEIR model first and, when the Space was published with one, the late-interaction
+model second (see `default_model` and `default_colbert`).
 
 Every model's index embeddings come from a precomputed file made for exactly that model and index (the shipped
 model's and MiniLM's ship in space/precomputed/), else from the disk cache, else they are computed once in a
@@ -49,7 +53,7 @@ REPO = ROOT if (ROOT / "modeling_medeir.py").is_file() else None
 EXAMPLES_FILE = Path(__file__).resolve().parent / "examples.json"  # written by `python -m space.examples`
 REFERENCE_TOKENIZER = "bert-base-uncased"
 MAX_RESULTS = 100
-RERANK_CANDIDATES = 50  # dense results MaxSim reorders (or the number shown, when more): encoded per request
+RERANK_CANDIDATES = 50  # dense results the rerank reorders (or the number shown, when more): encoded per request
 RERANK_BATCH_TOKENS = 16_384  # padded tokens per late-interaction forward pass: bounds a request's peak memory
 SOURCE_CHOICES = ("All", *SOURCES.values())
 
@@ -180,13 +184,19 @@ def default_model() -> str:
 
 def default_colbert() -> str | None:
     """The late-interaction model: $MEDEIR_COLBERT_MODEL ("none" turns it off), else the repository's
-    models/medeir-small-colbert when it has been built, else none."""
+    models/medeir-small-colbert when it has been built, else (the published Space) the second model named in the
+    Space's front matter (`hub.publish space --colbert-repo-id` writes it after the dense model), else none."""
     chosen = os.environ.get("MEDEIR_COLBERT_MODEL")
     if chosen is not None:
         return None if chosen.strip().lower() in ("", "none") else chosen
-    if REPO is not None and (REPO / DEFAULT_COLBERT).is_dir():
+    if REPO is not None:
+        if not (REPO / DEFAULT_COLBERT).is_dir():
+            return None
         return DEFAULT_COLBERT if Path.cwd().resolve() == REPO else str(REPO / DEFAULT_COLBERT)
-    return None
+    from huggingface_hub.repocard import metadata_load
+
+    models = (metadata_load(ROOT / "README.md") or {}).get("models") or []
+    return models[1] if len(models) > 1 else None
 
 
 def default_baseline() -> str | None:
@@ -406,7 +416,8 @@ class TokenMatches:
     each query token's best match, and what it adds to the score.
 
     MaxSim is the sum of the `contributions` (each row's best similarity; divided by the number of rows for a model
-    that scores MeanMaxSim), so they add up to `score`.
+    that scores MeanMaxSim), so they add up to `score`; `mean` is each row's best similarity averaged over the rows,
+    the mean MaxSim that the rerank adds to the cosine.
     """
 
     query_tokens: list[str]
@@ -417,6 +428,7 @@ class TokenMatches:
     best: np.ndarray  # per query token: the column of its best document token
     contributions: np.ndarray  # per query token: what it adds to the score
     score: float
+    mean: float
 
 
 @dataclass(frozen=True)
@@ -428,6 +440,8 @@ class Hit:
     text: str
     row: int = -1  # the entry's row in the index
     dense_rank: int | None = None  # after a rerank: the rank the dense model gave it
+    cosine: float | None = None  # after a rerank: the exact float32 cosine of the query's and the entry's embeddings
+    mean_maxsim: float | None = None  # after a rerank: late-interaction MaxSim / the number of query vectors
 
 
 class Engine:
@@ -640,27 +654,42 @@ class Engine:
         truncate_dim: object = None,
     ) -> tuple[list[Hit], int]:
         """MedEIR's top RERANK_CANDIDATES results (or top `top_k`, when more), as `search` finds them, re-ordered by
-        the late-interaction model's MaxSim over their texts, encoded now; the first `top_k`, each with its MaxSim
-        score and its dense rank; and how many candidates were reordered. Ties keep the dense order."""
+        the sum of two scores, weighted equally: the exact float32 cosine of the query's and the entry's embeddings
+        (full width, whatever precision and dimensions the search used) and the late-interaction model's mean MaxSim
+        over the entry's text, encoded now (MaxSim divided by the number of query vectors, on the cosine's scale).
+        Returns the first `top_k`, each with that sum as its score, both parts and its dense rank; and how many
+        candidates were reordered. Ties keep the dense order."""
         colbert = self._colbert()
         _, top_k, keep, dims = self._search_settings(query, top_k, source, precision, truncate_dim)
         index = self._ready(self.main)
         depth = max(RERANK_CANDIDATES, top_k)
-        candidates = self._hits(*index.search(self.main.encode([query])[0], depth, keep, precision, dims))
+        embedding = self.main.encode([query])[0]
+        candidates = self._hits(*index.search(embedding, depth, keep, precision, dims))
         if not candidates:
             return [], 0
+        cosines = index.embeddings[[hit.row for hit in candidates]] @ (embedding / np.linalg.norm(embedding))
         (encoded_query,) = colbert.encode([query], "query")
-        scores = colbert.scores(encoded_query, colbert.encode([hit.text for hit in candidates], "document"))
-        order = np.argsort(-scores, kind="stable")[:top_k]
+        maxsims = colbert.scores(encoded_query, colbert.encode([hit.text for hit in candidates], "document"))
+        means = maxsims if colbert.model.similarity_fn_name == "meanmaxsim" else maxsims / len(encoded_query.vectors)
+        fused = cosines + means
+        order = np.argsort(-fused, kind="stable")[:top_k]
         hits = [
-            replace(candidates[i], rank=rank, score=float(scores[i]), dense_rank=candidates[i].rank)
+            replace(
+                candidates[i],
+                rank=rank,
+                score=float(fused[i]),
+                dense_rank=candidates[i].rank,
+                cosine=float(cosines[i]),
+                mean_maxsim=float(means[i]),
+            )
             for rank, i in enumerate(order, start=1)
         ]
         return hits, len(candidates)
 
     def token_matches(self, query: object, document: object) -> TokenMatches:
         """Which token of `document` each token of `query` matches best, by the late-interaction model's token
-        vectors: the similarity table that MaxSim reads, with the tokens as its tokenizer cut them."""
+        vectors: the similarity table that MaxSim reads, with the tokens as its tokenizer cut them, MaxSim and its
+        mean over the query's vectors (the part of the rerank's score)."""
         colbert = self._colbert()
         self.check_text(query, "The query")
         self.check_text(document, "The document")
@@ -668,7 +697,8 @@ class Engine:
         (encoded_document,) = colbert.encode([document], "document")
         similarities = encoded_query.vectors @ encoded_document.vectors.T
         best = similarities.argmax(axis=1)
-        contributions = similarities[np.arange(len(best)), best]
+        best_similarities = similarities[np.arange(len(best)), best]
+        contributions = best_similarities
         if colbert.model.similarity_fn_name == "meanmaxsim":
             contributions = contributions / len(best)
         return TokenMatches(
@@ -680,6 +710,7 @@ class Engine:
             best=best,
             contributions=contributions,
             score=float(contributions.sum()),
+            mean=float(best_similarities.mean()),
         )
 
     def entry_text(self, row: object) -> str:
@@ -696,12 +727,12 @@ class Engine:
         if colbert is not None:
             return (
                 f"Late-interaction model **{colbert.name}** ({colbert.dimension}-dimensional token vectors, "
-                f"queries up to {colbert.query_tokens} tokens): reranks by MaxSim."
+                f"queries up to {colbert.query_tokens} tokens): reranks by cosine + mean MaxSim."
             )
         why = self.colbert_error or (
             "start the demo with --colbert PATH_OR_HUB_ID or set MEDEIR_COLBERT_MODEL to use one"
         )
-        return f"No late-interaction ({COLBERT_NAME}) model is loaded, so results cannot be reranked by MaxSim: {why}"
+        return f"No late-interaction ({COLBERT_NAME}) model is loaded, so results cannot be reranked: {why}"
 
     def similarity(self, first: object, second: object) -> tuple[float, int, int]:
         """Cosine similarity of two texts, and their token counts."""

@@ -12,7 +12,17 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from hub import publish
-from hub.publish import MARKER, PublishError, assemble_model, assemble_space, check_model, check_space, listing, upload
+from hub.publish import (
+    MARKER,
+    PublishError,
+    assemble_model,
+    assemble_space,
+    check_model,
+    check_space,
+    listing,
+    space_readme,
+    upload,
+)
 
 from .conftest import REPO
 from .test_space import write_data_dir
@@ -34,6 +44,7 @@ MODEL_FILES = {
     "onnx_encoder.py",
     "requirements.txt",
 }
+MODEL_ID, COLBERT_ID = "someone/medeir-test", "someone/medeir-colbert-test"
 CARD = "---\nlibrary_name: sentence-transformers\npipeline_tag: sentence-similarity\n---\n# MedEIR tiny (test)\n"
 
 
@@ -53,10 +64,29 @@ def hub_model(tiny_model_dir, card, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def hub_space(tmp_path_factory) -> Path:
+    """The Space published with a late-interaction model beside the dense one."""
     data = write_data_dir(tmp_path_factory.mktemp("data"), icd=40, hpo=20, diseases=10)
     out = tmp_path_factory.mktemp("publish") / "hub-space"
-    assemble_space("someone/medeir-test", out, data_dir=data)
+    assemble_space(MODEL_ID, out, data_dir=data, colbert_repo_id=COLBERT_ID)
     return out
+
+
+@pytest.fixture(scope="module")
+def colbert_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A late-interaction (MultiVectorEncoder) folder on the tiny model, packaged as train.export ships one."""
+    from sentence_transformers.multi_vector_encoder import MultiVectorEncoder
+
+    from train.export import package
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-colbert") / "colbert"
+    MultiVectorEncoder(str(tiny_model_dir), trust_remote_code=True).save(str(path))
+    package(path)
+    return path
+
+
+def front_matter(readme: str) -> dict:
+    return yaml.safe_load(readme.split("---\n")[1])
 
 
 # -- the model repository -------------------------------------------------------------------------------------------
@@ -217,17 +247,47 @@ def test_space_folder_front_matter_index_and_reference_tokenizer(hub_space):
     }
     # the one file of request rules, the same as the model repository's handler imports
     assert (hub_space / "request_checks.py").read_bytes() == (REPO / "request_checks.py").read_bytes()
-    meta = yaml.safe_load((hub_space / "README.md").read_text().split("---\n")[1])
+    meta = front_matter((hub_space / "README.md").read_text())
     assert meta["sdk"] == "gradio" and meta["sdk_version"] == gradio.__version__ and meta["app_file"] == "app.py"
-    assert meta["models"] == ["someone/medeir-test"] and meta["suggested_hardware"] == "zero-a10g"
+    assert meta["models"] == [MODEL_ID, COLBERT_ID] and meta["suggested_hardware"] == "zero-a10g"
     index = pq.read_table(hub_space / "index.parquet")
     assert index.column_names == ["code", "source", "text"] and index.num_rows == 70
 
 
-def test_published_space_runs_offline_on_its_own_files(hub_space, tiny_model_dir):
-    """A fresh process in the Space folder: plain imports, the model from the front matter, --check passes."""
-    line = check_space(hub_space, "someone/medeir-test", tiny_model_dir)
+def test_space_front_matter_names_the_late_interaction_model_after_the_dense_one_only_when_given():
+    assert front_matter(space_readme(MODEL_ID, "zero-a10g"))["models"] == [MODEL_ID]
+    assert front_matter(space_readme(MODEL_ID, "zero-a10g", COLBERT_ID))["models"] == [MODEL_ID, COLBERT_ID]
+
+
+def test_published_space_runs_offline_on_its_own_files(hub_space, tiny_model_dir, colbert_dir):
+    """A fresh process in the Space folder: plain imports, both models from the front matter, --check passes and
+    reranks with the local late-interaction folder standing in for the Hub one."""
+    line = check_space(hub_space, MODEL_ID, tiny_model_dir, COLBERT_ID, colbert_dir)
     assert line.startswith("CHECK OK") and "index: 70 entries (40 ICD-10-CM, 20 HPO, 10 Disease)" in line
+    assert f"Late-interaction model {colbert_dir.resolve()} (" in line
+
+
+def test_space_command_passes_the_late_interaction_model_to_the_front_matter_and_the_check(
+    no_hub, hub_space, tiny_model_dir, colbert_dir, tmp_path, monkeypatch, capsys
+):
+    checks = []
+    monkeypatch.setattr(publish, "check_space", lambda *args: checks.append(args) or "CHECK OK: stubbed")
+    out = tmp_path / "space"
+    command = ["space", "--model-repo-id", MODEL_ID, "--index", str(hub_space / "index.parquet"), "--out", str(out),
+               "--check-model", str(tiny_model_dir)]  # fmt: skip
+    publish.main([*command, "--colbert-repo-id", COLBERT_ID, "--check-colbert", str(colbert_dir)])
+    assert checks == [(out, MODEL_ID, tiny_model_dir, COLBERT_ID, colbert_dir)]
+    assert front_matter((out / "README.md").read_text())["models"] == [MODEL_ID, COLBERT_ID]
+    publish.main(command)
+    assert checks[1] == (out, MODEL_ID, tiny_model_dir, None, None)
+    assert front_matter((out / "README.md").read_text())["models"] == [MODEL_ID]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        publish.main([*command, "--colbert-repo-id", COLBERT_ID, "--check-colbert", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
+    assert f"no local late-interaction model at {tmp_path / 'missing'}" in capsys.readouterr().err
+    with pytest.raises(PublishError, match="needs its repository id and a local folder"):
+        check_space(out, MODEL_ID, tiny_model_dir, COLBERT_ID)
 
 
 def test_space_hardware_must_be_a_gpu(tmp_path):

@@ -1,7 +1,7 @@
 """The demo in a real browser: the app serves on localhost (tiny model, all-MiniLM-L6-v2 and a tiny late-interaction
 model, a few hundred real ICD-10-CM and HPO rows), Debian's headless Chromium driven by Playwright searches, reads both
 ranked tables, checks that the first results do not depend on the result count, runs two visitors' searches at once,
-reranks by MaxSim and shows the token matches, clicks an example, runs similarity, and photographs every tab.
+reranks by cosine + mean MaxSim and shows the token matches, clicks an example, runs similarity, and photographs every tab.
 
 Screenshots go to build/test-artifacts/ (or $MEDEIR_ARTIFACTS). The ones committed in tests/artifacts/ come from the
 shipped model on the full index:
@@ -183,37 +183,43 @@ def test_search_beside_minilm_then_similarity_in_a_real_browser(server, page):
     page.screenshot(path=str(ARTIFACTS / "space-similarity.png"), full_page=True)
 
 
-def wait_for_token_sum(page, score: float, timeout: float = 60) -> None:
-    """Wait until the token list's last line, the sum of the best matches, is `score` (as the table rounds it)."""
+def wait_for_token_mean(page, score: float, timeout: float = 60) -> None:
+    """Wait until the token list's last line, the mean of the best matches, is `score` (as the table rounds it),
+    under the line with their sum, MaxSim."""
     deadline = time.time() + timeout
+    pattern = r"\nSum \(MaxSim score\): -?\d+\.\d{3}\nMean over the \d+ query tokens \(Mean MaxSim\): (-?\d+\.\d{3})$"
     while True:
-        found = re.search(r"Sum \(MaxSim score\): (-?\d+\.\d{3})$", page.locator("#token-list textarea").input_value())
+        found = re.search(pattern, page.locator("#token-list textarea").input_value())
         if found and abs(float(found.group(1)) - score) <= 2e-3:
             return
-        assert time.time() < deadline, f"the token list never summed to {score}: {found and found.group(0)}"
+        assert time.time() < deadline, f"the token list's mean was never {score}: {found and found.group(0)}"
         time.sleep(0.2)
 
 
-def test_a_rerank_by_maxsim_and_the_token_matches_of_a_result(server, page):
-    """Ticked, a search also shows MedEIR's results reordered by the late-interaction model (MaxSim, and the dense
-    rank each came from) and the token matches of the top one; picking another result shows its matches."""
+def test_a_rerank_by_cosine_plus_mean_maxsim_and_the_token_matches_of_a_result(server, page):
+    """Ticked, a search also shows MedEIR's results reordered by cosine + the late-interaction model's mean MaxSim
+    (the score, both parts, and the dense rank each came from) and the token matches of the top one; picking another
+    result shows its matches."""
     if page.locator("#search-rerank").count() == 0:
         pytest.skip("this demo has no late-interaction model")
     page.locator("#search-rerank input[type=checkbox]").check()
     search_for(page, server[1].column("text")[7].as_py())
-    playwright.expect(page.locator("#rerank-status")).to_contain_text("results reordered by MedEIR-ColBERT")
+    playwright.expect(page.locator("#rerank-status")).to_contain_text(
+        "results reordered by cosine + MedEIR-ColBERT mean MaxSim"
+    )
     playwright.expect(page.locator("#rerank-results div[role=row]")).to_have_count(10)
     rows = table_rows(page, "#rerank-results")
     assert [int(r[0]) for r in rows] == list(range(1, 11))
-    scores = [float(r[1]) for r in rows]
+    scores, cosines, means = ([float(r[i]) for r in rows] for i in (1, 2, 3))
     assert scores == sorted(scores, reverse=True)
-    assert all(re.fullmatch(r"\d+ \((=|↑\d+|↓\d+)\)", r[2]) for r in rows), [r[2] for r in rows]
-    wait_for_token_sum(page, scores[0])
+    assert all(abs(s - c - m) <= 1.5e-3 for s, c, m in zip(scores, cosines, means, strict=True)), rows
+    assert all(re.fullmatch(r"\d+ \((=|↑\d+|↓\d+)\)", r[4]) for r in rows), [r[4] for r in rows]
+    wait_for_token_mean(page, means[0])
     playwright.expect(page.locator("#token-heatmap table")).to_be_visible()
     # another result: its own matches
     page.locator("#token-choice input").click()
     page.get_by_role("option").nth(1).click()
-    wait_for_token_sum(page, scores[1])
+    wait_for_token_mean(page, means[1])
     settled(page, "#token-heatmap")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "space-rerank.png"), full_page=True)

@@ -1,6 +1,7 @@
 """The Space's late-interaction (MedEIR-ColBERT) rerank and token view on tiny models: the rerank is the dense model's
-candidates sorted by the late-interaction model's own MaxSim, the token table is the model's scored token vectors
-with its tokenizer's tokens, its best matches add up to the score shown, a demo without the model says so and offers
+candidates sorted by their exact float32 cosine plus the late-interaction model's mean MaxSim (whatever precision the
+search used, ties in dense order), the token table is the model's scored token vectors with its tokenizer's tokens,
+its best matches add up to MaxSim and average to the mean MaxSim shown, a demo without the model says so and offers
 no rerank, and bad input is refused as the search refuses it."""
 
 import re
@@ -70,20 +71,87 @@ def maxsim(model: MultiVectorEncoder, query: str, documents: list[str]) -> np.nd
     return model.similarity(model.encode_query([query]), model.encode_document(documents))[0].numpy()
 
 
+def cosine_and_mean_maxsim(engine, reference: MultiVectorEncoder, query: str, candidates: list):
+    """Recomputed here for each candidate hit: its cosine with the query from the dense embeddings (the index's
+    float32 embedding of the entry, every dimension, and the query's from the dense model), and its mean MaxSim from
+    the late-interaction model's token vectors (each query vector's best dot product with one of the entry's,
+    averaged over the query's vectors)."""
+    embedding = engine.model.encode([query], convert_to_numpy=True, normalize_embeddings=True)[0]
+    cosines = np.stack([engine.main.index.embeddings[h.row] for h in candidates]) @ embedding
+    query_vectors = reference.encode_query([query])[0].numpy()
+    documents = reference.encode_document([h.text for h in candidates])
+    means = np.array([(query_vectors @ d.numpy().T).max(axis=1).mean() for d in documents], dtype=np.float32)
+    return cosines, means
+
+
+def check_fused_order(hits, dense, cosines, means, top_k):
+    """The hits are the dense candidates sorted by cosine + mean MaxSim (ties in dense order), each with both parts,
+    their sum as its score, and its dense rank."""
+    order = np.argsort(-(cosines + means), kind="stable")[:top_k]
+    assert [h.row for h in hits] == [dense[i].row for i in order]
+    assert [h.dense_rank for h in hits] == [dense[i].rank for i in order]
+    assert [h.rank for h in hits] == list(range(1, len(order) + 1))
+    np.testing.assert_allclose([h.cosine for h in hits], cosines[order], atol=1e-5)
+    np.testing.assert_allclose([h.mean_maxsim for h in hits], means[order], atol=1e-5)
+    np.testing.assert_allclose([h.score for h in hits], (cosines + means)[order], atol=2e-5)
+    return order
+
+
 # -- the rerank -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("top_k", "depth"), [(10, RERANK_CANDIDATES), (60, 60)])
-def test_the_rerank_sorts_the_dense_candidates_by_the_models_own_maxsim(engine, reference, top_k, depth):
+def test_the_rerank_sorts_the_dense_candidates_by_cosine_plus_mean_maxsim(engine, reference, top_k, depth):
     query = engine.texts[3]
     hits, candidates = engine.rerank(query, top_k)
     dense, _, _ = engine.search(query, depth)
     assert candidates == depth == len(dense)
-    scores = maxsim(reference, query, [hit.text for hit in dense])
-    order = np.argsort(-scores, kind="stable")[:top_k]
-    assert [h.row for h in hits] == [dense[i].row for i in order]
-    assert [h.dense_rank for h in hits] == [dense[i].rank for i in order]
-    assert [h.rank for h in hits] == list(range(1, top_k + 1))
-    np.testing.assert_allclose([h.score for h in hits], scores[order], rtol=1e-5, atol=1e-5)
+    cosines, means = cosine_and_mean_maxsim(engine, reference, query, dense)
+    order = check_fused_order(hits, dense, cosines, means, top_k)
+    np.testing.assert_allclose(cosines, [h.score for h in dense], atol=1e-5)  # float32: the search's own scores
+    maxsims = maxsim(reference, query, [hit.text for hit in dense])
+    np.testing.assert_allclose(means, maxsims / len(reference.encode_query([query])[0]), rtol=1e-5, atol=1e-6)
     assert any(h.rank != h.dense_rank for h in hits)  # an untrained model reorders
+    assert order.tolist() != np.argsort(-maxsims, kind="stable")[:top_k].tolist()  # not by MaxSim alone
+
+
+@pytest.mark.parametrize(("precision", "half"), [("binary", False), ("float32", True), ("binary", True)])
+def test_the_rerank_adds_the_float_cosine_whatever_the_search_precision(engine, reference, precision, half):
+    """The candidates are the search's (binary or truncated, each on its own score scale), but the cosine added to
+    the mean MaxSim is the exact float32 one over every dimension."""
+    query, dims = engine.texts[3], engine.dimension // 2 if half else None
+    hits, candidates = engine.rerank(query, 10, precision=precision, truncate_dim=dims)
+    dense, _, _ = engine.search(query, RERANK_CANDIDATES, precision=precision, truncate_dim=dims)
+    assert candidates == len(dense) == RERANK_CANDIDATES
+    cosines, means = cosine_and_mean_maxsim(engine, reference, query, dense)
+    order = check_fused_order(hits, dense, cosines, means, 10)
+    assert max(abs(dense[i].score - cosines[i]) for i in order) > 1e-2  # the search's scores are not the cosines
+
+
+def test_ties_keep_the_dense_order(engine, monkeypatch):
+    """With every cosine 0 and mean MaxSims 2, 1, 0 in turn down the dense ranks, the rerank groups them by score
+    and keeps the dense order within each group."""
+    index, colbert_model = engine.main.index, engine.colbert
+    monkeypatch.setattr(index, "embeddings", np.zeros_like(index.embeddings))  # the search keeps its own views
+
+    def scores(query, documents):
+        return (2 - np.arange(len(documents)) % 3).astype(np.float32) * len(query.vectors)
+
+    monkeypatch.setattr(colbert_model, "scores", scores)
+    hits, candidates = engine.rerank("fever", RERANK_CANDIDATES)
+    by_score = [[rank for rank in range(1, candidates + 1) if (rank - 1) % 3 == group] for group in range(3)]
+    assert [h.dense_rank for h in hits] == [rank for group in by_score for rank in group]
+    assert [h.score for h in hits] == [2.0] * len(by_score[0]) + [1.0] * len(by_score[1]) + [0.0] * len(by_score[2])
+
+
+def test_a_model_that_scores_mean_maxsim_is_not_divided_again(engine, monkeypatch):
+    before, _ = engine.rerank("always thirsty and peeing a lot", 10)
+    matches = engine.token_matches("fever", DOCUMENT)
+    monkeypatch.setattr(engine.colbert.model, "similarity_fn_name", "meanmaxsim")
+    after, _ = engine.rerank("always thirsty and peeing a lot", 10)
+    assert [h.row for h in after] == [h.row for h in before]
+    np.testing.assert_allclose([h.mean_maxsim for h in after], [h.mean_maxsim for h in before], rtol=1e-5)
+    mean_matches = engine.token_matches("fever", DOCUMENT)
+    assert mean_matches.mean == pytest.approx(matches.mean, rel=1e-5)
+    assert mean_matches.score == pytest.approx(matches.mean, rel=1e-5)  # its MaxSim is already the mean
 
 
 def test_the_rerank_keeps_the_searchs_source_filter(engine):
@@ -108,7 +176,7 @@ def test_the_token_table_is_the_models_scored_tokens_in_order(engine, reference)
     assert matches.document_is_text.tolist() == [False, *[True] * len(kept), False]
 
 
-def test_the_best_matches_add_up_to_the_maxsim_score_shown_for_each_result(engine):
+def test_the_best_matches_add_up_to_maxsim_and_average_to_the_mean_maxsim_shown_for_each_result(engine):
     query = "always thirsty and peeing a lot"
     hits, _ = engine.rerank(query, 5)
     for hit in hits:
@@ -118,7 +186,9 @@ def test_the_best_matches_add_up_to_the_maxsim_score_shown_for_each_result(engin
             matches.contributions.tolist()
         )
         assert matches.contributions.sum() == pytest.approx(matches.score, rel=1e-6)
-        assert matches.score == pytest.approx(hit.score, rel=1e-4, abs=1e-4)
+        assert matches.mean == pytest.approx(matches.score / len(matches.query_tokens), rel=1e-6)
+        assert matches.mean == pytest.approx(hit.mean_maxsim, rel=1e-4, abs=1e-5)
+        assert hit.score == pytest.approx(hit.cosine + hit.mean_maxsim, abs=1e-6)
 
 
 def test_prompts_and_query_expansion_are_marked_as_added_by_the_model(engine, index, colbert_dir, tmp_path):
@@ -156,8 +226,17 @@ def elem_ids(demo: gr.Blocks) -> set[str]:
 def test_the_page_reranks_then_shows_the_top_results_token_matches(engine):
     page = app.Page(engine)
     frame, choice, query, status = page.rerank("fever", 5, "All", "float32", None, True)
-    assert list(frame.columns) == app.RERANK_COLUMNS and len(frame) == 5 and query == "fever"
-    assert f"top {RERANK_CANDIDATES} results reordered by MedEIR-ColBERT" in status
+    assert list(frame.columns) == ["Rank", "Score", "Cosine", "Mean MaxSim", "Dense rank", "Code", "Source", "Text"]
+    assert len(frame) == 5 and query == "fever"
+    assert f"top {RERANK_CANDIDATES} results reordered by cosine + MedEIR-ColBERT mean MaxSim" in status
+    hits, _ = engine.rerank("fever", 5)
+    assert frame.values.tolist() == [
+        [h.rank, f"{h.score:.3f}", f"{h.cosine:.3f}", f"{h.mean_maxsim:.3f}", app.moved(h), h.code, h.source, h.text]
+        for h in hits
+    ]
+    parts = frame[["Score", "Cosine", "Mean MaxSim"]].astype(float)
+    np.testing.assert_allclose(parts["Score"], parts["Cosine"] + parts["Mean MaxSim"], atol=1.5e-3)
+    assert parts["Score"].is_monotonic_decreasing
     rows = [value for _, value in choice["choices"]]
     assert choice["value"] == rows[0] and len(rows) == 5
     html, listing, message = page.token_view(query, choice["value"])
@@ -168,8 +247,10 @@ def test_the_page_reranks_then_shows_the_top_results_token_matches(engine):
     assert lines[0] == f"[CLS] (added by the model) -> {matches.document_tokens[matches.best[0]]} " + (
         f"({matches.contributions[0]:.3f})"
     )
-    assert lines[-1].startswith("Sum (MaxSim score): ") and message == ""
-    assert float(lines[-1].split(": ")[1]) == pytest.approx(float(frame.iloc[0]["MaxSim"]), abs=2e-3)
+    assert lines[-2] == f"Sum (MaxSim score): {matches.score:.3f}" and message == ""
+    assert lines[-1] == f"Mean over the {len(matches.query_tokens)} query tokens (Mean MaxSim): {matches.mean:.3f}"
+    assert lines[-1].endswith(frame.iloc[0]["Mean MaxSim"])
+    assert f"{matches.mean:.3f}, are the Mean MaxSim the rerank adds to the cosine" in html
     # unticked: nothing is reranked and nothing is shown
     frame, choice, query, status = page.rerank("fever", 5, "All", "float32", None, False)
     assert frame.empty and choice["choices"] == [] and query is None and status == app.RERANK_HINT
@@ -177,6 +258,9 @@ def test_the_page_reranks_then_shows_the_top_results_token_matches(engine):
     demo = app.build_demo(engine, examples={})
     assert {"search-rerank", "rerank-results", "token-heatmap", "token-list"} <= elem_ids(demo)
     assert "rerank-absent" not in elem_ids(demo)
+    (checkbox,) = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "search-rerank"]
+    assert checkbox.label == "Rerank with MedEIR-ColBERT (cosine + mean MaxSim)"
+    assert checkbox.label in app.RERANK_HINT and "reranks by cosine + mean MaxSim" in checkbox.info
 
 
 def test_the_token_table_escapes_tokens_and_says_when_it_is_cut(engine):
@@ -243,7 +327,7 @@ def test_a_late_interaction_model_that_cannot_load_leaves_the_dense_demo_running
     assert made.search(made.texts[0], 3)[0][0].row == 0
 
 
-def test_the_late_interaction_model_comes_from_the_environment_then_the_repository(monkeypatch):
+def test_default_colbert_comes_from_the_environment_then_the_repository(monkeypatch):
     monkeypatch.setenv("MEDEIR_COLBERT_MODEL", "org/medeir-colbert")
     assert engine_module.default_colbert() == "org/medeir-colbert"
     monkeypatch.setenv("MEDEIR_COLBERT_MODEL", "none")
@@ -251,7 +335,24 @@ def test_the_late_interaction_model_comes_from_the_environment_then_the_reposito
     monkeypatch.delenv("MEDEIR_COLBERT_MODEL")
     built = (engine_module.REPO / engine_module.DEFAULT_COLBERT).is_dir()
     assert (engine_module.default_colbert() is not None) == built
-    monkeypatch.setattr(engine_module, "REPO", None)  # the published Space: only what the environment names
+
+
+def test_default_colbert_of_the_published_space_is_the_second_model_in_its_front_matter(tmp_path, monkeypatch):
+    """`hub.publish space --colbert-repo-id` lists the late-interaction model after the dense one; the environment
+    still overrides it."""
+    for name in ("MEDEIR_MODEL", "MEDEIR_COLBERT_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(engine_module, "REPO", None)  # the published Space: README.md beside app.py at ROOT
+    monkeypatch.setattr(engine_module, "ROOT", tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text("---\nsdk: gradio\nmodels:\n  - org/medeir\n---\n# Demo\n")
+    assert engine_module.default_model() == "org/medeir" and engine_module.default_colbert() is None
+    readme.write_text("---\nsdk: gradio\nmodels:\n  - org/medeir\n  - org/medeir-colbert\n---\n# Demo\n")
+    assert engine_module.default_model() == "org/medeir"
+    assert engine_module.default_colbert() == "org/medeir-colbert"
+    monkeypatch.setenv("MEDEIR_COLBERT_MODEL", "org/other-colbert")
+    assert engine_module.default_colbert() == "org/other-colbert"
+    monkeypatch.setenv("MEDEIR_COLBERT_MODEL", "none")
     assert engine_module.default_colbert() is None
 
 
