@@ -23,7 +23,7 @@ from corpus.text import normalize
 from modeling_medeir import alibi_slopes
 from train.colbert import ColbertRecipe
 from train.distill import aligned_words, check_shared_ids, covering_words, length_buckets
-from train.finetune import AlibiSlopeSchedule, FinetuneRecipe
+from train.finetune import AlibiSlopeSchedule, FinetuneRecipe, LearnedAlibiSlopes
 from train.initialize import convert_minilm, from_scratch, save, scaled_slopes, source_pieces, transfer_embeddings
 from train.initialize import main as initialize_main
 from train.lora import LoraRecipe
@@ -535,6 +535,78 @@ def test_finetuning_with_a_slope_schedule_saves_the_slopes_of_each_step(tiny_med
     middle = json.loads((out / "checkpoints" / "checkpoint-3" / "config.json").read_text())["alibi_slopes"]
     assert middle == pytest.approx([math.sqrt(a * b) for a, b in zip(start_slopes, end, strict=True)])
     assert json.loads((out / "final" / "config.json").read_text())["alibi_slopes"] == pytest.approx(end)
+
+
+def test_learned_slopes_get_gradients_through_attention_and_refuse_zero_slopes():
+    """While attached, the encoder attends with exp(log_slopes): the loss reaches every head's slope (eager and sdpa
+    alike), and the config receives the learned values; a head without ALiBi cannot be learned in log space."""
+    from modeling_medeir import MedEIRModel
+
+    ids = torch.randint(5, 64, (2, 12))
+    for implementation in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        config = MedEIRConfig(
+            vocab_size=64, num_attention_heads=4, hidden_size=32, intermediate_size=64, num_hidden_layers=1
+        )
+        encoder = MedEIRModel(config).train(False)
+        encoder.config._attn_implementation = implementation
+        learned = LearnedAlibiSlopes(encoder)
+        assert learned.slopes(torch.device("cpu")).tolist() == pytest.approx(alibi_slopes(4))
+        encoder(input_ids=ids).last_hidden_state.square().sum().backward()
+        assert learned.log_slopes.grad is not None and (learned.log_slopes.grad != 0).all(), implementation
+        with torch.no_grad():
+            learned.log_slopes += math.log(2.0)
+        learned.write_config()
+        assert encoder.config.alibi_slopes == pytest.approx([2 * s for s in alibi_slopes(4)])
+        assert "log_slopes" not in " ".join(encoder.state_dict())
+    with pytest.raises(ValueError, match="positive slope on every head"):
+        LearnedAlibiSlopes(MedEIRModel(MedEIRConfig(num_attention_heads=2, alibi_slopes=[0.5, 0.0], hidden_size=32)))
+
+
+def test_finetuning_with_learned_slopes_saves_them_in_the_config(tiny_medeir_init, icd_hpo_data, tmp_path):
+    """`alibi_slopes_lr`: the slopes move during training, every checkpoint's config holds the ones of its step, the
+    final folder loads as an ordinary MedEIR folder (no extra weight) with the learned slopes, and a resumed run takes
+    them back from its checkpoint."""
+    from types import SimpleNamespace
+
+    from modeling_medeir import MedEIRModel
+
+    out = tmp_path / "run"
+    result = run_module(
+        "train.finetune",
+        f"init={tiny_medeir_init}",
+        f"data={icd_hpo_data}",
+        f"output_dir={out}",
+        "max_steps=6",
+        "batch_size=8",
+        "lr=1e-3",
+        "warmup_ratio=0.0",
+        "pair_loss=mnrl",
+        "pair_kinds=[icd_inclusion_title]",
+        "pair_rows=64",
+        "teacher=null",
+        "eval_steps=100",
+        "save_steps=3",
+        "alibi_slopes_lr=0.05",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    start = json.loads((Path(tiny_medeir_init) / "config.json").read_text())
+    start_slopes = start["alibi_slopes"] or alibi_slopes(start["num_attention_heads"])
+    middle = json.loads((out / "checkpoints" / "checkpoint-3" / "config.json").read_text())["alibi_slopes"]
+    final = json.loads((out / "final" / "config.json").read_text())["alibi_slopes"]
+    for slopes in (middle, final):  # Adam moves each log-slope by about the rate a step
+        moved = [abs(math.log(a / b)) for a, b in zip(slopes, start_slopes, strict=True)]
+        assert all(s > 0 for s in slopes) and max(moved) > 0.05, moved
+    assert middle != pytest.approx(final)
+    assert not [k for k in load_file(out / "final" / "model.safetensors") if "slope" in k]
+    reloaded = AutoModel.from_pretrained(out / "final", trust_remote_code=True)
+    assert reloaded.config.alibi_slopes == pytest.approx(final)
+    resumed = LearnedAlibiSlopes(MedEIRModel.from_pretrained(tiny_medeir_init))
+    resumed.Callback(resumed).on_train_begin(
+        SimpleNamespace(output_dir=str(out / "checkpoints")), SimpleNamespace(global_step=3), None
+    )
+    assert resumed.config.alibi_slopes == pytest.approx(middle)
+    assert resumed.slopes(torch.device("cpu")).tolist() == pytest.approx(middle)
 
 
 def test_pair_rows_sample_the_file_in_its_own_proportions(icd_hpo_data):

@@ -23,7 +23,9 @@ their registry packages (corpus.reference), or any SentenceTransformer folder.
 `alibi_slope_scale_end` raises (or lowers) every head's ALiBi slope during training, geometrically in the step, from
 the starting model's slope to that multiple of the standard one: a conversion that works only at small slopes starts
 there and ends with slopes whose exact attention windows are narrow, so long inputs stay cheap. The slopes live in the
-config, so every checkpoint and the final folder hold the ones trained with up to then.
+config, so every checkpoint and the final folder hold the ones trained with up to then. `alibi_slopes_lr` learns the
+slopes instead: each head's log-slope is a parameter trained with the rest at that learning rate (the body's is far
+too small to move them), written into the config before every save.
 
 `exclude_sources` removes every pair, corpus text and distillation text of the named sources (the leave-one-source-out
 protocol of evaluation.run); `matryoshka_dims` wraps the pair and KL losses in MatryoshkaLoss so that embeddings
@@ -105,6 +107,7 @@ class FinetuneRecipe:
     max_steps: int = -1
     max_seq_length: int = 128
     alibi_slope_scale_end: float | None = None  # ALiBi slopes moved during training to this x the standard ones
+    alibi_slopes_lr: float | None = None  # learn every head's ALiBi slope (in log space) at this rate; None: fixed
     prompts: dict[str, str] | None = None  # {"query": "...", "document": "..."}
     # evaluation and checkpoints
     eval_steps: int = 200
@@ -580,21 +583,92 @@ class AlibiSlopeSchedule(TrainerCallback):
         self._set(state)
 
 
+class LearnedAlibiSlopes(torch.nn.Module):
+    """Every head's ALiBi slope as a trained parameter, in log space so that it stays positive. The encoder reads its
+    slopes through `_alibi_slopes(device)` (from the config, once saved); while this module is attached it reads
+    exp(log_slopes) there instead, so every attention path trains them. The module belongs to a loss, not to the
+    model: the optimizer finds it there (sentence-transformers optimizes the losses' parameters, the model's among
+    them) while the model's saved weights stay those of an ordinary MedEIR folder; the slopes are saved in its config
+    (`Callback`), and a resumed run reads them back from its checkpoint's config."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        start = config_alibi_slopes(encoder.config)
+        if not all(slope > 0 for slope in start):
+            raise ValueError(f"learned slopes live in log space and need a positive slope on every head, got {start}")
+        self.log_slopes = torch.nn.Parameter(torch.tensor(start, dtype=torch.float32).log())
+        self.config = encoder.config
+        encoder._alibi_slopes = self.slopes  # an instance attribute: shadows the method that reads the config
+
+    def slopes(self, device: torch.device) -> torch.Tensor:
+        return self.log_slopes.exp().to(device)
+
+    def write_config(self) -> None:
+        self.config.alibi_slopes = [float(slope) for slope in self.log_slopes.detach().exp().cpu()]
+
+    class Callback(TrainerCallback):
+        """Writes the learned slopes into the config after every step (before any checkpoint is saved) and at the
+        end (the final folder); restores them from the checkpoint's config when a run resumes."""
+
+        def __init__(self, learned: "LearnedAlibiSlopes"):
+            self.learned = learned
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.global_step > 0:
+                saved = json.loads(
+                    (Path(args.output_dir) / f"checkpoint-{state.global_step}" / "config.json").read_text()
+                )
+                with torch.no_grad():
+                    self.learned.log_slopes.copy_(torch.tensor(saved["alibi_slopes"], dtype=torch.float32).log())
+            self.learned.write_config()
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            # outside the model, the parameter is not in the data-parallel wrapper: average its gradient by hand
+            grad = self.learned.log_slopes.grad
+            if grad is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(grad)
+                grad /= torch.distributed.get_world_size()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.learned.write_config()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.learned.write_config()
+
+
+def slope_training(recipe: FinetuneRecipe, model: SentenceTransformer, losses: dict) -> tuple[list, dict]:
+    """The callbacks and per-parameter learning rates of the recipe's ALiBi slopes: a schedule, learned, or fixed."""
+    config = model[0].auto_model.config
+    if recipe.alibi_slope_scale_end is not None and recipe.alibi_slopes_lr is not None:
+        raise ValueError("alibi_slope_scale_end schedules the slopes and alibi_slopes_lr learns them: set one")
+    if recipe.alibi_slope_scale_end is not None:
+        return [AlibiSlopeSchedule(config, recipe.alibi_slope_scale_end)], {}
+    if recipe.alibi_slopes_lr is None:
+        return [], {}
+    if recipe.alibi_slopes_lr <= 0:
+        raise ValueError(f"alibi_slopes_lr must be a positive learning rate, not {recipe.alibi_slopes_lr}")
+    learned = LearnedAlibiSlopes(model[0].auto_model)
+    next(iter(losses.values())).add_module("learned_alibi_slopes", learned)
+    return [LearnedAlibiSlopes.Callback(learned)], {r"learned_alibi_slopes\.log_slopes$": recipe.alibi_slopes_lr}
+
+
 def trainer_for(
     recipe: FinetuneRecipe, model: SentenceTransformer, train_sets: dict[str, datasets.Dataset], losses: dict
 ) -> SentenceTransformerTrainer:
     """The sentence-transformers trainer of the run: every dataset with its loss, sampled in proportion to its size,
-    evaluated on the validation pairs and the benchmarks' samples; the ALiBi slope schedule when the recipe has one."""
+    evaluated on the validation pairs and the benchmarks' samples; the ALiBi slopes scheduled or learned when the
+    recipe says so."""
     evaluators = [e for e in [validation_evaluator(recipe), *(benchmark_evaluator(recipe, b) for b in BENCHMARKS)] if e]
-    args = training_arguments(recipe, **run_settings(recipe, evaluated=bool(evaluators)), prompts=recipe.prompts)
-    schedule = recipe.alibi_slope_scale_end
+    callbacks, learning_rates = slope_training(recipe, model, losses)
+    settings = run_settings(recipe, evaluated=bool(evaluators))
+    args = training_arguments(recipe, **settings, prompts=recipe.prompts, learning_rate_mapping=learning_rates)
     return SentenceTransformerTrainer(
         model=model,
         args=args,
         train_dataset=datasets.DatasetDict(train_sets),
         loss=losses,
         evaluator=SequentialEvaluator(evaluators) if evaluators else None,
-        callbacks=[AlibiSlopeSchedule(model[0].auto_model.config, schedule)] if schedule is not None else None,
+        callbacks=callbacks or None,
     )
 
 
