@@ -596,7 +596,10 @@ class LearnedAlibiSlopes(torch.nn.Module):
         start = config_alibi_slopes(encoder.config)
         if not all(slope > 0 for slope in start):
             raise ValueError(f"learned slopes live in log space and need a positive slope on every head, got {start}")
-        self.log_slopes = torch.nn.Parameter(torch.tensor(start, dtype=torch.float32).log())
+        # on the encoder's device: the trainer moves the model, not its losses, and a data-parallel all-reduce
+        # needs the gradient where the collective runs
+        device = next(encoder.parameters()).device
+        self.log_slopes = torch.nn.Parameter(torch.tensor(start, dtype=torch.float32, device=device).log())
         self.config = encoder.config
         encoder._alibi_slopes = self.slopes  # an instance attribute: shadows the method that reads the config
 
@@ -619,7 +622,7 @@ class LearnedAlibiSlopes(torch.nn.Module):
                     (Path(args.output_dir) / f"checkpoint-{state.global_step}" / "config.json").read_text()
                 )
                 with torch.no_grad():
-                    self.learned.log_slopes.copy_(torch.tensor(saved["alibi_slopes"], dtype=torch.float32).log())
+                    self.learned.log_slopes.copy_(torch.tensor(saved["alibi_slopes"]).log())
             self.learned.write_config()
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
