@@ -507,14 +507,12 @@ def test_slope_schedule_moves_each_head_geometrically_and_refuses_zero_slopes():
         AlibiSlopeSchedule(MedEIRConfig(num_attention_heads=2, alibi_slopes=[0.5, 0.0]), 1.0)
 
 
-def test_finetuning_with_a_slope_schedule_saves_the_slopes_of_each_step(tiny_medeir_init, icd_hpo_data, tmp_path):
-    """`alibi_slope_scale_end`: the checkpoint after step 3 of 6 holds the half-way slopes, the final folder the end
-    ones."""
-    out = tmp_path / "run"
-    result = run_module(
+def six_step_finetune(init, data, out: Path, *overrides: str):
+    """Six steps of pair training on a tiny model, a checkpoint every 3 steps, no teacher."""
+    return run_module(
         "train.finetune",
-        f"init={tiny_medeir_init}",
-        f"data={icd_hpo_data}",
+        f"init={init}",
+        f"data={data}",
         f"output_dir={out}",
         "max_steps=6",
         "batch_size=8",
@@ -526,8 +524,15 @@ def test_finetuning_with_a_slope_schedule_saves_the_slopes_of_each_step(tiny_med
         "teacher=null",
         "eval_steps=100",
         "save_steps=3",
-        "alibi_slope_scale_end=0.25",
+        *overrides,
     )
+
+
+def test_finetuning_with_a_slope_schedule_saves_the_slopes_of_each_step(tiny_medeir_init, icd_hpo_data, tmp_path):
+    """`alibi_slope_scale_end`: the checkpoint after step 3 of 6 holds the half-way slopes, the final folder the end
+    ones."""
+    out = tmp_path / "run"
+    result = six_step_finetune(tiny_medeir_init, icd_hpo_data, out, "alibi_slope_scale_end=0.25")
     assert result.returncode == 0, result.stderr[-3000:]
     start = json.loads((Path(tiny_medeir_init) / "config.json").read_text())
     start_slopes = start["alibi_slopes"] or alibi_slopes(start["num_attention_heads"])
@@ -572,23 +577,7 @@ def test_finetuning_with_learned_slopes_saves_them_in_the_config(tiny_medeir_ini
     from modeling_medeir import MedEIRModel
 
     out = tmp_path / "run"
-    result = run_module(
-        "train.finetune",
-        f"init={tiny_medeir_init}",
-        f"data={icd_hpo_data}",
-        f"output_dir={out}",
-        "max_steps=6",
-        "batch_size=8",
-        "lr=1e-3",
-        "warmup_ratio=0.0",
-        "pair_loss=mnrl",
-        "pair_kinds=[icd_inclusion_title]",
-        "pair_rows=64",
-        "teacher=null",
-        "eval_steps=100",
-        "save_steps=3",
-        "alibi_slopes_lr=0.05",
-    )
+    result = six_step_finetune(tiny_medeir_init, icd_hpo_data, out, "alibi_slopes_lr=0.05")
     assert result.returncode == 0, result.stderr[-3000:]
     start = json.loads((Path(tiny_medeir_init) / "config.json").read_text())
     start_slopes = start["alibi_slopes"] or alibi_slopes(start["num_attention_heads"])
