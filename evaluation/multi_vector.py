@@ -10,6 +10,8 @@ benchmark:
     maxsim             every document encoded token by token, each sampled query scored against all of them
     dense              the dense model alone (cosine), the first stage of the next line
     dense_then_maxsim  the dense model's top `depth` documents per query, re-ordered by MaxSim
+With --fusion-check N (and --dense), the weight of the mean MaxSim added to the dense cosine is measured instead, on N
+of the build's validation pairs (no benchmark is read): `fusion_check`.
     index              the token vectors kept per document (its index: token vectors x dim x 4 bytes in float32) and
                        the wall-clock milliseconds of encoding a document and of scoring a query
 """
@@ -166,13 +168,56 @@ def maxsim_rerank(
     return maxsim_scores(model, queries, corpus, candidates, batch_size)[0]
 
 
-def fused(candidates: Run, maxsim: Run, query_vectors: dict[str, int]) -> Run:
-    """Each candidate's first-stage cosine plus its mean MaxSim (MaxSim over the query's vectors: the mean best
-    cosine of a query token, on the cosine's own scale), weighted equally. The weights are fixed beforehand, not tuned
-    on any benchmark: the late-interaction score corrects the dense ranking instead of replacing it."""
+def fused(candidates: Run, maxsim: Run, query_vectors: dict[str, int], weight: float = 1.0) -> Run:
+    """Each candidate's first-stage cosine plus `weight` times its mean MaxSim (MaxSim over the query's vectors: the
+    mean best cosine of a query token, on the cosine's own scale). Equal weights (1.0) are what evaluation.run and the
+    demo use, fixed beforehand and never tuned on a benchmark; `fusion_check` measures the weight on the build's
+    validation pairs instead: the late-interaction score corrects the dense ranking instead of replacing it."""
     return {
-        q: {d: candidates[q][d] + score / query_vectors[q] for d, score in scores.items()}
+        q: {d: candidates[q][d] + weight * score / query_vectors[q] for d, score in scores.items()}
         for q, scores in maxsim.items()
+    }
+
+
+FUSION_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+
+
+def validation_texts(data_dir: str | Path, rows: int, seed: int = 0) -> tuple[dict, dict, dict]:
+    """Queries, documents and qrels from `rows` of the build's validation pairs (seeded, as the trainers draw their
+    validation): each anchor must find its own positive among every sampled positive. These rows are held out of
+    training but come from the training sources, unlike the benchmarks' held-out groups, so they can choose a setting
+    without reading any benchmark."""
+    pairs = DataBuild(data_dir).pairs_dataset("validation").shuffle(seed=seed)
+    pairs = pairs.select(range(min(rows, len(pairs))))
+    corpus = {f"d{i}": text for i, text in enumerate(dict.fromkeys(pairs["positive"]))}
+    doc_id = {text: i for i, text in corpus.items()}
+    queries = {f"q{i}": anchor for i, anchor in enumerate(pairs["anchor"])}
+    qrels = {f"q{i}": {doc_id[positive]: 1} for i, positive in enumerate(pairs["positive"])}
+    return queries, corpus, qrels
+
+
+def fusion_check(
+    model: MultiVectorEncoder,
+    dense: SentenceTransformer,
+    data_dir: str | Path,
+    rows: int = 2000,
+    weights: tuple[float, ...] = FUSION_WEIGHTS,
+    depth: int = 100,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> dict:
+    """nDCG@10 on the validation pairs (validation_texts) of the dense model, of its top `depth` reranked by MaxSim,
+    and of the cosine + `weight` x mean MaxSim for every weight (0: the dense order)."""
+    queries, corpus, qrels = validation_texts(data_dir, rows, seed)
+    candidates = dense_search(dense, queries, corpus, depth, batch_size)
+    maxsim, query_vectors = maxsim_scores(model, queries, corpus, candidates, batch_size)
+    fusion = {w: fused(candidates, maxsim, query_vectors, w) for w in weights}
+    return {
+        "queries": len(queries),
+        "documents": len(corpus),
+        "dense": metrics.retrieval_scores(qrels, candidates)["ndcg_at_10"],
+        "dense_then_maxsim": metrics.retrieval_scores(qrels, maxsim)["ndcg_at_10"],
+        "fused": {str(w): metrics.retrieval_scores(qrels, run)["ndcg_at_10"] for w, run in fusion.items()},
     }
 
 
@@ -242,10 +287,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--depth", type=int, default=100, help="dense candidates per query that MaxSim reranks")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--long-batch-size", type=int, default=4, help="for benchmarks of long documents")
+    parser.add_argument(
+        "--fusion-check",
+        type=int,
+        metavar="N",
+        help="score cosine + w x mean MaxSim on N validation "
+        "pairs for each weight of --fusion-weights instead of the benchmarks (needs --dense)",
+    )
+    parser.add_argument("--fusion-weights", type=float, nargs="+", default=list(FUSION_WEIGHTS))
     parser.add_argument("--out", type=Path, help="write the scores as JSON here")
     args = parser.parse_args(argv)
+    if args.fusion_check and not args.dense:
+        parser.error("--fusion-check needs --dense: the first stage whose cosine the mean MaxSim is added to")
     model = MultiVectorEncoder(args.model, trust_remote_code=True)
     dense = SentenceTransformer(args.dense, trust_remote_code=True) if args.dense else None
+    if args.fusion_check:
+        check = fusion_check(
+            model, dense, args.data, args.fusion_check, tuple(args.fusion_weights), args.depth, args.seed
+        )
+        return write_scores(check, args.out)
     scores = evaluate(
         model,
         args.data,
@@ -257,9 +317,14 @@ def main(argv: list[str] | None = None) -> dict:
         args.batch_size,
         args.long_batch_size,
     )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(scores, indent=2) + "\n")
+    return write_scores(scores, args.out)
+
+
+def write_scores(scores: dict, out: Path | None) -> dict:
+    """Print the scores as JSON, and write them to `out` when given."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(scores, indent=2) + "\n")
     print(json.dumps(scores, indent=2))
     return scores
 

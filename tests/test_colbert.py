@@ -263,3 +263,20 @@ def test_the_colbert_recipe_loads():
     recipe = load_recipe(ColbertRecipe, REPO / "train" / "recipes" / "colbert-small.yaml")
     assert recipe.output_dir.startswith("runs/") and recipe.projection_dim == 128
     assert recipe.document_length == 8192 and recipe.init == "models/medeir-small"
+
+
+def test_the_projection_trains_at_its_own_rate(tiny_medeir_init, icd_hpo_data, tmp_path):
+    recipe = tiny_recipe(tiny_medeir_init, icd_hpo_data, tmp_path, "lr=1e-5", "projection_lr=1e-3", "distill_kl_rows=0")
+    model = colbert.load_model(recipe)
+    trainer = colbert.trainer_for(recipe, model, colbert.training_sets(recipe))
+    trainer.create_optimizer()
+    rates = {id(p): group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    projection = next(m for m in model if isinstance(m, colbert.Dense))
+    assert {rates[id(p)] for p in projection.parameters()} == {1e-3}
+    encoder = [p for name, p in model.named_parameters() if name.startswith("0.")]
+    assert encoder and {rates[id(p)] for p in encoder} == {1e-5}
+    assert len(rates) == len(list(model.parameters()))  # every parameter trains, each in one group
+    for wrong in ("projection_lr=0", "projection_lr=-1e-3"):
+        bad = dataclasses.replace(recipe, projection_lr=float(wrong.split("=")[1]))
+        with pytest.raises(ValueError, match="projection_lr must be positive"):
+            colbert.projection_rate(bad, model)

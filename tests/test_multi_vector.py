@@ -73,3 +73,15 @@ def test_chunked_search_and_a_rerank_of_everything_equal_one_full_maxsim_pass(ec
         assert list(chunked[q]) == list(expected)
         assert list(chunked[q].values()) == pytest.approx(list(expected.values()), abs=1e-5)
         assert [reranked[q][d] for d in document_ids] == pytest.approx(full[row].tolist(), abs=1e-5)
+
+
+def test_the_fusion_check_spans_the_dense_order_and_the_maxsim_order(icd_hpo_data, models):
+    """On the build's validation pairs: weight 0 leaves the dense order, a weight so large that the cosine cannot
+    change a tie-free MaxSim order gives the MaxSim rerank, and every weight is scored."""
+    late, dense = models
+    check = multi_vector.fusion_check(late, dense, icd_hpo_data, rows=60, weights=(0.0, 1.0, 1e6), depth=20)
+    assert check["queries"] == 60 and 0 < check["documents"] <= 60
+    assert set(check["fused"]) == {"0.0", "1.0", "1000000.0"}
+    assert check["fused"]["0.0"] == pytest.approx(check["dense"])
+    assert check["fused"]["1000000.0"] == pytest.approx(check["dense_then_maxsim"])
+    assert 0 < check["dense"] <= 1 and 0 < check["dense_then_maxsim"] <= 1

@@ -86,6 +86,7 @@ class ColbertRecipe:
     # optimisation
     batch_size: int = 32
     lr: float = 1e-4
+    projection_lr: float | None = None  # the projection's rate when it differs from the encoder's `lr`
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     epochs: float = 1.0
@@ -304,13 +305,27 @@ def validation_evaluator(recipe: ColbertRecipe) -> MultiVectorInformationRetriev
     )
 
 
+def projection_rate(recipe: ColbertRecipe, model: MultiVectorEncoder) -> dict[str, float]:
+    """The trainer's learning_rate_mapping that gives the token projection its own rate (`projection_lr`), or none.
+    The projection starts random, so at an encoder's small rate it would hardly move from that start; its parameters
+    are named by the module's position in the model (each loss holds the model, so the names of the trainer's
+    optimizer end in `<position>.linear.weight`)."""
+    if recipe.projection_lr is None:
+        return {}
+    if recipe.projection_lr <= 0:
+        raise ValueError(f"projection_lr must be positive, got {recipe.projection_lr}")
+    position = next(i for i, m in enumerate(model) if isinstance(m, Dense))
+    return {rf"(^|\.){position}\.linear\.(weight|bias)$": recipe.projection_lr}
+
+
 def trainer_for(
     recipe: ColbertRecipe, model: MultiVectorEncoder, train_sets: dict[str, datasets.Dataset]
 ) -> MultiVectorEncoderTrainer:
     """The multi-vector trainer of the run: every dataset with its loss, sampled in proportion to its size,
     evaluated on the validation pairs."""
     evaluator = validation_evaluator(recipe)
-    args = training_arguments(recipe, **finetune.run_settings(recipe, evaluated=evaluator is not None))
+    settings = finetune.run_settings(recipe, evaluated=evaluator is not None)
+    args = training_arguments(recipe, **settings, learning_rate_mapping=projection_rate(recipe, model))
     return MultiVectorEncoderTrainer(
         model=model,
         args=args,
