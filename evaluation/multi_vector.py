@@ -10,10 +10,10 @@ benchmark:
     maxsim             every document encoded token by token, each sampled query scored against all of them
     dense              the dense model alone (cosine), the first stage of the next line
     dense_then_maxsim  the dense model's top `depth` documents per query, re-ordered by MaxSim
-With --fusion-check N (and --dense), the weight of the mean MaxSim added to the dense cosine is measured instead, on N
-of the build's validation pairs (no benchmark is read): `fusion_check`.
     index              the token vectors kept per document (its index: token vectors x dim x 4 bytes in float32) and
                        the wall-clock milliseconds of encoding a document and of scoring a query
+With --fusion-check N (and --dense), the weight of the mean MaxSim added to the dense cosine is measured instead, on N
+of the build's validation pairs (no benchmark is read): `fusion_check`.
 """
 
 import argparse
