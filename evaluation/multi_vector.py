@@ -29,6 +29,7 @@ from sentence_transformers.multi_vector_encoder import MultiVectorEncoder
 
 from corpus.dataset import BENCHMARKS, DEFAULT_ROOT, DataBuild
 from evaluation import metrics, tasks
+from train import finetune
 
 Run = dict[str, dict[str, float]]  # query id -> {document id: score}
 SEARCH_DEPTH = max(metrics.K_VALUES)  # documents kept per query: every one Recall@100 can count
@@ -182,20 +183,6 @@ def fused(candidates: Run, maxsim: Run, query_vectors: dict[str, int], weight: f
 FUSION_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 
-def validation_texts(data_dir: str | Path, rows: int, seed: int = 0) -> tuple[dict, dict, dict]:
-    """Queries, documents and qrels from `rows` of the build's validation pairs (seeded, as the trainers draw their
-    validation): each anchor must find its own positive among every sampled positive. These rows are held out of
-    training but come from the training sources, unlike the benchmarks' held-out groups, so they can choose a setting
-    without reading any benchmark."""
-    pairs = DataBuild(data_dir).pairs_dataset("validation").shuffle(seed=seed)
-    pairs = pairs.select(range(min(rows, len(pairs))))
-    corpus = {f"d{i}": text for i, text in enumerate(dict.fromkeys(pairs["positive"]))}
-    doc_id = {text: i for i, text in corpus.items()}
-    queries = {f"q{i}": anchor for i, anchor in enumerate(pairs["anchor"])}
-    qrels = {f"q{i}": {doc_id[positive]: 1} for i, positive in enumerate(pairs["positive"])}
-    return queries, corpus, qrels
-
-
 def fusion_check(
     model: MultiVectorEncoder,
     dense: SentenceTransformer,
@@ -206,9 +193,12 @@ def fusion_check(
     seed: int = 0,
     batch_size: int = 32,
 ) -> dict:
-    """nDCG@10 on the validation pairs (validation_texts) of the dense model, of its top `depth` reranked by MaxSim,
+    """nDCG@10 on `rows` of the build's validation pairs (train.finetune.validation_retrieval, as the trainers draw
+    their validation: held out of training but from the training sources, unlike the benchmarks' held-out groups, so
+    they choose a setting without reading any benchmark) of the dense model, of its top `depth` reranked by MaxSim,
     and of the cosine + `weight` x mean MaxSim for every weight (0: the dense order)."""
-    queries, corpus, qrels = validation_texts(data_dir, rows, seed)
+    queries, corpus, relevant = finetune.validation_retrieval(data_dir, rows, seed)
+    qrels = {q: dict.fromkeys(documents, 1) for q, documents in relevant.items()}
     candidates = dense_search(dense, queries, corpus, depth, batch_size)
     maxsim, query_vectors = maxsim_scores(model, queries, corpus, candidates, batch_size)
     fusion = {w: fused(candidates, maxsim, query_vectors, w) for w in weights}

@@ -415,19 +415,25 @@ def benchmark_evaluator(recipe: FinetuneRecipe, name: str) -> InformationRetriev
     )
 
 
-def validation_evaluator(recipe: FinetuneRecipe) -> InformationRetrievalEvaluator | None:
-    """Validation pairs as retrieval: each anchor must find its positive among all validation positives."""
-    data = DataBuild(recipe.data)
-    if not data.pairs_path("validation").exists():
-        return None
-    pairs = data.pairs_dataset("validation").shuffle(seed=recipe.seed)
-    pairs = pairs.select(range(min(2 * recipe.eval_queries, len(pairs))))
+def validation_retrieval(data_dir, rows: int, seed: int) -> tuple[dict[str, str], dict[str, str], dict[str, set]]:
+    """`rows` of the build's validation pairs (seeded shuffle) as retrieval: queries (the anchors), a corpus of their
+    distinct positives, and each query's relevant document (its own positive)."""
+    pairs = DataBuild(data_dir).pairs_dataset("validation").shuffle(seed=seed)
+    pairs = pairs.select(range(min(rows, len(pairs))))
     corpus = {f"d{i}": text for i, text in enumerate(dict.fromkeys(pairs["positive"]))}
     doc_id = {text: i for i, text in corpus.items()}
     queries, relevant = {}, {}
     for i, (anchor, positive) in enumerate(zip(pairs["anchor"], pairs["positive"], strict=True)):
         queries[f"q{i}"] = anchor
         relevant[f"q{i}"] = {doc_id[positive]}
+    return queries, corpus, relevant
+
+
+def validation_evaluator(recipe: FinetuneRecipe) -> InformationRetrievalEvaluator | None:
+    """Validation pairs as retrieval: each anchor must find its positive among all validation positives."""
+    if not DataBuild(recipe.data).pairs_path("validation").exists():
+        return None
+    queries, corpus, relevant = validation_retrieval(recipe.data, 2 * recipe.eval_queries, recipe.seed)
     return InformationRetrievalEvaluator(
         queries,
         corpus,
