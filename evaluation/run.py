@@ -111,7 +111,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="report folder")
     parser.add_argument("--data", type=Path, default=DEFAULT_ROOT, help="output of `python -m corpus.build`")
     parser.add_argument("--benchmarks", nargs="+", default=[*BENCHMARKS, PAIRS], choices=[*BENCHMARKS, PAIRS])
-    parser.add_argument("--max-queries", type=int, help="seeded sample of each benchmark's queries (quick runs)")
+    parser.add_argument(
+        "--max-queries", type=int, help="seeded sample of each benchmark's queries (quick runs); 0 or none: all"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--official", choices=["auto", "skip"], default="auto", help="auto: run when the Hub answers")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -122,7 +124,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--cache", type=Path, default=MODEL_CACHE, help="embedding and model cache ($MEDEIR_CACHE)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.max_queries is not None and args.max_queries < 0:
+        parser.error(f"--max-queries must be 0 (all) or a positive number, not {args.max_queries}")
+    args.max_queries = args.max_queries or None  # 0 means every query, as in evaluation.multi_vector
+    return args
 
 
 def loso_spec(value: str) -> tuple[str, str]:

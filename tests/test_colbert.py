@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from sentence_transformers.multi_vector_encoder import MultiVectorEncoder
 from transformers import TrainerCallback
 
+from corpus.dataset import DataBuild
 from corpus.text import normalize
 from train import colbert, export, finetune
 from train.colbert import ColbertRecipe
@@ -178,7 +179,9 @@ def test_a_text_gets_the_same_vectors_alone_and_in_a_padded_batch(untrained, sid
         torch.testing.assert_close(encode(text), in_batch, atol=1e-5, rtol=0)
 
 
-def test_the_scoring_mask_drops_padding_and_document_punctuation(untrained, tiny_medeir_init, icd_hpo_data, tmp_path):
+def test_the_scoring_mask_drops_padding_and_punctuation_as_configured(
+    untrained, tiny_medeir_init, icd_hpo_data, tmp_path
+):
     tokenizer = untrained.tokenizer
     text = "fever, cough (dry)."
     pieces = tokenizer.tokenize(text)
@@ -193,6 +196,15 @@ def test_the_scoring_mask_drops_padding_and_document_punctuation(untrained, tiny
     # without the skiplist, documents keep their punctuation
     plain = colbert.load_model(tiny_recipe(tiny_medeir_init, icd_hpo_data, tmp_path, "skip_punctuation=false"))
     assert len(plain.encode_document([text, long_text])[0]) == len(pieces) + 2
+    # with the query skiplist, queries drop their punctuation as documents do
+    both = colbert.load_model(tiny_recipe(tiny_medeir_init, icd_hpo_data, tmp_path, "skip_query_punctuation=true"))
+    assert len(both.encode_query([text, long_text])[0]) == len(pieces) + 2 - len(punctuation)
+    assert len(both.encode_document([text, long_text])[0]) == len(pieces) + 2 - len(punctuation)
+    queries_only = colbert.load_model(
+        tiny_recipe(tiny_medeir_init, icd_hpo_data, tmp_path, "skip_query_punctuation=true", "skip_punctuation=false")
+    )
+    assert len(queries_only.encode_query([text])[0]) == len(pieces) + 2 - len(punctuation)
+    assert len(queries_only.encode_document([text])[0]) == len(pieces) + 2
     # every punctuation mark that is a token of the vocabulary is on the list, nothing else
     vocabulary = tokenizer.get_vocab()
     mask = next(m for m in untrained if type(m).__name__ == "MultiVectorMask")
@@ -263,6 +275,7 @@ def test_the_colbert_recipe_loads():
     recipe = load_recipe(ColbertRecipe, REPO / "train" / "recipes" / "colbert-small.yaml")
     assert recipe.output_dir.startswith("runs/") and recipe.projection_dim == 128
     assert recipe.document_length == 8192 and recipe.init == "models/medeir-small"
+    assert recipe.freeze_encoder  # the shipped model keeps MedEIR-small's encoder
 
 
 def test_the_projection_trains_at_its_own_rate(tiny_medeir_init, icd_hpo_data, tmp_path):
@@ -280,3 +293,41 @@ def test_the_projection_trains_at_its_own_rate(tiny_medeir_init, icd_hpo_data, t
         bad = dataclasses.replace(recipe, projection_lr=float(wrong.split("=")[1]))
         with pytest.raises(ValueError, match="projection_lr must be positive"):
             colbert.projection_rate(bad, model)
+
+
+def test_reversed_rows_train_a_kind_the_other_way_round(tiny_medeir_init, icd_hpo_data, tmp_path):
+    recipe = tiny_recipe(
+        tiny_medeir_init,
+        icd_hpo_data,
+        tmp_path,
+        "distill_kl_rows=0",
+        "reversed_kinds=[hpo_term_definition]",
+        "reversed_rows=50",
+    )
+    sets = colbert.training_sets(recipe)
+    turned = sets["reversed"]
+    assert turned.column_names == ["anchor", "positive"] and len(turned) == 50
+    pairs = DataBuild(str(icd_hpo_data)).pairs_dataset()
+    kinds = {(p, a): k for a, p, k in zip(pairs["anchor"], pairs["positive"], pairs["kind"], strict=True)}
+    assert {kinds[row] for row in zip(turned["anchor"], turned["positive"], strict=True)} == {"hpo_term_definition"}
+    assert "hpo_term_definition" not in recipe.pair_kinds  # the kind is trained only reversed here
+    without = dataclasses.replace(recipe, output_dir=str(tmp_path / "without"), exclude_sources=["hpo"])
+    assert "reversed" not in colbert.training_sets(without)  # a left-out source is not trained reversed either
+    with pytest.raises(ValueError, match="reversed_rows needs reversed_kinds"):
+        colbert.reversed_pairs(dataclasses.replace(recipe, reversed_kinds=None))
+
+
+def test_a_frozen_encoder_keeps_the_init_weights_while_the_projection_trains(tiny_medeir_init, icd_hpo_data, tmp_path):
+    recipe = tiny_recipe(tiny_medeir_init, icd_hpo_data, tmp_path, "freeze_encoder=true", "distill_kl_rows=0")
+    model = colbert.load_model(recipe)
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+    sets = colbert.training_sets(recipe)
+    trainer = colbert.trainer_for(recipe, model, sets)
+    finetune.run_to_final(recipe, trainer, model, sets)
+    projection = next(m for m in model if isinstance(m, colbert.Dense))
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in projection.parameters()}  # the encoder is not even in the optimizer
+    encoder = [name for name in start if name.startswith("0.")]
+    assert encoder and all(torch.equal(dict(model.named_parameters())[n], start[n]) for n in encoder)
+    moved = [n for n in start if n not in encoder and not torch.equal(dict(model.named_parameters())[n], start[n])]
+    assert moved, "the projection did not train"

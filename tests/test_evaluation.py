@@ -142,6 +142,18 @@ def test_max_queries_is_a_seeded_sample_with_matching_qrels(small_data):
     assert len({frozenset(sample(s)[0]) for s in range(6)}) > 1  # another seed, another sample
 
 
+def test_max_queries_zero_means_every_query_and_a_negative_count_is_refused(capsys):
+    from evaluation import run
+
+    base = ["--models", "minilm", "--out", "/tmp/unused"]
+    assert run.parse_args(base).max_queries is None
+    assert run.parse_args([*base, "--max-queries", "0"]).max_queries is None  # all, as evaluation.multi_vector reads 0
+    assert run.parse_args([*base, "--max-queries", "7"]).max_queries == 7
+    with pytest.raises(SystemExit):
+        run.parse_args([*base, "--max-queries", "-1"])
+    assert "--max-queries must be 0 (all) or a positive number" in capsys.readouterr().err
+
+
 def test_missing_benchmark_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"corpus\.build"):
         tasks.local_task("hpo_layperson", tmp_path)

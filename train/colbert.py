@@ -5,17 +5,20 @@ sentence-transformers' multi-vector trainer.
 
 The start is a dense MedEIR SentenceTransformer folder (models/medeir-small): `MultiVectorEncoder(init,
 trust_remote_code=True)` keeps its encoder, drops the mean pooling and adds a token-level projection (Dense, no bias,
-`projection_dim` outputs), the scoring mask (MultiVectorMask: padding, and punctuation in documents) and a token-level
-Normalize. Queries are cut at `query_length` tokens and documents at `document_length` (the model's whole 8,192-token
-context) once trained; at `train_query_length` and `train_document_length` while training. The model expands no
-queries (no [MASK] padding), so a trained query length can be raised for use: a query's MaxSim only gains the terms
-of its further tokens.
+`projection_dim` outputs), the scoring mask (MultiVectorMask: padding, and punctuation in documents, and in queries with
+`skip_query_punctuation`) and a token-level Normalize. Queries are cut at `query_length` tokens and documents at
+`document_length` (the model's whole 8,192-token context) once trained; at `train_query_length` and
+`train_document_length` while training. The model expands no queries (no [MASK] padding), so a trained query length
+can be raised for use: a query's MaxSim only gains the terms of its further tokens.
 
 Objectives, each a dataset with its own loss, sampled together in proportion to their sizes:
 
     pairs       (anchor, positive[, negative_1..k]) from the data build (`train.finetune.training_pairs`: the build's
                 mix, `pair_rows`, `pair_kinds`, `exclude_sources`); MaxSim scores of in-batch and hard negatives,
                 multiple-negatives ranking loss
+    reversed    (anchor, positive) = a pair's (positive, anchor) for `reversed_rows` rows of `reversed_kinds`: MaxSim
+                is not symmetric, so a projection trained only on term -> definition has never scored a running-
+                prose query against a short name; in-batch negatives, multiple-negatives ranking loss
     distill_kl  (query, positive, negative_1..k) -> a dense teacher's cosine scores (`kl_teachers`: the init model,
                 all-MiniLM-L6-v2, or any SentenceTransformer folder; several are averaged); KL divergence between the
                 teacher's and the MaxSim score distributions. Teacher scores are computed once per run and kept in
@@ -69,12 +72,15 @@ class ColbertRecipe:
     document_length: int = 8192  # document tokens kept once trained (saved with the model)
     train_document_length: int = 256  # document tokens kept while training
     skip_punctuation: bool = True  # document tokens that are punctuation are not scored (ColBERT's skiplist)
+    skip_query_punctuation: bool = False  # nor are query tokens that are punctuation
     # pairs
     pair_loss: str = "mnrl"  # mnrl | cached_mnrl
     pair_rows: int | None = None  # rows sampled (seeded, uniformly) from the training pairs; None: every row
     pair_kinds: list[str] | None = None  # only these kinds (None: every kind), in the file's proportions
     hard_negatives: int = 1  # hard negatives per row from the build (rows with fewer train in-batch only)
     exclude_sources: list[str] | None = None  # sources (corpus.build names) none of whose text is trained on
+    reversed_kinds: list[str] | None = None  # pair kinds also trained the other way round: positive -> anchor
+    reversed_rows: int = 0  # rows of `reversed_kinds` trained reversed (in-batch negatives), 0 = off
     scale: float = 1.0  # multiplies MaxSim scores before the softmax (MaxSim already spans ~0..query tokens)
     mini_batch_size: int = 32  # rows per forward pass of the pair loss
     # distillation of a dense teacher's scores
@@ -84,6 +90,7 @@ class ColbertRecipe:
     kl_temperature: float = 1.0  # the student's (MaxSim scores)
     kl_teacher_temperature: float = 0.05  # the teachers' (cosine scores lie within a few tenths of each other)
     # optimisation
+    freeze_encoder: bool = False  # the encoder keeps the init's weights, computes no gradients; the projection trains
     batch_size: int = 32
     lr: float = 1e-4
     projection_lr: float | None = None  # the projection's rate when it differs from the encoder's `lr`
@@ -120,8 +127,8 @@ def pairs_recipe(recipe: ColbertRecipe) -> finetune.FinetuneRecipe:
 
 def load_model(recipe: ColbertRecipe) -> MultiVectorEncoder:
     """The init as a MultiVectorEncoder: Transformer -> Dense(projection_dim) -> MultiVectorMask -> Normalize, with
-    the recipe's query and document lengths and skiplist. A dense init gets a fresh projection (seeded); a
-    multi-vector init keeps its own, which must then have `projection_dim` outputs."""
+    the recipe's query and document lengths and skiplist, its encoder frozen with `freeze_encoder`. A dense init gets
+    a fresh projection (seeded); a multi-vector init keeps its own, which must then have `projection_dim` outputs."""
     set_seed(recipe.seed)
     model = MultiVectorEncoder(
         recipe.init, trust_remote_code=True, model_kwargs={"attn_implementation": recipe.attn_implementation}
@@ -148,8 +155,14 @@ def load_model(recipe: ColbertRecipe) -> MultiVectorEncoder:
         raise ValueError(f"document_length {recipe.document_length} exceeds the model's {model.max_seq_length} tokens")
     mask = next(m for m in model if isinstance(m, MultiVectorMask))
     vocabulary = model.tokenizer.get_vocab()  # the skiplist holds tokens, so only punctuation that is one token
-    mask.skiplist_words = [p for p in string.punctuation if p in vocabulary] if recipe.skip_punctuation else []
+    skipped = [
+        task for task, on in (("query", recipe.skip_query_punctuation), ("document", recipe.skip_punctuation)) if on
+    ]
+    mask.skiplist_words = [p for p in string.punctuation if p in vocabulary] if skipped else []
+    mask.skiplist_tasks = skipped or ["document"]
     mask.resolve_with_tokenizer(model.tokenizer)
+    if recipe.freeze_encoder:  # the backward pass then stops at the projection
+        transformer.requires_grad_(False)
     return model
 
 
@@ -157,6 +170,21 @@ def pair_datasets(recipe: ColbertRecipe) -> dict[str, datasets.Dataset]:
     """train.finetune's pair datasets of the recipe's rows: "pairs_hard" (anchor, positive, negative_1..k) for rows
     with enough hard negatives, "pairs" (anchor, positive) for the rest."""
     return finetune.pair_datasets(pairs_recipe(recipe), model=None)
+
+
+def reversed_pairs(recipe: ColbertRecipe) -> datasets.Dataset | None:
+    """`reversed_rows` pair rows of `reversed_kinds` (drawn with their own seed from the rows the recipe's sources
+    allow) turned round: the positive is the anchor and the anchor the positive; their hard negatives are dropped (they
+    are positives' texts, not anchors')."""
+    if not recipe.reversed_rows:
+        return None
+    if not recipe.reversed_kinds:
+        raise ValueError("reversed_rows needs reversed_kinds: the pair kinds to train the other way round")
+    selection = dataclasses.replace(
+        pairs_recipe(recipe), pair_kinds=recipe.reversed_kinds, pair_rows=recipe.reversed_rows, seed=recipe.seed + 2
+    )
+    rows = finetune.training_pairs(selection)
+    return datasets.Dataset.from_dict({"anchor": rows["positive"], "positive": rows["anchor"]})
 
 
 def kl_rows(recipe: ColbertRecipe) -> datasets.Dataset:
@@ -240,9 +268,12 @@ def distill_dataset(recipe: ColbertRecipe) -> datasets.Dataset | None:
 
 
 def training_sets(recipe: ColbertRecipe) -> dict[str, datasets.Dataset]:
-    """Every dataset the recipe trains on, by name ("pairs_hard", "pairs", "distill_kl"); refuses a recipe that
-    trains nothing."""
+    """Every dataset the recipe trains on, by name ("pairs_hard", "pairs", "reversed", "distill_kl"); refuses a
+    recipe that trains nothing."""
     sets = pair_datasets(recipe)
+    turned = reversed_pairs(recipe)
+    if turned is not None:
+        sets["reversed"] = turned
     distill = distill_dataset(recipe)
     if distill is not None and len(distill):
         sets["distill_kl"] = distill
