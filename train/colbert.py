@@ -338,9 +338,10 @@ def validation_evaluator(recipe: ColbertRecipe) -> MultiVectorInformationRetriev
 
 def projection_rate(recipe: ColbertRecipe, model: MultiVectorEncoder) -> dict[str, float]:
     """The trainer's learning_rate_mapping that gives the token projection its own rate (`projection_lr`), or none.
-    The projection starts random while the encoder starts trained, so the two may want different rates (`lr=0` with a
-    `projection_lr` trains the projection alone). Its parameters are named by the module's position in the model
-    (each loss holds the model, so the names of the trainer's optimizer end in `<position>.linear.weight`)."""
+    The projection starts random while the encoder starts trained, so the two may want different rates (to train the
+    projection alone, `freeze_encoder` is the cheaper way: the encoder then computes no gradients). Its parameters are
+    named by the module's position in the model (each loss holds the model, so the names of the trainer's optimizer end
+    in `<position>.linear.weight`)."""
     if recipe.projection_lr is None:
         return {}
     if recipe.projection_lr <= 0:
