@@ -252,6 +252,7 @@ def build(out: Path, cache: Path, names: list[str], overrides: dict[str, Path], 
     for split, rows in corpus.items():
         outputs[corpus_file(split)] = write_parquet(rows, CORPUS_SCHEMA, out / corpus_file(split))
     all_pairs, cleaned = clean_pairs([p for d in data.values() for p in d.pairs])
+    all_pairs += pairs.reversed_definitions(all_pairs, mix.REVERSED.get(mix_name, ()))
     pair_split, test_pairs, pairs_removed = pair_rows(all_pairs, held_out, MIXES[mix_name])
     for split, rows in pair_split.items():
         outputs[pairs_file(split)] = write_parquet(rows, PAIRS_SCHEMA, out / pairs_file(split))
@@ -301,6 +302,7 @@ def build(out: Path, cache: Path, names: list[str], overrides: dict[str, Path], 
             "name": mix_name,
             "shares": MIXES[mix_name],
             "method": "corpus.mix: sha256('mix:' + group) < share keeps a group",
+            "reversed": list(mix.REVERSED.get(mix_name, ())),
         },
         "cleaning": cleaned,
         "holdout": {

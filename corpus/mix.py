@@ -15,6 +15,17 @@ MIXES: dict[str, dict[str, float]] = {
     "medical": {"wordnet": 0.2, "gcide": 0.2, "go": 0.3, "hpoa": 0.0},
     # medical first, with symptoms-in-everyday-words -> disease profiles
     "medical-profiles": {"wordnet": 0.2, "gcide": 0.2, "go": 0.3},
+    # the same, with every definition pair also written definition -> name (REVERSED), the form of a prose search
+    "medical-profiles-reversed": {"wordnet": 0.2, "gcide": 0.2, "go": 0.3},
+}
+# definition kinds a mix also writes the other way round (corpus.pairs.reversed_definitions); none unless named
+REVERSED: dict[str, tuple[str, ...]] = {
+    "medical-profiles-reversed": (
+        "hpo_term_definition",
+        "go_name_definition",
+        "wordnet_lemma_gloss",
+        "gcide_headword_definition",
+    ),
 }
 DEFAULT_MIX = "medical-profiles"
 

@@ -122,6 +122,39 @@ DEFINITION_KINDS = ("hpo_term_definition", "go_name_definition", "wordnet_lemma_
 OBSOLETE_MARK = "[Obs.]"  # GCIDE's mark of an obsolete sense
 
 
+# a definition kind written the other way round: the definition as the query, the name it defines as the positive
+REVERSED_KINDS = {
+    "hpo_term_definition": "hpo_definition_term",
+    "go_name_definition": "go_definition_name",
+    "wordnet_lemma_gloss": "wordnet_gloss_lemma",
+    "gcide_headword_definition": "gcide_definition_headword",
+}
+
+
+def reversed_definitions(all_pairs: Iterable[Pair], kinds: Iterable[str]) -> list[Pair]:
+    """The pairs of these definition kinds written the other way round (REVERSED_KINDS): definition -> the name it
+    defines, the form of a search in running prose for a term. One pair per definition (the first name, as the source
+    lists them: WordNet's head lemma); hard negatives are the names of the groups the forward pair's negative
+    definitions come from (its siblings), in the same order."""
+    kinds = set(kinds)
+    unknown = kinds - set(REVERSED_KINDS)
+    if unknown:
+        raise ValueError(f"not a definition kind: {sorted(unknown)}; known: {sorted(REVERSED_KINDS)}")
+    forward = [p for p in all_pairs if p.kind in kinds]
+    name_of: dict[tuple[str, str], str] = {}
+    for p in forward:
+        name_of.setdefault((p.kind, p.group), p.anchor)
+    out, seen = [], set()
+    for p in forward:
+        key = (p.kind, normalize(p.positive))
+        if key in seen:
+            continue
+        seen.add(key)
+        negatives = tuple((name_of[(p.kind, g)], g) for _, g in p.negatives if (p.kind, g) in name_of)
+        out.append(Pair(p.positive, p.anchor, REVERSED_KINDS[p.kind], p.group, p.domain, p.cardiology, negatives))
+    return out
+
+
 def content_words(text: str) -> frozenset[str]:
     """Lower-cased words and numbers without function words ("Abnormality of the liver" -> abnormality, liver)."""
     return frozenset(w for w in _WORD.findall(text.lower()) if w not in _STOP)

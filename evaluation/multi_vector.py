@@ -10,6 +10,8 @@ benchmark:
     maxsim             every document encoded token by token, each sampled query scored against all of them
     dense              the dense model alone (cosine), the first stage of the next line
     dense_then_maxsim  the dense model's top `depth` documents per query, re-ordered by MaxSim
+    fused              the same candidates by cosine + the mean MaxSim over the query's vectors (`fused`)
+    fused_shorter      the same by cosine + the mean best token similarity of the shorter side (`mean_maxsim`)
     index              the token vectors kept per document (its index: token vectors x dim x 4 bytes in float32) and
                        the wall-clock milliseconds of encoding a document and of scoring a query
 With --fusion-check N (and --dense), the weight of the mean MaxSim added to the dense cosine is measured instead, on N
@@ -146,20 +148,45 @@ def dense_search(
 
 def maxsim_scores(
     model: MultiVectorEncoder, queries: dict[str, str], corpus: dict[str, str], candidates: Run, batch_size: int = 32
-) -> tuple[Run, dict[str, int]]:
-    """The MaxSim of every query against each of its candidates (each candidate document encoded once), and the
-    number of vectors of each query (what MaxSim sums over)."""
+) -> tuple[Run, dict[str, Run]]:
+    """The MaxSim of every query against each of its candidates (each candidate document encoded once), and two means
+    on the cosine's scale that the fused rerank adds to the dense cosine (MEAN_SIDES), from the same vectors."""
     query_ids = [q for q in queries if candidates.get(q)]
     document_ids = list(dict.fromkeys(d for q in query_ids for d in candidates[q]))
     position = {d: i for i, d in enumerate(document_ids)}
     documents = model.encode_document([corpus[d] for d in document_ids], batch_size=batch_size)
     query_vectors = model.encode_query([queries[q] for q in query_ids], batch_size=batch_size)
     run: Run = {}
+    means: dict[str, Run] = {side: {} for side in MEAN_SIDES}
     for q, vectors in zip(query_ids, query_vectors, strict=True):
         ids = list(candidates[q])
         scores = model.similarity([vectors], [documents[position[d]] for d in ids])[0].tolist()
         run[q] = dict(zip(ids, scores, strict=True))
-    return run, {q: len(vectors) for q, vectors in zip(query_ids, query_vectors, strict=True)}
+        for side in MEAN_SIDES:
+            means[side][q] = {}
+        for d in ids:
+            query_side, shorter_side = mean_maxsim(vectors, documents[position[d]])
+            means["query"][q][d], means["shorter"][q][d] = query_side, shorter_side
+    return run, means
+
+
+# the two means of best token similarities (mean_maxsim) that a fused rerank can add to the dense cosine
+MEAN_SIDES = ("query", "shorter")
+
+
+def mean_maxsim(query_vectors, document_vectors) -> tuple[float, float]:
+    """Two means of best token similarities of a query and a document (unit token vectors, so cosines):
+    - query side: each query vector's best similarity in the document, averaged over the query's vectors (MaxSim / the
+      query's vectors, ColBERT's direction);
+    - shorter side: the same taken from whichever of the two has fewer vectors: a running-sentence query against a
+      term name asks whether each of the name's tokens is in the sentence, not each of the sentence's tokens in the
+      name (MaxSim's direction there scores the sentence's words that no name holds, and ranks worse than the dense
+      model on the build's definition -> name validation pairs, docs/experiments.md)."""
+    similarities = torch.as_tensor(query_vectors).float() @ torch.as_tensor(document_vectors).float().T
+    query_side = similarities.max(dim=1).values.mean().item()
+    if similarities.shape[0] <= similarities.shape[1]:
+        return query_side, query_side
+    return query_side, similarities.max(dim=0).values.mean().item()
 
 
 def maxsim_rerank(
@@ -169,15 +196,12 @@ def maxsim_rerank(
     return maxsim_scores(model, queries, corpus, candidates, batch_size)[0]
 
 
-def fused(candidates: Run, maxsim: Run, query_vectors: dict[str, int], weight: float = 1.0) -> Run:
-    """Each candidate's first-stage cosine plus `weight` times its mean MaxSim (MaxSim over the query's vectors: the
-    mean best cosine of a query token, on the cosine's own scale). Equal weights (1.0) are what evaluation.run and the
-    demo use, fixed beforehand and never tuned on a benchmark; `fusion_check` measures the weight on the build's
-    validation pairs instead: the late-interaction score corrects the dense ranking instead of replacing it."""
-    return {
-        q: {d: candidates[q][d] + weight * score / query_vectors[q] for d, score in scores.items()}
-        for q, scores in maxsim.items()
-    }
+def fused(candidates: Run, mean: Run, weight: float = 1.0) -> Run:
+    """Each candidate's first-stage cosine plus `weight` times a mean best token similarity (mean_maxsim: on the
+    cosine's own scale). Equal weights (1.0) are what evaluation.run and the demo use, fixed beforehand and never
+    tuned on a benchmark; `fusion_check` measures the weight on the build's validation pairs instead: the
+    late-interaction score corrects the dense ranking instead of replacing it."""
+    return {q: {d: candidates[q][d] + weight * score for d, score in scores.items()} for q, scores in mean.items()}
 
 
 FUSION_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
@@ -196,18 +220,40 @@ def fusion_check(
     """nDCG@10 on `rows` of the build's validation pairs (train.finetune.validation_retrieval, as the trainers draw
     their validation: held out of training but from the training sources, unlike the benchmarks' held-out groups, so
     they choose a setting without reading any benchmark) of the dense model, of its top `depth` reranked by MaxSim,
-    and of the cosine + `weight` x mean MaxSim for every weight (0: the dense order)."""
+    and of the cosine + `weight` x each mean of mean_maxsim for every weight (0: the dense order): "fused" adds the
+    query-side mean, "fused_shorter" the shorter side's; overall and, under "by_kind", for the queries of each pair
+    kind (each query form: a synonym, a symptom list, a definition written as the query where the build's mix has
+    reversed definition kinds), every query still searching the whole sample's documents."""
     queries, corpus, relevant = finetune.validation_retrieval(data_dir, rows, seed)
+    kinds = finetune.validation_sample(data_dir, rows, seed)["kind"]
     qrels = {q: dict.fromkeys(documents, 1) for q, documents in relevant.items()}
     candidates = dense_search(dense, queries, corpus, depth, batch_size)
-    maxsim, query_vectors = maxsim_scores(model, queries, corpus, candidates, batch_size)
-    fusion = {w: fused(candidates, maxsim, query_vectors, w) for w in weights}
+    maxsim, means = maxsim_scores(model, queries, corpus, candidates, batch_size)
+    fusion = {
+        key: {w: fused(candidates, means[side], w) for w in weights}
+        for key, side in (("fused", "query"), ("fused_shorter", "shorter"))
+    }
+
+    def scores(ids: set[str]) -> dict:
+        def ndcg(run: Run) -> float:
+            return metrics.retrieval_scores({q: qrels[q] for q in ids}, {q: run[q] for q in ids if q in run})[
+                "ndcg_at_10"
+            ]
+
+        return {
+            "queries": len(ids),
+            "dense": ndcg(candidates),
+            "dense_then_maxsim": ndcg(maxsim),
+            **{key: {str(w): ndcg(run) for w, run in runs.items()} for key, runs in fusion.items()},
+        }
+
+    by_kind: dict[str, set[str]] = {}
+    for i, kind in enumerate(kinds):
+        by_kind.setdefault(kind, set()).add(f"q{i}")
     return {
-        "queries": len(queries),
+        **scores(set(queries)),
         "documents": len(corpus),
-        "dense": metrics.retrieval_scores(qrels, candidates)["ndcg_at_10"],
-        "dense_then_maxsim": metrics.retrieval_scores(qrels, maxsim)["ndcg_at_10"],
-        "fused": {str(w): metrics.retrieval_scores(qrels, run)["ndcg_at_10"] for w, run in fusion.items()},
+        "by_kind": {kind: scores(ids) for kind, ids in sorted(by_kind.items())},
     }
 
 
@@ -242,7 +288,7 @@ def evaluate(
 ) -> dict[str, dict]:
     """nDCG@10, MRR@10 and Recall@1/10/100 of MaxSim retrieval on each benchmark of the build (every one it holds when
     `benchmarks` is None) over a seeded sample of `max_queries` queries, with its index size and times; with
-    `dense`, also the dense model alone and its top `depth` reranked by MaxSim."""
+    `dense`, also the dense model alone and its top `depth` reranked by MaxSim and by the two fused scores."""
     data = DataBuild(data_dir)
     names = benchmarks or [name for name in BENCHMARKS if data.has_benchmark(name)]
     out = {}
@@ -255,8 +301,10 @@ def evaluate(
             queries, corpus, qrels = task_texts(task)
             first_stage = dense_search(dense, queries, corpus, depth, size)
             entry["dense"] = metrics.retrieval_scores(qrels, first_stage)
-            reranked = maxsim_rerank(model, queries, corpus, first_stage, size)
+            reranked, means = maxsim_scores(model, queries, corpus, first_stage, size)
             entry["dense_then_maxsim"] = metrics.retrieval_scores(qrels, reranked)
+            entry["fused"] = metrics.retrieval_scores(qrels, fused(first_stage, means["query"]))
+            entry["fused_shorter"] = metrics.retrieval_scores(qrels, fused(first_stage, means["shorter"]))
         entry["index"] = cost.summary()
         out[name] = entry
         line = ", ".join(

@@ -253,11 +253,12 @@ def retrieval_section(report: dict) -> list[str]:
             "documents kept."
         )
     for m in (m for m in report["models"] if m.get("role") == "rerank"):
-        by = (
-            f"their cosine plus the mean MaxSim (MaxSim over the query's vectors) of {m['reranker']}, weighted equally"
-            if m.get("rerank_score") == "fused"
-            else f"the MaxSim of {m['reranker']}"
-        )
+        by = {
+            "fused": f"their cosine plus the mean MaxSim (MaxSim over the query's vectors) of {m['reranker']}, "
+            "weighted equally",
+            "fused_shorter": f"their cosine plus the mean best token similarity of {m['reranker']} from the side "
+            "with fewer vectors (over the query's vectors, or over the document's when it has fewer), weighted equally",
+        }.get(m.get("rerank_score"), f"the MaxSim of {m['reranker']}")
         lines[-1] += (
             f' "{m["name"]}": the {m["depth"]} best documents per query of {m["first_stage"]} (cosine) re-ordered '
             f"by {by}."

@@ -40,8 +40,9 @@ dim x 4) and its encode time per document and search time per query, measured in
 When --models also holds a dense MedEIR folder, the first of them is the first stage of a reranking: its top
 --rerank-depth documents per query (cosine, from the embeddings of its own retrieval run) re-ordered by each
 multi-vector model's MaxSim (evaluation.multi_vector.maxsim_rerank), reported as one more row, "DENSE top 100
-reranked by MULTI-VECTOR", on every benchmark (--rerank-depth 0: none); and one row more re-ordered by the dense
-cosine plus the mean MaxSim (MaxSim over the query's vectors), weighted equally (evaluation.multi_vector.fused).
+reranked by MULTI-VECTOR", on every benchmark (--rerank-depth 0: none); and two rows more re-ordered by the dense
+cosine plus a mean best token similarity, weighted equally (evaluation.multi_vector.fused): the query side's (MaxSim
+over the query's vectors) and the shorter side's (evaluation.multi_vector.mean_maxsim).
 """
 
 import argparse
@@ -224,10 +225,16 @@ def evaluate_maxsim(model, task_list: list, args: argparse.Namespace) -> tuple[d
     return retrieval, index
 
 
+# how evaluate_rerank reorders the dense candidates: MaxSim alone; the cosine plus the query side's mean best token
+# similarity; the cosine plus the shorter side's (evaluation.multi_vector.mean_maxsim)
+RERANK_WAYS = ("maxsim", "fused", "fused_shorter")
+
+
 def evaluate_rerank(model, name: str, first_stage: str, task_list: list, args: argparse.Namespace) -> list[dict]:
     """The report entries of the `first_stage` dense model's top --rerank-depth documents per query re-ordered by the
-    multi-vector `model`: by its MaxSim alone (evaluation.multi_vector.maxsim_rerank), and by the dense cosine plus
-    the mean MaxSim, weighted equally (multi_vector.fused), both from one encoding of each candidate. The candidates
+    multi-vector `model` (RERANK_WAYS): by its MaxSim alone (evaluation.multi_vector.maxsim_rerank), and by the dense
+    cosine plus a mean best token similarity, weighted equally (multi_vector.fused), all from one encoding of each
+    candidate. The candidates
     are ranked by cosine from the dense model's embeddings in mteb's cache of its retrieval run (whichever of the two
     runs first encodes them), so the dense model encodes nothing twice."""
     from mteb.models.cache_wrappers import CachedEmbeddingWrapper
@@ -238,7 +245,7 @@ def evaluate_rerank(model, name: str, first_stage: str, task_list: list, args: a
     cached = CachedEmbeddingWrapper(
         models.mteb_encoder(dense), args.cache / "embeddings" / models.fingerprint(resolved) / "mteb"
     )
-    retrieval = {"maxsim": {}, "fused": {}}
+    retrieval = {way: {} for way in RERANK_WAYS}
     index = {}
     for task in task_list:
         start = time.perf_counter()
@@ -251,9 +258,13 @@ def evaluate_rerank(model, name: str, first_stage: str, task_list: list, args: a
         )
         reranking = time.perf_counter()
         batch_size = encode_kwargs(task, args)["batch_size"]
-        maxsim, query_vectors = multi_vector.maxsim_scores(model, queries, corpus, candidates, batch_size)
+        maxsim, means = multi_vector.maxsim_scores(model, queries, corpus, candidates, batch_size)
         done = time.perf_counter()
-        runs = {"maxsim": maxsim, "fused": multi_vector.fused(candidates, maxsim, query_vectors)}
+        runs = {
+            "maxsim": maxsim,
+            "fused": multi_vector.fused(candidates, means["query"]),
+            "fused_shorter": multi_vector.fused(candidates, means["shorter"]),
+        }
         for way, run in runs.items():
             retrieval[way][task.benchmark] = {
                 **metrics.retrieval_scores(qrels, run),
@@ -275,6 +286,8 @@ def evaluate_rerank(model, name: str, first_stage: str, task_list: list, args: a
     names = {
         "maxsim": f"{resolved.name} top {args.rerank_depth} reranked by {name}",
         "fused": f"{resolved.name} top {args.rerank_depth} reranked by cosine + mean MaxSim of {name}",
+        "fused_shorter": f"{resolved.name} top {args.rerank_depth} reranked by cosine + shorter-side mean MaxSim of "
+        f"{name}",
     }
     return [
         {

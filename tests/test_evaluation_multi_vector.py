@@ -77,7 +77,7 @@ def test_a_multi_vector_folder_is_recognised_and_a_dense_one_is_not(late_dir, ti
 
 def test_maxsim_scores_are_those_of_evaluation_multi_vector(mv_report, late, small_data):
     report, _ = mv_report
-    dense, entry, _, _, _ = report["models"]
+    dense, entry, _, _, _, _ = report["models"]
     assert (dense["role"], entry["role"], entry["backend"]) == ("medeir", "medeir", "multi_vector")
     assert (entry["embedding_dim"], entry["similarity"], entry["query_length"]) == (128, "maxsim", 32)
     assert entry["max_seq_length"] == 8192  # the document length: long documents are read whole
@@ -133,6 +133,26 @@ def test_the_reranking_row_is_maxsim_rerank_of_the_dense_top_candidates(mv_repor
         }
         for metric in metrics.RETRIEVAL_METRICS:
             assert scores[metric] == pytest.approx(metrics.retrieval_scores(qrels, expected)[metric], abs=1e-6)
+    # and by the cosine plus the mean best token similarity of whichever side has fewer vectors
+    shorter = report["models"][4]
+    assert shorter["name"] == f"Dense top {DEPTH} reranked by cosine + shorter-side mean MaxSim of Late"
+    assert (shorter["role"], shorter["rerank_score"], shorter["depth"]) == ("rerank", "fused_shorter", DEPTH)
+    for bench, scores in shorter["retrieval"].items():
+        task = tasks.local_task(bench, small_data, MAX_QUERIES, SEED)
+        queries, corpus, qrels = multi_vector.task_texts(task)
+        candidates = multi_vector.dense_search(dense, queries, corpus, DEPTH, BATCH)
+        query_vectors = dict(zip(queries, late.encode_query(list(queries.values())), strict=True))
+        documents = {d: late.encode_document([corpus[d]])[0] for d in {d for c in candidates.values() for d in c}}
+        expected = {}
+        for q, ranked in candidates.items():
+            expected[q] = {}
+            for d, cosine in ranked.items():
+                table = query_vectors[q] @ documents[d].T  # query tokens x document tokens
+                side = 1 if len(query_vectors[q]) <= len(documents[d]) else 0
+                expected[q][d] = cosine + float(table.max(dim=side).values.mean())
+        for metric in metrics.RETRIEVAL_METRICS:
+            assert scores[metric] == pytest.approx(metrics.retrieval_scores(qrels, expected)[metric], abs=1e-5)
+    assert "from the side with fewer vectors" in (out / "report.md").read_text()
     # model-index metadata describes models, and a reranking is two of them in sequence
     indexed = {path.stem for path in (out / "model-index").glob("*.yaml")}
     assert {"dense", "late"} <= indexed and not any("reranked" in stem for stem in indexed), indexed
@@ -140,7 +160,7 @@ def test_the_reranking_row_is_maxsim_rerank_of_the_dense_top_candidates(mv_repor
 
 def test_index_bytes_are_the_token_vectors_kept(mv_report, late, small_data):
     report, out = mv_report
-    dense, entry, rerank, _, _ = report["models"]
+    dense, entry, rerank, _, _, _ = report["models"]
     md = (out / "report.md").read_text()
     section = md[md.index("## Index size and search time") :]
     for bench, index in entry["index"].items():
@@ -161,7 +181,7 @@ def test_index_bytes_are_the_token_vectors_kept(mv_report, late, small_data):
 
 def test_what_does_not_apply_is_reported_as_skipped(mv_report):
     report, out = mv_report
-    dense, entry, _, _, loso = report["models"]
+    dense, entry, _, _, _, loso = report["models"]
     assert set(entry["skipped"]) == {"pairs", "compression", "onnx", "official"}
     assert "pairs" not in entry and "compression" not in entry
     assert "pairs" in dense and "compression" in dense and "skipped" not in dense

@@ -75,6 +75,18 @@ def test_chunked_search_and_a_rerank_of_everything_equal_one_full_maxsim_pass(ec
         assert [reranked[q][d] for d in document_ids] == pytest.approx(full[row].tolist(), abs=1e-5)
 
 
+def test_mean_maxsim_reads_the_shorter_side():
+    """Unit vectors by hand: a two-token query against a one-token document and a three-token one."""
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    short = torch.tensor([[1.0, 0.0]])  # matches the first query token exactly, the second not at all
+    long = torch.tensor([[1.0, 0.0], [0.6, 0.8], [-1.0, 0.0]])
+    # query side: each query token's best match, averaged over the 2 query tokens
+    # shorter side: the one document token's best match in the query (1.0): every token of the name is in the query
+    assert multi_vector.mean_maxsim(query, short) == pytest.approx((0.5, 1.0))
+    # a document with more vectors than the query is read from the query's side both times
+    assert multi_vector.mean_maxsim(query, long) == pytest.approx((0.9, 0.9))
+
+
 def test_the_fusion_check_spans_the_dense_order_and_the_maxsim_order(icd_hpo_data, models):
     """On the build's validation pairs: weight 0 leaves the dense order, a weight so large that the cosine cannot
     change a tie-free MaxSim order gives the MaxSim rerank, and every weight is scored."""
@@ -85,3 +97,10 @@ def test_the_fusion_check_spans_the_dense_order_and_the_maxsim_order(icd_hpo_dat
     assert check["fused"]["0.0"] == pytest.approx(check["dense"])
     assert check["fused"]["1000000.0"] == pytest.approx(check["dense_then_maxsim"])
     assert 0 < check["dense"] <= 1 and 0 < check["dense_then_maxsim"] <= 1
+    # per query form: the kinds partition the queries, and their query-weighted means are the overall figures
+    parts = check["by_kind"].values()
+    assert len(check["by_kind"]) > 1 and sum(p["queries"] for p in parts) == 60
+    for key in ("dense", "dense_then_maxsim"):
+        assert sum(p[key] * p["queries"] for p in parts) / 60 == pytest.approx(check[key], abs=1e-4)  # 5 decimals
+    assert all(p["fused"]["0.0"] == pytest.approx(p["dense"]) for p in parts)
+    assert set(check["fused_shorter"]) == set(check["fused"]) and check["fused_shorter"]["0.0"] == check["dense"]

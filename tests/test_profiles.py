@@ -11,7 +11,7 @@ import torch
 
 from corpus import benchmarks, mix
 from corpus import build as build_mod
-from corpus.pairs import defect
+from corpus.pairs import defect, reversed_definitions
 from corpus.records import Pair
 from corpus.sources import hpoa
 from corpus.split import split_of
@@ -163,6 +163,40 @@ def test_build_writes_the_mix_and_counts_what_cleaning_dropped(tmp_path):
             assert again["outputs"][rel] == entry, rel
 
 
+def test_reversed_definitions_turn_a_definition_into_a_prose_query_for_its_name():
+    negs = (("Sibling one's definition.", "hpo:HP:2"), ("Definition of a term with no pair here.", "hpo:HP:9"))
+    forward = [
+        Pair("Term one", "What term one is.", "hpo_term_definition", "hpo:HP:1", "medical", True, negs),
+        Pair("Sibling one", "Sibling one's definition.", "hpo_term_definition", "hpo:HP:2", "medical"),
+        Pair("lemma", "a gloss", "wordnet_lemma_gloss", "wordnet:1", "general"),
+        Pair("other lemma", "a gloss", "wordnet_lemma_gloss", "wordnet:1", "general"),  # same synset, same gloss
+        Pair("synonym", "Term one", "hpo_synonym_term", "hpo:HP:1", "medical"),  # not a definition kind
+    ]
+    out = reversed_definitions(forward, ["hpo_term_definition", "wordnet_lemma_gloss"])
+    assert [(p.anchor, p.positive, p.kind) for p in out] == [
+        ("What term one is.", "Term one", "hpo_definition_term"),
+        ("Sibling one's definition.", "Sibling one", "hpo_definition_term"),
+        ("a gloss", "lemma", "wordnet_gloss_lemma"),  # one pair per definition: the head lemma
+    ]
+    # the siblings' names, where the sibling has a definition pair; group, domain and cardiology stay the forward pair's
+    assert out[0].negatives == (("Sibling one", "hpo:HP:2"),)
+    assert (out[0].group, out[0].domain, out[0].cardiology) == ("hpo:HP:1", "medical", True)
+    assert reversed_definitions(forward, []) == []
+    with pytest.raises(ValueError, match="not a definition kind"):
+        reversed_definitions(forward, ["hpo_synonym_term"])
+    assert set(mix.REVERSED) <= set(mix.MIXES)
+
+
+def test_a_reversed_mix_writes_definition_to_name_rows_and_passes_the_holdout_check(tmp_path):
+    manifest = build_mod.build(tmp_path / "data", cache_dir(), ["hpo"], {}, mix_name="medical-profiles-reversed")
+    assert manifest["mix"]["reversed"] == list(mix.REVERSED["medical-profiles-reversed"])
+    forward, turned = manifest["pairs"]["hpo_term_definition"], manifest["pairs"]["hpo_definition_term"]
+    assert turned["train"] > 0.9 * forward["train"] and turned["with_negatives"] > 0.5 * turned["train"]
+    assert manifest["holdout"]["check"]["status"] == "passed"
+    plain = build_mod.build(tmp_path / "plain", cache_dir(), ["hpo"], {}, mix_name="medical-profiles")
+    assert "hpo_definition_term" not in plain["pairs"] and plain["mix"]["reversed"] == []
+
+
 # --- the yardstick ------------------------------------------------------------------------------------------------------
 
 
@@ -235,3 +269,22 @@ def test_finetune_moves_the_model_and_keeps_it_near_minilm():
     original = SentenceTransformer(str(minilm_path()), device="cpu")
     a, b = (m.encode(["fever and a rash"], normalize_embeddings=True)[0] for m in (model, original))
     assert 0.9 < float(a @ b) < 1.0
+
+
+def test_report_shows_each_baseline_and_where_the_runs_ran():
+    run = {"scores": {"hpo_definition": 0.61}, "sample_sources": {"go": 3}, "train_seconds": 5, "hardware": "cpu A"}
+    report = {
+        "data": "d",
+        "mix": "m",
+        "dataset_version": "v",
+        "steps": 80,
+        "queries": 1000,
+        "command": "python -m train.yardstick",
+        "hardware": "cpu A",
+        "seconds": 9,
+        "baselines": {"all-MiniLM-L6-v2": {"hpo_definition": 0.6}, "all-mpnet-base-v2": {"hpo_definition": 0.62}},
+        "runs": {"hpo": run},
+    }
+    text = yardstick.markdown(report)
+    assert "| HPO definition (prose) | hpo | 0.6000 | 0.6200 | 0.6100 | +0.0100 |" in text
+    assert "Hardware of the runs: cpu A; 9 s" in text

@@ -415,11 +415,17 @@ def benchmark_evaluator(recipe: FinetuneRecipe, name: str) -> InformationRetriev
     )
 
 
-def validation_retrieval(data_dir, rows: int, seed: int) -> tuple[dict[str, str], dict[str, str], dict[str, set]]:
-    """`rows` of the build's validation pairs (seeded shuffle) as retrieval: queries (the anchors), a corpus of their
-    distinct positives, and each query's relevant document (its own positive)."""
+def validation_sample(data_dir, rows: int, seed: int) -> datasets.Dataset:
+    """`rows` of the build's validation pairs, a seeded shuffle: what validation_retrieval turns into queries."""
     pairs = DataBuild(data_dir).pairs_dataset("validation").shuffle(seed=seed)
-    pairs = pairs.select(range(min(rows, len(pairs))))
+    return pairs.select(range(min(rows, len(pairs))))
+
+
+def validation_retrieval(data_dir, rows: int, seed: int) -> tuple[dict[str, str], dict[str, str], dict[str, set]]:
+    """`rows` of the build's validation pairs (validation_sample) as retrieval: queries (the anchors, query i is
+    "q<i>", the sample's row i), a corpus of their distinct positives, and each query's relevant document (its own
+    positive)."""
+    pairs = validation_sample(data_dir, rows, seed)
     corpus = {f"d{i}": text for i, text in enumerate(dict.fromkeys(pairs["positive"]))}
     doc_id = {text: i for i, text in corpus.items()}
     queries, relevant = {}, {}

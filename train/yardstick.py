@@ -211,6 +211,7 @@ def run_source(data: DataBuild, source: str, args: argparse.Namespace) -> dict:
         "scores": scores,
         "train_seconds": round(trained),
         "total_seconds": round(time.time() - t0),
+        "hardware": hardware(),
     }
 
 
@@ -224,7 +225,7 @@ def markdown(report: dict) -> str:
         f'{report["queries"]} seeded queries per benchmark over every document; rows left out "{NOTHING}" come '
         "from one run on every source, scored on each benchmark's held-out groups (in distribution). "
         f"Command: `{report['command']}`. "
-        f"Hardware: {report['hardware']}; {report['seconds']} s of runs in all.",
+        f"Hardware of the runs: {report['hardware']}; {report['seconds']} s of runs in all.",
         "",
         "| benchmark | left out | " + " | ".join(base) + " | MiniLM + this build's pairs | vs MiniLM |",
         "|---|---|" + "---|" * len(base) + "---|---|",
@@ -283,7 +284,8 @@ def main(argv: list[str] | None = None) -> dict:
         "queries": args.queries,
         "seed": args.seed,
         "command": " ".join(["python -m train.yardstick", *(argv if argv is not None else sys.argv[1:])]),
-        "hardware": hardware(),
+        # each run's own machine (a run reused from an earlier invocation keeps where it ran)
+        "hardware": ", ".join(sorted({run.get("hardware", "unrecorded") for run in runs.values()})),
         "seconds": sum(run["total_seconds"] for run in runs.values()),  # of the runs, whenever each ran
         "baselines": baselines,
         "runs": runs,
