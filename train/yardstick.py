@@ -246,7 +246,12 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("data"), help="output of `python -m corpus.build`")
-    parser.add_argument("--out", type=Path, help="report folder (default: results/yardstick/<the build's mix>)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="report folder (default: results/yardstick/<the build's mix>, or <mix>-seed<N> for --seed N; a folder's "
+        "runs are one seed's)",
+    )
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--queries", type=int, default=QUERIES, help="queries per benchmark (seeded sample)")
     parser.add_argument(
@@ -261,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = DataBuild(args.data)
     manifest = data.manifest()
     mix = manifest.get("mix", {}).get("name", "unrecorded")
-    out = args.out or Path("results/yardstick") / mix
+    out = args.out or Path("results/yardstick") / (mix if args.seed == 0 else f"{mix}-seed{args.seed}")
     sources = [s for s in args.sources or BENCHMARK_SOURCES if scored_benchmarks(data, s)]
     runs = {}
     for source in sources:
