@@ -149,29 +149,24 @@ def dense_search(
 def maxsim_scores(
     model: MultiVectorEncoder, queries: dict[str, str], corpus: dict[str, str], candidates: Run, batch_size: int = 32
 ) -> tuple[Run, dict[str, Run]]:
-    """The MaxSim of every query against each of its candidates (each candidate document encoded once), and two means
-    on the cosine's scale that the fused rerank adds to the dense cosine (MEAN_SIDES), from the same vectors."""
+    """The model's own score (MaxSim, or MeanMaxSim if it was trained so) of every query against each of its
+    candidates (each candidate document encoded once), and the two means of mean_maxsim, "query" and "shorter", on the
+    cosine's scale, that a fused rerank adds to the dense cosine; all from one similarity table per pair."""
     query_ids = [q for q in queries if candidates.get(q)]
     document_ids = list(dict.fromkeys(d for q in query_ids for d in candidates[q]))
     position = {d: i for i, d in enumerate(document_ids)}
     documents = model.encode_document([corpus[d] for d in document_ids], batch_size=batch_size)
     query_vectors = model.encode_query([queries[q] for q in query_ids], batch_size=batch_size)
+    summed = model.similarity_fn_name != "meanmaxsim"  # MaxSim is the query-side mean times the query's vectors
     run: Run = {}
-    means: dict[str, Run] = {side: {} for side in MEAN_SIDES}
+    means: dict[str, Run] = {"query": {}, "shorter": {}}
     for q, vectors in zip(query_ids, query_vectors, strict=True):
-        ids = list(candidates[q])
-        scores = model.similarity([vectors], [documents[position[d]] for d in ids])[0].tolist()
-        run[q] = dict(zip(ids, scores, strict=True))
-        for side in MEAN_SIDES:
-            means[side][q] = {}
-        for d in ids:
+        run[q], means["query"][q], means["shorter"][q] = {}, {}, {}
+        for d in candidates[q]:
             query_side, shorter_side = mean_maxsim(vectors, documents[position[d]])
+            run[q][d] = query_side * len(vectors) if summed else query_side
             means["query"][q][d], means["shorter"][q][d] = query_side, shorter_side
     return run, means
-
-
-# the two means of best token similarities (mean_maxsim) that a fused rerank can add to the dense cosine
-MEAN_SIDES = ("query", "shorter")
 
 
 def mean_maxsim(query_vectors, document_vectors) -> tuple[float, float]:
@@ -224,8 +219,9 @@ def fusion_check(
     query-side mean, "fused_shorter" the shorter side's; overall and, under "by_kind", for the queries of each pair
     kind (each query form: a synonym, a symptom list, a definition written as the query where the build's mix has
     reversed definition kinds), every query still searching the whole sample's documents."""
-    queries, corpus, relevant = finetune.validation_retrieval(data_dir, rows, seed)
-    kinds = finetune.validation_sample(data_dir, rows, seed)["kind"]
+    sample = finetune.validation_sample(data_dir, rows, seed)
+    queries, corpus, relevant = finetune.as_retrieval(sample)
+    kinds = sample["kind"]
     qrels = {q: dict.fromkeys(documents, 1) for q, documents in relevant.items()}
     candidates = dense_search(dense, queries, corpus, depth, batch_size)
     maxsim, means = maxsim_scores(model, queries, corpus, candidates, batch_size)

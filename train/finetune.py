@@ -416,16 +416,19 @@ def benchmark_evaluator(recipe: FinetuneRecipe, name: str) -> InformationRetriev
 
 
 def validation_sample(data_dir, rows: int, seed: int) -> datasets.Dataset:
-    """`rows` of the build's validation pairs, a seeded shuffle: what validation_retrieval turns into queries."""
+    """`rows` of the build's validation pairs, a seeded shuffle: what validation_retrieval turns into retrieval."""
     pairs = DataBuild(data_dir).pairs_dataset("validation").shuffle(seed=seed)
     return pairs.select(range(min(rows, len(pairs))))
 
 
 def validation_retrieval(data_dir, rows: int, seed: int) -> tuple[dict[str, str], dict[str, str], dict[str, set]]:
-    """`rows` of the build's validation pairs (validation_sample) as retrieval: queries (the anchors, query i is
-    "q<i>", the sample's row i), a corpus of their distinct positives, and each query's relevant document (its own
-    positive)."""
-    pairs = validation_sample(data_dir, rows, seed)
+    """`rows` of the build's validation pairs (validation_sample) as retrieval (as_retrieval)."""
+    return as_retrieval(validation_sample(data_dir, rows, seed))
+
+
+def as_retrieval(pairs: datasets.Dataset) -> tuple[dict[str, str], dict[str, str], dict[str, set]]:
+    """Pair rows as retrieval: queries (the anchors, query i is "q<i>", row i), a corpus of their distinct positives,
+    and each query's relevant document (its own positive)."""
     corpus = {f"d{i}": text for i, text in enumerate(dict.fromkeys(pairs["positive"]))}
     doc_id = {text: i for i, text in corpus.items()}
     queries, relevant = {}, {}
