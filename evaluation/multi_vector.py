@@ -11,11 +11,12 @@ benchmark:
     dense              the dense model alone (cosine), the first stage of the next line
     dense_then_maxsim  the dense model's top `depth` documents per query, re-ordered by MaxSim
     fused              the same candidates by cosine + the mean MaxSim over the query's vectors (`fused`)
-    fused_shorter      the same by cosine + the mean best token similarity of the shorter side (`mean_maxsim`)
+    fused_shorter      the same by cosine + the mean best token similarity of the shorter side (`mean_maxsim`: the
+                       document's when the query has more than SIDE_RATIO times its vectors, else the query's)
     index              the token vectors kept per document (its index: token vectors x dim x 4 bytes in float32) and
                        the wall-clock milliseconds of encoding a document and of scoring a query
-With --fusion-check N (and --dense), the weight of the mean MaxSim added to the dense cosine is measured instead, on N
-of the build's validation pairs (no benchmark is read): `fusion_check`.
+With --fusion-check N (and --dense), the weight of the mean MaxSim added to the dense cosine, and which side's mean to
+add, are measured instead, on N of the build's validation pairs (no benchmark is read): `fusion_check`.
 """
 
 import argparse
@@ -36,6 +37,13 @@ from train import finetune
 Run = dict[str, dict[str, float]]  # query id -> {document id: score}
 SEARCH_DEPTH = max(metrics.K_VALUES)  # documents kept per query: every one Recall@100 can count
 CHUNK_BATCHES = 64  # maxsim_search encodes and scores this many batches of documents at a time
+# the means of best token similarities that mean_maxsim reads, and the fusion check's key for each
+FUSED_READINGS = {"fused": "query", "fused_shorter": "shorter", "fused_document": "document", "fused_both": "both"}
+# how much longer than the document (in vectors) a query must be for the shorter side to be the document's: chosen on
+# the build's validation pairs among SIDE_RATIOS (fusion_check's "fused_shorter_by_ratio"; docs/experiments.md, *Which
+# side to read*), never on a benchmark
+SIDE_RATIO = 2.0
+SIDE_RATIOS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
 
 
 def ranked(scores: torch.Tensor, index: torch.Tensor, query_ids: list[str], document_ids: list[str]) -> Run:
@@ -147,11 +155,17 @@ def dense_search(
 
 
 def maxsim_scores(
-    model: MultiVectorEncoder, queries: dict[str, str], corpus: dict[str, str], candidates: Run, batch_size: int = 32
+    model: MultiVectorEncoder,
+    queries: dict[str, str],
+    corpus: dict[str, str],
+    candidates: Run,
+    batch_size: int = 32,
+    ratios: tuple[float, ...] = (),
 ) -> tuple[Run, dict[str, Run]]:
     """The model's own score (MaxSim, or MeanMaxSim if it was trained so) of every query against each of its
-    candidates (each candidate document encoded once), and the two means of mean_maxsim, "query" and "shorter", on the
-    cosine's scale, that a fused rerank adds to the dense cosine; all from one similarity table per pair."""
+    candidates (each candidate document encoded once), and every mean of mean_maxsim, on the cosine's scale, that a
+    fused rerank adds to the dense cosine (and, for each of `ratios`, the shorter side at that ratio as
+    "shorter@<ratio>"); all from one similarity table per pair."""
     query_ids = [q for q in queries if candidates.get(q)]
     document_ids = list(dict.fromkeys(d for q in query_ids for d in candidates[q]))
     position = {d: i for i, d in enumerate(document_ids)}
@@ -159,29 +173,48 @@ def maxsim_scores(
     query_vectors = model.encode_query([queries[q] for q in query_ids], batch_size=batch_size)
     summed = model.similarity_fn_name != "meanmaxsim"  # MaxSim is the query-side mean times the query's vectors
     run: Run = {}
-    means: dict[str, Run] = {"query": {}, "shorter": {}}
+    readings = [*FUSED_READINGS.values(), *(f"shorter@{r:g}" for r in ratios)]
+    means: dict[str, Run] = {reading: {} for reading in readings}
     for q, vectors in zip(query_ids, query_vectors, strict=True):
-        run[q], means["query"][q], means["shorter"][q] = {}, {}, {}
+        run[q] = {}
+        for reading in means.values():
+            reading[q] = {}
         for d in candidates[q]:
-            query_side, shorter_side = mean_maxsim(vectors, documents[position[d]])
-            run[q][d] = query_side * len(vectors) if summed else query_side
-            means["query"][q][d], means["shorter"][q][d] = query_side, shorter_side
+            document = documents[position[d]]
+            pair = mean_maxsim(vectors, document)
+            run[q][d] = pair["query"] * len(vectors) if summed else pair["query"]
+            for reading in FUSED_READINGS.values():
+                means[reading][q][d] = pair[reading]
+            for r in ratios:
+                means[f"shorter@{r:g}"][q][d] = shorter_side(pair, len(vectors), len(document), r)
     return run, means
 
 
-def mean_maxsim(query_vectors, document_vectors) -> tuple[float, float]:
-    """Two means of best token similarities of a query and a document (unit token vectors, so cosines):
-    - query side: each query vector's best similarity in the document, averaged over the query's vectors (MaxSim / the
+def shorter_side(pair: dict[str, float], query_vectors: int, document_vectors: int, ratio: float = SIDE_RATIO) -> float:
+    """Of a pair's query-side and document-side means (mean_maxsim), the document's when the query has more than
+    `ratio` times its vectors, else the query's."""
+    return pair["document"] if query_vectors > ratio * document_vectors else pair["query"]
+
+
+def mean_maxsim(query_vectors, document_vectors) -> dict[str, float]:
+    """Means of best token similarities of a query and a document (unit token vectors, so cosines):
+    - "query": each query vector's best similarity in the document, averaged over the query's vectors (MaxSim / the
       query's vectors, ColBERT's direction);
-    - shorter side: the same taken from whichever of the two has fewer vectors: a running-sentence query against a
-      term name asks whether each of the name's tokens is in the sentence, not each of the sentence's tokens in the
-      name (MaxSim's direction there scores the sentence's words that no name holds, and ranks worse than the dense
-      model on the build's definition -> name validation pairs, docs/experiments.md)."""
+    - "document": each document vector's best similarity in the query, averaged over the document's vectors;
+    - "shorter": the document's side when the query has more than SIDE_RATIO times the document's vectors, else the
+      query's (`shorter_side`): a running-sentence query against a term name asks whether each of the name's tokens is
+      in the sentence, not each of the sentence's tokens in the name (MaxSim's direction there scores the sentence's
+      words that no name holds, and ranks worse than the dense model on the build's definition -> name validation
+      pairs, docs/experiments.md);
+    - "both": the mean of the query's and the document's."""
     similarities = torch.as_tensor(query_vectors).float() @ torch.as_tensor(document_vectors).float().T
-    query_side = similarities.max(dim=1).values.mean().item()
-    if similarities.shape[0] <= similarities.shape[1]:
-        return query_side, query_side
-    return query_side, similarities.max(dim=0).values.mean().item()
+    pair = {
+        "query": similarities.max(dim=1).values.mean().item(),
+        "document": similarities.max(dim=0).values.mean().item(),
+    }
+    pair["shorter"] = shorter_side(pair, *similarities.shape)
+    pair["both"] = (pair["query"] + pair["document"]) / 2
+    return pair
 
 
 def maxsim_rerank(
@@ -211,12 +244,16 @@ def fusion_check(
     depth: int = 100,
     seed: int = 0,
     batch_size: int = 32,
+    ratios: tuple[float, ...] = SIDE_RATIOS,
 ) -> dict:
     """nDCG@10 on `rows` of the build's validation pairs (train.finetune.validation_retrieval, as the trainers draw
     their validation: held out of training but from the training sources, unlike the benchmarks' held-out groups, so
     they choose a setting without reading any benchmark) of the dense model, of its top `depth` reranked by MaxSim,
     and of the cosine + `weight` x each mean of mean_maxsim for every weight (0: the dense order): "fused" adds the
-    query-side mean, "fused_shorter" the shorter side's; overall and, under "by_kind", for the queries of each pair
+    query-side mean, "fused_shorter" the shorter side's, "fused_document" the document side's, "fused_both" the mean
+    of the query's and the document's (FUSED_READINGS); "fused_shorter_by_ratio" the shorter side at weight 1 for each
+    of `ratios` (SIDE_RATIOS: how much longer than the document a query must be to read the document's side); overall
+    and, under "by_kind", for the queries of each pair
     kind (each query form: a synonym, a symptom list, a definition written as the query where the build's mix has
     reversed definition kinds), every query still searching the whole sample's documents."""
     sample = finetune.validation_sample(data_dir, rows, seed)
@@ -224,11 +261,9 @@ def fusion_check(
     kinds = sample["kind"]
     qrels = {q: dict.fromkeys(documents, 1) for q, documents in relevant.items()}
     candidates = dense_search(dense, queries, corpus, depth, batch_size)
-    maxsim, means = maxsim_scores(model, queries, corpus, candidates, batch_size)
-    fusion = {
-        key: {w: fused(candidates, means[side], w) for w in weights}
-        for key, side in (("fused", "query"), ("fused_shorter", "shorter"))
-    }
+    maxsim, means = maxsim_scores(model, queries, corpus, candidates, batch_size, ratios)
+    fusion = {key: {w: fused(candidates, means[side], w) for w in weights} for key, side in FUSED_READINGS.items()}
+    fusion["fused_shorter_by_ratio"] = {r: fused(candidates, means[f"shorter@{r:g}"]) for r in ratios}
 
     def scores(ids: set[str]) -> dict:
         def ndcg(run: Run) -> float:
@@ -301,6 +336,7 @@ def evaluate(
             entry["dense_then_maxsim"] = metrics.retrieval_scores(qrels, reranked)
             entry["fused"] = metrics.retrieval_scores(qrels, fused(first_stage, means["query"]))
             entry["fused_shorter"] = metrics.retrieval_scores(qrels, fused(first_stage, means["shorter"]))
+            entry["side_ratio"] = SIDE_RATIO
         entry["index"] = cost.summary()
         out[name] = entry
         line = ", ".join(

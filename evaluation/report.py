@@ -256,8 +256,9 @@ def retrieval_section(report: dict) -> list[str]:
         by = {
             "fused": f"their cosine plus the mean MaxSim (MaxSim over the query's vectors) of {m['reranker']}, "
             "weighted equally",
-            "fused_shorter": f"their cosine plus the mean best token similarity of {m['reranker']} from the side "
-            "with fewer vectors (over the query's vectors, or over the document's when it has fewer), weighted equally",
+            "fused_shorter": f"their cosine plus the mean best token similarity of {m['reranker']} over the query's "
+            f"vectors, or over the document's when the query has more than {m.get('side_ratio', 1):g} times its "
+            "vectors, weighted equally",
         }.get(m.get("rerank_score"), f"the MaxSim of {m['reranker']}")
         lines[-1] += (
             f' "{m["name"]}": the {m["depth"]} best documents per query of {m["first_stage"]} (cosine) re-ordered '

@@ -226,7 +226,8 @@ def evaluate_maxsim(model, task_list: list, args: argparse.Namespace) -> tuple[d
 
 
 # how evaluate_rerank reorders the dense candidates: MaxSim alone; the cosine plus the query side's mean best token
-# similarity; the cosine plus the shorter side's (evaluation.multi_vector.mean_maxsim)
+# similarity; the cosine plus the shorter side's (evaluation.multi_vector.mean_maxsim: the document's when the query
+# has more than SIDE_RATIO times its vectors, recorded as the entry's "side_ratio")
 RERANK_WAYS = ("maxsim", "fused", "fused_shorter")
 
 
@@ -294,6 +295,7 @@ def evaluate_rerank(model, name: str, first_stage: str, task_list: list, args: a
             "name": names[way],
             "role": "rerank",
             "rerank_score": way,
+            **({"side_ratio": multi_vector.SIDE_RATIO} if way == "fused_shorter" else {}),
             "first_stage": resolved.name,
             "reranker": name,
             "depth": args.rerank_depth,

@@ -55,19 +55,21 @@ CONCURRENCY = 4  # searches served at once: ranking runs in parallel, encoding i
 REFERENCE_TOKENIZER = "bert-base-uncased"
 RESULT_COLUMNS = ["Rank", "Score", "Code", "Source", "Text"]
 COLUMN_WIDTHS = ["9%", "12%", "16%", "17%", "46%"]
-RERANK_COLUMNS = ["Rank", "Score", "Cosine", "Mean MaxSim", "Dense rank", "Code", "Source", "Text"]
+RERANK_COLUMNS = ["Rank", "Score", "Cosine", "Token match", "Dense rank", "Code", "Source", "Text"]
 RERANK_WIDTHS = ["6%", "8%", "8%", "9%", "10%", "12%", "11%", "36%"]
 TOKEN_VIEW_COLUMNS = 256  # document tokens drawn in the heatmap; the list under it covers every one
-RERANK_LABEL = f"Rerank with {COLBERT_NAME} (cosine + mean MaxSim)"
+RERANK_LABEL = f"Rerank with {COLBERT_NAME} (cosine + token match)"
 RERANK_HINT = (
     f'Tick "{RERANK_LABEL}" and search: MedEIR\'s top {RERANK_CANDIDATES} results are then reordered by their cosine '
-    f"plus {COLBERT_NAME}'s mean MaxSim, and the token matches of each reordered result are shown."
+    f"plus {COLBERT_NAME}'s token match, and the token matches of each reordered result are shown."
 )
 RERANK_STATUS = (
-    "MedEIR's top {candidates} results reordered by cosine + {colbert} mean MaxSim. Score = Cosine (MedEIR's exact "
-    "float32 cosine, all dimensions, whatever the search precision) + Mean MaxSim (each query token's best cosine with "
-    "a token of the result, averaged over the query's tokens)."
+    "MedEIR's top {candidates} results reordered by cosine + {colbert} token match. Score = Cosine (MedEIR's exact "
+    "float32 cosine, all dimensions, whatever the search precision) + Token match (each token's best cosine with a "
+    "token of the other text, averaged over the query's tokens, or over the result's when the query has more than "
+    "twice its tokens)."
 )
+SIDE_NAMES = {"query": "query", "document": "result"}
 PRECISION_LABELS = {"float32": "float32: exact cosine", "int8": "int8", "binary": "binary (1 bit a dimension)"}
 
 
@@ -146,7 +148,7 @@ def moved(hit: Hit) -> str:
 def reranked_frame(hits: list[Hit] | None) -> pd.DataFrame:
     """Reranked results: the score they are ordered by, its two parts, and the dense rank each came from."""
     rows = [
-        [h.rank, f"{h.score:.3f}", f"{h.cosine:.3f}", f"{h.mean_maxsim:.3f}", moved(h), h.code, h.source, h.text]
+        [h.rank, f"{h.score:.3f}", f"{h.cosine:.3f}", f"{h.token_match:.3f}", moved(h), h.code, h.source, h.text]
         for h in hits or []
     ]
     return pd.DataFrame(rows, columns=RERANK_COLUMNS)
@@ -177,10 +179,18 @@ TOKEN_TABLE_STYLE = """<style>
 </style>"""
 
 
+def outlined(matches: TokenMatches) -> set[tuple[int, int]]:
+    """The cells the rerank reads: each token of the side it reads with its best match on the other side."""
+    if matches.side == "query":
+        return {(i, int(j)) for i, j in enumerate(matches.side_best)}
+    return {(int(i), j) for j, i in enumerate(matches.side_best)}
+
+
 def token_table_html(matches: TokenMatches, max_columns: int = TOKEN_VIEW_COLUMNS) -> str:
-    """The similarity of every query token (rows) with every document token (columns) as coloured cells, each row's
-    best match outlined with its value, and what each query token adds to the score at the row's end. Tokens the
-    model adds ([CLS], [SEP], prompt, query expansion) are grey and italic: they count in MaxSim too."""
+    """The similarity of every query token (rows) with every document token (columns) as coloured cells, the best
+    matches the rerank reads outlined with their values (each row's when it reads the query's side, each column's
+    when it reads the result's), and what each query token adds to MaxSim at the row's end. Tokens the model adds
+    ([CLS], [SEP], prompt, query expansion) are grey and italic: they count too."""
     sims = matches.similarities
     low, high = float(sims.min()), float(sims.max())
     span = high - low if high > low else 1.0
@@ -193,6 +203,7 @@ def token_table_html(matches: TokenMatches, max_columns: int = TOKEN_VIEW_COLUMN
         f"<th scope='col'>{label(token, bool(is_text))}</th>"
         for token, is_text in zip(matches.document_tokens[:shown], matches.document_is_text[:shown], strict=True)
     )
+    best = outlined(matches)
     rows = []
     for i, (token, is_text) in enumerate(zip(matches.query_tokens, matches.query_is_text, strict=True)):
         cells = []
@@ -200,8 +211,8 @@ def token_table_html(matches: TokenMatches, max_columns: int = TOKEN_VIEW_COLUMN
             value = float(sims[i, j])
             fraction = (value - low) / span
             tip = html.escape(f"{token} / {matches.document_tokens[j]}: {value:.3f}", quote=True)
-            classes = " ".join(c for c, on in (("dark", fraction > 0.6), ("best", j == matches.best[i])) if on)
-            shown_value = f"{value:.2f}" if j == matches.best[i] else ""
+            classes = " ".join(c for c, on in (("dark", fraction > 0.6), ("best", (i, j) in best)) if on)
+            shown_value = f"{value:.2f}" if (i, j) in best else ""
             cells.append(
                 f"<td class='{classes}' title='{tip}' style='background:{_colour(fraction)}'>{shown_value}</td>"
             )
@@ -215,11 +226,14 @@ def token_table_html(matches: TokenMatches, max_columns: int = TOKEN_VIEW_COLUMN
         if shown < sims.shape[1]
         else ""
     )
+    side = SIDE_NAMES[matches.side]
+    why = "at most twice the result's tokens" if matches.side == "query" else "under half the query's tokens"
     caption = (
-        f"Token vector similarity (cosine), from {low:.2f} (white) to {high:.2f} (dark blue). Outlined: each query "
-        f"token's best match; the last column is what it adds to MaxSim, whose sum is {matches.score:.3f}. The best "
-        f"matches averaged over the {len(matches.best)} query tokens, {matches.mean:.3f}, are the Mean MaxSim the "
-        f"rerank adds to the cosine. Grey italic: tokens the model adds.{cut}"
+        f"Token vector similarity (cosine), from {low:.2f} (white) to {high:.2f} (dark blue). Outlined: each {side} "
+        f"token's best match (the {side} has {why}); their mean over the {len(matches.side_best)} {side} "
+        f"tokens, {matches.mean:.3f}, is the token match the rerank adds to the cosine. The last column is what each "
+        f"query token's best match adds to MaxSim, whose sum is {matches.score:.3f}. Grey italic: tokens the model "
+        f"adds.{cut}"
     )
     return (
         f"{TOKEN_TABLE_STYLE}<div class='medeir-tokens'><table><caption>{html.escape(caption, quote=False)}</caption>"
@@ -228,19 +242,26 @@ def token_table_html(matches: TokenMatches, max_columns: int = TOKEN_VIEW_COLUMN
 
 
 def token_list_text(matches: TokenMatches) -> str:
-    """One line per query token: its best document token and what it adds; the sum is the MaxSim score, and the
-    last line the best matches' mean, the Mean MaxSim of the rerank."""
+    """One line per token of the side the rerank reads (shorter_side): its best token on the other side and their
+    similarity; then MaxSim (each query token's best match, summed: the model's own score) and last the mean of the
+    best matches listed, the token match of the rerank."""
+    if matches.side == "query":
+        tokens, is_text, other = matches.query_tokens, matches.query_is_text, matches.document_tokens
+        values = matches.similarities[np.arange(len(matches.side_best)), matches.side_best]
+    else:
+        tokens, is_text, other = matches.document_tokens, matches.document_is_text, matches.query_tokens
+        values = matches.similarities[matches.side_best, np.arange(len(matches.side_best))]
     lines = [
-        f"{query_token}{'' if is_text else ' (added by the model)'} -> {matches.document_tokens[j]} ({value:.3f})"
-        for query_token, is_text, j, value in zip(
-            matches.query_tokens, matches.query_is_text, matches.best, matches.contributions, strict=True
-        )
+        f"{token}{'' if text else ' (added by the model)'} -> {other[j]} ({value:.3f})"
+        for token, text, j, value in zip(tokens, is_text, matches.side_best, values, strict=True)
     ]
+    side, other_side = SIDE_NAMES[matches.side], SIDE_NAMES["document" if matches.side == "query" else "query"]
     return "\n".join(
         [
+            f"Each {side} token's best match in the {other_side}:",
             *lines,
-            f"Sum (MaxSim score): {matches.score:.3f}",
-            f"Mean over the {len(matches.best)} query tokens (Mean MaxSim): {matches.mean:.3f}",
+            f"MaxSim (each query token's best match, summed; the model's own score): {matches.score:.3f}",
+            f"Mean over the {len(lines)} {side} tokens (token match): {matches.mean:.3f}",
         ]
     )
 
@@ -294,7 +315,7 @@ class Page:
         dimensions: int | str | None = None,
         rerank: bool = False,
     ):
-        """MedEIR's results reordered by cosine + the late-interaction model's mean MaxSim (empty when not asked for),
+        """MedEIR's results reordered by cosine + the late-interaction model's token match (empty when not asked for),
         the results to pick for the token view (the top one picked), the query they answer (kept for the token view),
         and a status line."""
         if not rerank:
@@ -555,7 +576,7 @@ def rerank_section() -> tuple:
     rerank_status = gr.Markdown(RERANK_HINT, elem_id="rerank-status")
     table = gr.Dataframe(
         EMPTY_RERANK,
-        label=f"MedEIR's results reranked by cosine + {COLBERT_NAME} mean MaxSim",
+        label=f"MedEIR's results reranked by cosine + {COLBERT_NAME} token match",
         interactive=False,
         wrap=True,
         max_height=1000,
@@ -565,12 +586,12 @@ def rerank_section() -> tuple:
     # the query the reranked results answer, for the token view (a hidden box: a gr.State would hold a heartbeat
     # connection open for every visitor)
     reranked_query = gr.Textbox(visible=False, elem_id="reranked-query")
-    with gr.Accordion("Token matches: which query token matched which token of a result", elem_id="token-view"):
+    with gr.Accordion("Token matches: each token's best match between the query and a result", elem_id="token-view"):
         choice = gr.Dropdown([], value=None, label="Reranked result", elem_id="token-choice")
         token_status = gr.Markdown(elem_id="token-status")
         heatmap = gr.HTML(elem_id="token-heatmap")
         listing = gr.Textbox(
-            label="Each query token's best match (score); MaxSim is their sum",
+            label="Each token of the side the rerank reads: its best match (score); their mean is the token match",
             lines=8,
             max_lines=40,
             interactive=False,
@@ -669,8 +690,8 @@ def self_check(engine: Engine) -> str:
         assert len(reranked) == 3, reranked
         top = reranked[0]
         matches = engine.token_matches(texts[0], top.text)
-        assert abs(matches.mean - top.mean_maxsim) <= 1e-3, (matches.mean, top.mean_maxsim)
-        assert abs(top.cosine + top.mean_maxsim - top.score) <= 1e-5, top
+        assert abs(matches.mean - top.token_match) <= 1e-3, (matches.mean, top.token_match)
+        assert abs(top.cosine + top.token_match - top.score) <= 1e-5, top
     try:
         engine.check_text("   ")
     except InputError:

@@ -1,7 +1,9 @@
 """What the Space does, without the page: load a MedEIR model (and all-MiniLM-L6-v2 beside it, and optionally a
 late-interaction MedEIR-ColBERT model), check what a visitor typed, search the index, rerank the results by cosine
-plus the late-interaction model's mean MaxSim and show which query token matched which document token, compare two
-texts, show how the tokenizers cut a text. Free of Gradio, so tests and the publish check drive it directly.
+plus the late-interaction model's token match (the mean best similarity of the query's tokens, or of the entry's for
+a much longer query) and show which token
+matched which, compare two texts, show how the tokenizers cut a text. Free of Gradio, so tests and the publish check
+drive it directly.
 
 The models come from the environment, else the repository's models/ folder, else (the published Space) its README
 front matter: `models:` names the MedEIR model first and, when the Space was published with one, the late-interaction
@@ -380,10 +382,10 @@ class ColbertModel:
     def encode(self, texts: list[str], side: str) -> list[TokenVectors]:
         return self.encoder(texts, side=side)
 
-    def scores(self, query: TokenVectors, documents: list[TokenVectors]) -> np.ndarray:
-        """The model's own score (MaxSim, or MeanMaxSim if it was trained so) of the query against each document."""
-        scores = self.model.similarity([query.vectors], [d.vectors for d in documents])
-        return scores[0].float().cpu().numpy()
+    def token_match(self, query: TokenVectors, documents: list[TokenVectors]) -> np.ndarray:
+        """The query's token match with each document (`shorter_side`: the mean best similarity of the query's tokens,
+        or of the document's when the query has more than SIDE_RATIO times its vectors), on the cosine's scale."""
+        return np.array([shorter_side(query.vectors @ d.vectors.T)[2].mean() for d in documents], dtype=np.float32)
 
     def text_tokens(self, text: str, side: str, encoded: TokenVectors) -> np.ndarray:
         """For each of `encoded`'s vectors, whether it is a token of the text itself rather than one the model adds
@@ -409,15 +411,41 @@ class ColbertModel:
         return self.model.tokenizer.convert_ids_to_tokens(encoded.ids.tolist())
 
 
+# the rerank reads the document's side when the query has more than this many times its token vectors (the ratio
+# evaluation.multi_vector.SIDE_RATIO chose on the build's validation pairs; the Space does not import the repository)
+SIDE_RATIO = 2.0
+
+
+def shorter_side(similarities: np.ndarray) -> tuple[str, np.ndarray, np.ndarray]:
+    """Which side of a query x document table of token similarities the rerank reads ("document" when the query has
+    more than SIDE_RATIO times the document's vectors, else "query") and, for each of that side's tokens, the
+    position of its best match on the other side and their similarity.
+
+    The rerank averages those best similarities: a short query asks whether each of its tokens is in the entry
+    (ColBERT's direction, MaxSim / the query's vectors), while a query written as a sentence against a short entry asks
+    whether each of the entry's tokens is in the sentence; read from the query there, the sentence's words that no
+    entry holds decide the order. On the build's validation pairs this reading ranks above the query's side alone, the
+    document's side alone and the mean of both, and SIDE_RATIO above the other ratios tried (docs/experiments.md,
+    *Which side to read*); evaluation.run reports it as the "shorter-side" rerank."""
+    if similarities.shape[0] <= SIDE_RATIO * similarities.shape[1]:
+        best = similarities.argmax(axis=1)
+        return "query", best, similarities[np.arange(len(best)), best]
+    best = similarities.argmax(axis=0)
+    return "document", best, similarities[best, np.arange(len(best))]
+
+
 @dataclass(frozen=True)
 class TokenMatches:
     """A query against one document, token by token: the similarity of every query token vector (rows) with every
     document token vector (columns), the dot product MaxSim takes (a cosine: the model's vectors are unit length),
-    each query token's best match, and what it adds to the score.
+    each query token's best match and what it adds to the model's own score, and the best matches the rerank reads.
 
     MaxSim is the sum of the `contributions` (each row's best similarity; divided by the number of rows for a model
-    that scores MeanMaxSim), so they add up to `score`; `mean` is each row's best similarity averaged over the rows,
-    the mean MaxSim that the rerank adds to the cosine.
+    that scores MeanMaxSim), so they add up to `score`. The rerank reads one side (`shorter_side`: the document's when
+    the query has more than SIDE_RATIO times its vectors):
+    `side` names it, `side_best` holds each of its tokens' best match on the other side (a column for each row when
+    it is the query, a row for each column when it is the document), and `mean`, those best similarities averaged,
+    is the token match the rerank adds to the cosine.
     """
 
     query_tokens: list[str]
@@ -428,7 +456,9 @@ class TokenMatches:
     best: np.ndarray  # per query token: the column of its best document token
     contributions: np.ndarray  # per query token: what it adds to the score
     score: float
-    mean: float
+    side: str  # "query" or "document": the side the rerank reads
+    side_best: np.ndarray  # per token of that side: the position of its best match on the other side
+    mean: float  # the rerank's token match: the mean of those best similarities
 
 
 @dataclass(frozen=True)
@@ -441,7 +471,7 @@ class Hit:
     row: int = -1  # the entry's row in the index
     dense_rank: int | None = None  # after a rerank: the rank the dense model gave it
     cosine: float | None = None  # after a rerank: the exact float32 cosine of the query's and the entry's embeddings
-    mean_maxsim: float | None = None  # after a rerank: late-interaction MaxSim / the number of query vectors
+    token_match: float | None = None  # after a rerank: the late-interaction token match (shorter_side)
 
 
 class Engine:
@@ -655,10 +685,10 @@ class Engine:
     ) -> tuple[list[Hit], int]:
         """MedEIR's top RERANK_CANDIDATES results (or top `top_k`, when more), as `search` finds them, re-ordered by
         the sum of two scores, weighted equally: the exact float32 cosine of the query's and the entry's embeddings
-        (full width, whatever precision and dimensions the search used) and the late-interaction model's mean MaxSim
-        over the entry's text, encoded now (MaxSim divided by the number of query vectors, on the cosine's scale).
-        Returns the first `top_k`, each with that sum as its score, both parts and its dense rank; and how many
-        candidates were reordered. Ties keep the dense order."""
+        (full width, whatever precision and dimensions the search used) and the late-interaction model's token match
+        with the entry's text, encoded now (`shorter_side`: the mean best similarity of the query's tokens, or of the
+        entry's when the query has more than SIDE_RATIO times its vectors; on the cosine's scale). Returns the first `top_k`, each with that sum as its
+        score, both parts and its dense rank; and how many candidates were reordered. Ties keep the dense order."""
         colbert = self._colbert()
         _, top_k, keep, dims = self._search_settings(query, top_k, source, precision, truncate_dim)
         index = self._ready(self.main)
@@ -669,8 +699,7 @@ class Engine:
             return [], 0
         cosines = index.embeddings[[hit.row for hit in candidates]] @ (embedding / np.linalg.norm(embedding))
         (encoded_query,) = colbert.encode([query], "query")
-        maxsims = colbert.scores(encoded_query, colbert.encode([hit.text for hit in candidates], "document"))
-        means = maxsims if colbert.model.similarity_fn_name == "meanmaxsim" else maxsims / len(encoded_query.vectors)
+        means = colbert.token_match(encoded_query, colbert.encode([hit.text for hit in candidates], "document"))
         fused = cosines + means
         order = np.argsort(-fused, kind="stable")[:top_k]
         hits = [
@@ -680,7 +709,7 @@ class Engine:
                 score=float(fused[i]),
                 dense_rank=candidates[i].rank,
                 cosine=float(cosines[i]),
-                mean_maxsim=float(means[i]),
+                token_match=float(means[i]),
             )
             for rank, i in enumerate(order, start=1)
         ]
@@ -688,8 +717,8 @@ class Engine:
 
     def token_matches(self, query: object, document: object) -> TokenMatches:
         """Which token of `document` each token of `query` matches best, by the late-interaction model's token
-        vectors: the similarity table that MaxSim reads, with the tokens as its tokenizer cut them, MaxSim and its
-        mean over the query's vectors (the part of the rerank's score)."""
+        vectors: the similarity table that MaxSim reads, with the tokens as its tokenizer cut them, MaxSim, and the
+        best matches of the shorter side whose mean is the rerank's token match."""
         colbert = self._colbert()
         self.check_text(query, "The query")
         self.check_text(document, "The document")
@@ -701,6 +730,7 @@ class Engine:
         contributions = best_similarities
         if colbert.model.similarity_fn_name == "meanmaxsim":
             contributions = contributions / len(best)
+        side, side_best, side_similarities = shorter_side(similarities)
         return TokenMatches(
             query_tokens=colbert.tokens(encoded_query),
             document_tokens=colbert.tokens(encoded_document),
@@ -710,7 +740,9 @@ class Engine:
             best=best,
             contributions=contributions,
             score=float(contributions.sum()),
-            mean=float(best_similarities.mean()),
+            side=side,
+            side_best=side_best,
+            mean=float(side_similarities.mean()),
         )
 
     def entry_text(self, row: object) -> str:
@@ -727,7 +759,7 @@ class Engine:
         if colbert is not None:
             return (
                 f"Late-interaction model **{colbert.name}** ({colbert.dimension}-dimensional token vectors, "
-                f"queries up to {colbert.query_tokens} tokens): reranks by cosine + mean MaxSim."
+                f"queries up to {colbert.query_tokens} tokens): reranks by cosine + token match."
             )
         why = self.colbert_error or (
             "start the demo with --colbert PATH_OR_HUB_ID or set MEDEIR_COLBERT_MODEL to use one"

@@ -118,12 +118,15 @@ def test_the_reranking_row_is_maxsim_rerank_of_the_dense_top_candidates(mv_repor
     table = md[md.index("### HPO layperson") : md.index("### ", md.index("### HPO layperson") + 4)]
     assert f"| Dense top {DEPTH} reranked by Late | {rerank['retrieval']['hpo_layperson']['ndcg_at_10']:.4f} |" in table
     # the same candidates by the dense cosine plus the mean MaxSim (MaxSim over the query's vectors), weighted equally,
-    # and by the cosine plus the mean best token similarity of whichever side has fewer vectors
+    # and by the cosine plus the mean best token similarity of the query's vectors, or of the document's when the query
+    # has more than SIDE_RATIO times its vectors
     fused, shorter = report["models"][3], report["models"][4]
     assert fused["name"] == f"Dense top {DEPTH} reranked by cosine + mean MaxSim of Late"
     assert (fused["role"], fused["rerank_score"], fused["depth"]) == ("rerank", "fused", DEPTH)
     assert shorter["name"] == f"Dense top {DEPTH} reranked by cosine + shorter-side mean MaxSim of Late"
     assert (shorter["role"], shorter["rerank_score"], shorter["depth"]) == ("rerank", "fused_shorter", DEPTH)
+    assert shorter["side_ratio"] == multi_vector.SIDE_RATIO
+    sides_read = set()
     for bench in fused["retrieval"]:
         task = tasks.local_task(bench, small_data, MAX_QUERIES, SEED)
         queries, corpus, qrels = multi_vector.task_texts(task)
@@ -137,13 +140,15 @@ def test_the_reranking_row_is_maxsim_rerank_of_the_dense_top_candidates(mv_repor
             by_shorter[q] = {}
             for d, cosine in ranked.items():
                 table = query_vectors[q] @ documents[d].T  # query tokens x document tokens
-                side = 1 if len(query_vectors[q]) <= len(documents[d]) else 0
+                side = 1 if len(query_vectors[q]) <= multi_vector.SIDE_RATIO * len(documents[d]) else 0
+                sides_read.add(side)
                 by_shorter[q][d] = cosine + float(table.max(dim=side).values.mean())
         for row, expected, tolerance in ((fused, by_query, 1e-6), (shorter, by_shorter, 1e-5)):
             measured = metrics.retrieval_scores(qrels, expected)
             for metric in metrics.RETRIEVAL_METRICS:
                 assert row["retrieval"][bench][metric] == pytest.approx(measured[metric], abs=tolerance)
-    assert "from the side with fewer vectors" in (out / "report.md").read_text()
+    assert sides_read == {0, 1}  # both sides were read somewhere
+    assert "or over the document's when the query has more than 2 times its vectors" in (out / "report.md").read_text()
     # model-index metadata describes models, and a reranking is two of them in sequence
     indexed = {path.stem for path in (out / "model-index").glob("*.yaml")}
     assert {"dense", "late"} <= indexed and not any("reranked" in stem for stem in indexed), indexed

@@ -76,22 +76,39 @@ def test_chunked_search_and_a_rerank_of_everything_equal_one_full_maxsim_pass(ec
 
 
 def test_mean_maxsim_reads_the_shorter_side():
-    """Unit vectors by hand: a two-token query against a one-token document and a three-token one."""
-    query = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    """Unit vectors by hand: a three-token and a two-token query against a one-token document, and a two-token query
+    against a three-token one."""
+    assert multi_vector.SIDE_RATIO == 2.0
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
     short = torch.tensor([[1.0, 0.0]])  # matches the first query token exactly, the second not at all
     long = torch.tensor([[1.0, 0.0], [0.6, 0.8], [-1.0, 0.0]])
-    # query side: each query token's best match, averaged over the 2 query tokens
-    # shorter side: the one document token's best match in the query (1.0): every token of the name is in the query
-    assert multi_vector.mean_maxsim(query, short) == pytest.approx((0.5, 1.0))
-    # a document with more vectors than the query is read from the query's side both times
-    assert multi_vector.mean_maxsim(query, long) == pytest.approx((0.9, 0.9))
+    # query side: each query token's best match, averaged over the 3 query tokens: (1 + 0 + 0.6) / 3
+    # shorter side: a query of more than twice the document's vectors is read from the document: its one token's
+    # best match in the query (1.0), every token of the name is in the query
+    read = multi_vector.mean_maxsim(query, short)
+    assert read == pytest.approx({"query": 1.6 / 3, "document": 1.0, "shorter": 1.0, "both": (1.6 / 3 + 1) / 2})
+    # twice the document's vectors is not enough: the query's side, unless the ratio asked for is lower
+    read = multi_vector.mean_maxsim(query[:2], short)
+    assert read == pytest.approx({"query": 0.5, "document": 1.0, "shorter": 0.5, "both": 0.75})
+    assert multi_vector.shorter_side(read, 2, 1, ratio=1.0) == 1.0
+    # a document with more vectors than the query is read from the query's side; its own side averages 1, 0.8, 0
+    read = multi_vector.mean_maxsim(query[:2], long)
+    assert read == pytest.approx({"query": 0.9, "document": 0.6, "shorter": 0.9, "both": 0.75})
 
 
 def test_the_fusion_check_spans_the_dense_order_and_the_maxsim_order(icd_hpo_data, models):
     """On the build's validation pairs: weight 0 leaves the dense order, a weight so large that the cosine cannot
     change a tie-free MaxSim order gives the MaxSim rerank, and every weight is scored."""
     late, dense = models
-    check = multi_vector.fusion_check(late, dense, icd_hpo_data, rows=60, weights=(0.0, 1.0, 1e6), depth=20)
+    check = multi_vector.fusion_check(
+        late,
+        dense,
+        icd_hpo_data,
+        rows=60,
+        weights=(0.0, 1.0, 1e6),
+        depth=20,
+        ratios=(0.0, multi_vector.SIDE_RATIO, 1e9),
+    )
     assert check["queries"] == 60 and 0 < check["documents"] <= 60
     assert set(check["fused"]) == {"0.0", "1.0", "1000000.0"}
     assert check["fused"]["0.0"] == pytest.approx(check["dense"])
@@ -103,4 +120,14 @@ def test_the_fusion_check_spans_the_dense_order_and_the_maxsim_order(icd_hpo_dat
     for key in ("dense", "dense_then_maxsim"):
         assert sum(p[key] * p["queries"] for p in parts) / 60 == pytest.approx(check[key], abs=1e-4)  # 5 decimals
     assert all(p["fused"]["0.0"] == pytest.approx(p["dense"]) for p in parts)
-    assert set(check["fused_shorter"]) == set(check["fused"]) and check["fused_shorter"]["0.0"] == check["dense"]
+    for key in multi_vector.FUSED_READINGS:
+        assert set(check[key]) == set(check["fused"]) and check[key]["0.0"] == check["dense"]
+    # the ratio sweep: 0 always reads the document, a huge ratio always the query, SIDE_RATIO is fused_shorter
+    by_ratio = check["fused_shorter_by_ratio"]
+    assert by_ratio == pytest.approx(
+        {
+            "0.0": check["fused_document"]["1.0"],
+            "2.0": check["fused_shorter"]["1.0"],
+            "1000000000.0": check["fused"]["1.0"],
+        }
+    )

@@ -1,8 +1,10 @@
 """The Space's late-interaction (MedEIR-ColBERT) rerank and token view on tiny models: the rerank is the dense model's
-candidates sorted by their exact float32 cosine plus the late-interaction model's mean MaxSim (whatever precision the
-search used, ties in dense order), the token table is the model's scored token vectors with its tokenizer's tokens,
-its best matches add up to MaxSim and average to the mean MaxSim shown, a demo without the model says so and offers
-no rerank, and bad input is refused as the search refuses it."""
+candidates sorted by their exact float32 cosine plus the late-interaction model's token match (whatever precision the
+search used, ties in dense order): the mean best similarity of the query's tokens, or of the entry's when the query has
+more than twice its vectors. The token
+table is the model's scored token vectors with its tokenizer's tokens, the query's best matches add up to MaxSim and
+the side read average to the token match shown, a demo without the model says so and offers no rerank, and bad
+input is refused as the search refuses it."""
 
 import re
 import string
@@ -14,6 +16,7 @@ import pytest
 import torch
 from sentence_transformers.multi_vector_encoder import MultiVectorEncoder
 
+from evaluation import multi_vector
 from space import app
 from space import engine as engine_module
 from space.engine import RERANK_CANDIDATES, InputError, ModelUnavailable, load_colbert, load_model
@@ -71,87 +74,120 @@ def maxsim(model: MultiVectorEncoder, query: str, documents: list[str]) -> np.nd
     return model.similarity(model.encode_query([query]), model.encode_document(documents))[0].numpy()
 
 
-def cosine_and_mean_maxsim(engine, reference: MultiVectorEncoder, query: str, candidates: list):
+def cosine_and_token_match(engine, reference: MultiVectorEncoder, query: str, candidates: list):
     """Recomputed here for each candidate hit: its cosine with the query from the dense embeddings (the index's
-    float32 embedding of the entry, every dimension, and the query's from the dense model), and its mean MaxSim from
-    the late-interaction model's token vectors (each query vector's best dot product with one of the entry's,
-    averaged over the query's vectors)."""
+    float32 embedding of the entry, every dimension, and the query's from the dense model), and its token match from
+    the late-interaction model's token vectors: each query vector's best dot product with one of the entry's, averaged
+    over the query's vectors, or, when the query has more than twice the entry's vectors, each entry vector's best dot
+    product with one of the query's, averaged over the entry's."""
     embedding = engine.model.encode([query], convert_to_numpy=True, normalize_embeddings=True)[0]
     cosines = np.stack([engine.main.index.embeddings[h.row] for h in candidates]) @ embedding
     query_vectors = reference.encode_query([query])[0].numpy()
-    documents = reference.encode_document([h.text for h in candidates])
-    means = np.array([(query_vectors @ d.numpy().T).max(axis=1).mean() for d in documents], dtype=np.float32)
+    documents = [d.numpy() for d in reference.encode_document([h.text for h in candidates])]
+    means = np.array(
+        [(query_vectors @ d.T).max(axis=1 if len(query_vectors) <= 2 * len(d) else 0).mean() for d in documents],
+        dtype=np.float32,
+    )
     return cosines, means
 
 
 def check_fused_order(hits, dense, cosines, means, top_k):
-    """The hits are the dense candidates sorted by cosine + mean MaxSim (ties in dense order), each with both parts,
+    """The hits are the dense candidates sorted by cosine + token match (ties in dense order), each with both parts,
     their sum as its score, and its dense rank."""
     order = np.argsort(-(cosines + means), kind="stable")[:top_k]
     assert [h.row for h in hits] == [dense[i].row for i in order]
     assert [h.dense_rank for h in hits] == [dense[i].rank for i in order]
     assert [h.rank for h in hits] == list(range(1, len(order) + 1))
     np.testing.assert_allclose([h.cosine for h in hits], cosines[order], atol=1e-5)
-    np.testing.assert_allclose([h.mean_maxsim for h in hits], means[order], atol=1e-5)
+    np.testing.assert_allclose([h.token_match for h in hits], means[order], atol=1e-5)
     np.testing.assert_allclose([h.score for h in hits], (cosines + means)[order], atol=2e-5)
     return order
 
 
 # -- the rerank -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("top_k", "depth"), [(10, RERANK_CANDIDATES), (60, 60)])
-def test_the_rerank_sorts_the_dense_candidates_by_cosine_plus_mean_maxsim(engine, reference, top_k, depth):
+def test_the_rerank_sorts_the_dense_candidates_by_cosine_plus_token_match(engine, reference, top_k, depth):
     query = engine.texts[3]
     hits, candidates = engine.rerank(query, top_k)
     dense, _, _ = engine.search(query, depth)
     assert candidates == depth == len(dense)
-    cosines, means = cosine_and_mean_maxsim(engine, reference, query, dense)
+    cosines, means = cosine_and_token_match(engine, reference, query, dense)
     order = check_fused_order(hits, dense, cosines, means, top_k)
     np.testing.assert_allclose(cosines, [h.score for h in dense], atol=1e-5)  # float32: the search's own scores
     maxsims = maxsim(reference, query, [hit.text for hit in dense])
-    np.testing.assert_allclose(means, maxsims / len(reference.encode_query([query])[0]), rtol=1e-5, atol=1e-6)
+    query_vectors = len(reference.encode_query([query])[0])
+    query_side = np.array([query_vectors <= 2 * len(d) for d in reference.encode_document([h.text for h in dense])])
+    assert query_side.any()  # where the query side is read, the token match is MaxSim / the query's vectors
+    np.testing.assert_allclose(means[query_side], maxsims[query_side] / query_vectors, rtol=1e-5, atol=1e-6)
     assert any(h.rank != h.dense_rank for h in hits)  # an untrained model reorders
     assert order.tolist() != np.argsort(-maxsims, kind="stable")[:top_k].tolist()  # not by MaxSim alone
+
+
+def test_a_query_longer_than_an_entry_is_read_from_the_entrys_side(engine, reference):
+    """A query written as a sentence of several entries: against an entry with under half its token vectors, the
+    token match averages each entry token's best match in the query, not each query token's best match in the
+    entry; the ratio is the one the evaluation chose (the Space keeps its own copy: it ships alone)."""
+    assert engine_module.SIDE_RATIO == multi_vector.SIDE_RATIO == 2.0
+    query = " ".join(engine.texts[3:7])
+    hits, _ = engine.rerank(query, RERANK_CANDIDATES)
+    dense, _, _ = engine.search(query, RERANK_CANDIDATES)
+    cosines, means = cosine_and_token_match(engine, reference, query, dense)
+    check_fused_order(hits, dense, cosines, means, RERANK_CANDIDATES)
+    query_vectors = reference.encode_query([query])[0].numpy()
+    documents = [d.numpy() for d in reference.encode_document([h.text for h in dense])]
+    shorter = [i for i, d in enumerate(documents) if len(query_vectors) > 2 * len(d)]
+    assert shorter  # entries read from their own side
+    for i in shorter:
+        table = query_vectors @ documents[i].T
+        assert means[i] == pytest.approx(table.max(axis=0).mean(), abs=1e-5)
+        assert abs(means[i] - table.max(axis=1).mean()) > 1e-4  # not the query side's mean
+        matches = engine.token_matches(query, dense[i].text)
+        assert matches.side == "document" and len(matches.side_best) == len(documents[i])
+        assert matches.mean == pytest.approx(means[i], abs=1e-5)
 
 
 @pytest.mark.parametrize(("precision", "half"), [("binary", False), ("float32", True), ("binary", True)])
 def test_the_rerank_adds_the_float_cosine_whatever_the_search_precision(engine, reference, precision, half):
     """The candidates are the search's (binary or truncated, each on its own score scale), but the cosine added to
-    the mean MaxSim is the exact float32 one over every dimension."""
+    the token match is the exact float32 one over every dimension."""
     query, dims = engine.texts[3], engine.dimension // 2 if half else None
     hits, candidates = engine.rerank(query, 10, precision=precision, truncate_dim=dims)
     dense, _, _ = engine.search(query, RERANK_CANDIDATES, precision=precision, truncate_dim=dims)
     assert candidates == len(dense) == RERANK_CANDIDATES
-    cosines, means = cosine_and_mean_maxsim(engine, reference, query, dense)
+    cosines, means = cosine_and_token_match(engine, reference, query, dense)
     order = check_fused_order(hits, dense, cosines, means, 10)
     assert max(abs(dense[i].score - cosines[i]) for i in order) > 1e-2  # the search's scores are not the cosines
 
 
 def test_ties_keep_the_dense_order(engine, monkeypatch):
-    """With every cosine 0 and mean MaxSims 2, 1, 0 in turn down the dense ranks, the rerank groups them by score
+    """With every cosine 0 and token matches 2, 1, 0 in turn down the dense ranks, the rerank groups them by score
     and keeps the dense order within each group."""
     index, colbert_model = engine.main.index, engine.colbert
     monkeypatch.setattr(index, "embeddings", np.zeros_like(index.embeddings))  # the search keeps its own views
 
-    def scores(query, documents):
-        return (2 - np.arange(len(documents)) % 3).astype(np.float32) * len(query.vectors)
+    def token_match(query, documents):
+        return (2 - np.arange(len(documents)) % 3).astype(np.float32)
 
-    monkeypatch.setattr(colbert_model, "scores", scores)
+    monkeypatch.setattr(colbert_model, "token_match", token_match)
     hits, candidates = engine.rerank("fever", RERANK_CANDIDATES)
     by_score = [[rank for rank in range(1, candidates + 1) if (rank - 1) % 3 == group] for group in range(3)]
     assert [h.dense_rank for h in hits] == [rank for group in by_score for rank in group]
     assert [h.score for h in hits] == [2.0] * len(by_score[0]) + [1.0] * len(by_score[1]) + [0.0] * len(by_score[2])
 
 
-def test_a_model_that_scores_mean_maxsim_is_not_divided_again(engine, monkeypatch):
+def test_a_model_that_scores_mean_maxsim_reranks_the_same(engine, monkeypatch):
+    """The token match is read from the token vectors, whatever score the model was trained with; only its own
+    score, MaxSim, is then the mean."""
     before, _ = engine.rerank("always thirsty and peeing a lot", 10)
     matches = engine.token_matches("fever", DOCUMENT)
     monkeypatch.setattr(engine.colbert.model, "similarity_fn_name", "meanmaxsim")
     after, _ = engine.rerank("always thirsty and peeing a lot", 10)
     assert [h.row for h in after] == [h.row for h in before]
-    np.testing.assert_allclose([h.mean_maxsim for h in after], [h.mean_maxsim for h in before], rtol=1e-5)
+    np.testing.assert_allclose([h.token_match for h in after], [h.token_match for h in before], rtol=1e-5)
     mean_matches = engine.token_matches("fever", DOCUMENT)
+    assert matches.side == mean_matches.side == "query"
     assert mean_matches.mean == pytest.approx(matches.mean, rel=1e-5)
-    assert mean_matches.score == pytest.approx(matches.mean, rel=1e-5)  # its MaxSim is already the mean
+    assert mean_matches.score == pytest.approx(matches.score / len(matches.query_tokens), rel=1e-5)
 
 
 def test_the_rerank_keeps_the_searchs_source_filter(engine):
@@ -176,19 +212,31 @@ def test_the_token_table_is_the_models_scored_tokens_in_order(engine, reference)
     assert matches.document_is_text.tolist() == [False, *[True] * len(kept), False]
 
 
-def test_the_best_matches_add_up_to_maxsim_and_average_to_the_mean_maxsim_shown_for_each_result(engine):
-    query = "always thirsty and peeing a lot"
+@pytest.mark.parametrize("long_query", [False, True])
+def test_the_query_best_matches_add_up_to_maxsim_and_the_shorter_sides_average_to_the_token_match(engine, long_query):
+    query = " ".join(engine.texts[3:7]) if long_query else "always thirsty and peeing a lot"
     hits, _ = engine.rerank(query, 5)
     for hit in hits:
         matches = engine.token_matches(query, engine.entry_text(hit.row))
-        np.testing.assert_allclose(matches.contributions, matches.similarities.max(axis=1), atol=1e-6)
-        assert matches.similarities[np.arange(len(matches.best)), matches.best].tolist() == pytest.approx(
+        sims = matches.similarities
+        np.testing.assert_allclose(matches.contributions, sims.max(axis=1), atol=1e-6)
+        assert sims[np.arange(len(matches.best)), matches.best].tolist() == pytest.approx(
             matches.contributions.tolist()
         )
         assert matches.contributions.sum() == pytest.approx(matches.score, rel=1e-6)
-        assert matches.mean == pytest.approx(matches.score / len(matches.query_tokens), rel=1e-6)
-        assert matches.mean == pytest.approx(hit.mean_maxsim, rel=1e-4, abs=1e-5)
-        assert hit.score == pytest.approx(hit.cosine + hit.mean_maxsim, abs=1e-6)
+        rows, columns = sims.shape
+        assert matches.side == ("query" if rows <= 2 * columns else "document")
+        axis = 1 if matches.side == "query" else 0
+        np.testing.assert_array_equal(matches.side_best, sims.argmax(axis=axis))
+        assert matches.mean == pytest.approx(sims.max(axis=axis).mean(), rel=1e-6)
+        assert matches.mean == pytest.approx(hit.token_match, rel=1e-4, abs=1e-5)
+        assert hit.score == pytest.approx(hit.cosine + hit.token_match, abs=1e-6)
+        html = app.token_table_html(matches)
+        assert len(re.findall(r"class='(?:dark )?best'", html)) == len(app.outlined(matches))
+        best = sims.max(axis=axis)
+        assert sorted(sims[i, j] for i, j in app.outlined(matches)) == pytest.approx(sorted(best))
+    if long_query:
+        assert {engine.token_matches(query, engine.entry_text(h.row)).side for h in hits} >= {"document"}
 
 
 def test_prompts_and_query_expansion_are_marked_as_added_by_the_model(engine, index, colbert_dir, tmp_path):
@@ -226,31 +274,48 @@ def elem_ids(demo: gr.Blocks) -> set[str]:
 def test_the_page_reranks_then_shows_the_top_results_token_matches(engine):
     page = app.Page(engine)
     frame, choice, query, status = page.rerank("fever", 5, "All", "float32", None, True)
-    assert list(frame.columns) == ["Rank", "Score", "Cosine", "Mean MaxSim", "Dense rank", "Code", "Source", "Text"]
+    assert list(frame.columns) == ["Rank", "Score", "Cosine", "Token match", "Dense rank", "Code", "Source", "Text"]
     assert len(frame) == 5 and query == "fever"
-    assert f"top {RERANK_CANDIDATES} results reordered by cosine + MedEIR-ColBERT mean MaxSim" in status
+    assert f"top {RERANK_CANDIDATES} results reordered by cosine + MedEIR-ColBERT token match" in status
     hits, _ = engine.rerank("fever", 5)
     assert frame.values.tolist() == [
-        [h.rank, f"{h.score:.3f}", f"{h.cosine:.3f}", f"{h.mean_maxsim:.3f}", app.moved(h), h.code, h.source, h.text]
+        [h.rank, f"{h.score:.3f}", f"{h.cosine:.3f}", f"{h.token_match:.3f}", app.moved(h), h.code, h.source, h.text]
         for h in hits
     ]
-    parts = frame[["Score", "Cosine", "Mean MaxSim"]].astype(float)
-    np.testing.assert_allclose(parts["Score"], parts["Cosine"] + parts["Mean MaxSim"], atol=1.5e-3)
+    parts = frame[["Score", "Cosine", "Token match"]].astype(float)
+    np.testing.assert_allclose(parts["Score"], parts["Cosine"] + parts["Token match"], atol=1.5e-3)
     assert parts["Score"].is_monotonic_decreasing
     rows = [value for _, value in choice["choices"]]
     assert choice["value"] == rows[0] and len(rows) == 5
     html, listing, message = page.token_view(query, choice["value"])
     matches = engine.token_matches("fever", engine.entry_text(rows[0]))
+    assert matches.side == "query"  # a one-word query is read from its own side
     assert html.count("<tr>") == len(matches.query_tokens) + 1  # the header and one row per query token
     assert len(re.findall(r"class='(?:dark )?best'", html)) == len(matches.query_tokens)  # one best match a row
     lines = listing.splitlines()
-    assert lines[0] == f"[CLS] (added by the model) -> {matches.document_tokens[matches.best[0]]} " + (
+    assert lines[0] == "Each query token's best match in the result:" and message == ""
+    assert lines[1] == f"[CLS] (added by the model) -> {matches.document_tokens[matches.best[0]]} " + (
         f"({matches.contributions[0]:.3f})"
     )
-    assert lines[-2] == f"Sum (MaxSim score): {matches.score:.3f}" and message == ""
-    assert lines[-1] == f"Mean over the {len(matches.query_tokens)} query tokens (Mean MaxSim): {matches.mean:.3f}"
-    assert lines[-1].endswith(frame.iloc[0]["Mean MaxSim"])
-    assert f"{matches.mean:.3f}, are the Mean MaxSim the rerank adds to the cosine" in html
+    assert lines[-2] == f"MaxSim (each query token's best match, summed; the model's own score): {matches.score:.3f}"
+    assert lines[-1] == f"Mean over the {len(matches.query_tokens)} query tokens (token match): {matches.mean:.3f}"
+    assert lines[-1].endswith(frame.iloc[0]["Token match"])
+    assert f"{matches.mean:.3f}, is the token match the rerank adds to the cosine" in html
+    # a query longer than the result: each of the result's tokens and its best match in the query
+    long_query = " ".join(engine.texts[3:7])
+    entry = min(engine.texts[:40], key=len)
+    matches = engine.token_matches(long_query, entry)
+    assert matches.side == "document"
+    html, listing = app.token_table_html(matches), app.token_list_text(matches)
+    lines = listing.splitlines()
+    assert lines[0] == "Each result token's best match in the query:"
+    assert len(lines) == len(matches.document_tokens) + 3
+    assert lines[1] == f"[CLS] (added by the model) -> {matches.query_tokens[matches.side_best[0]]} " + (
+        f"({matches.similarities[matches.side_best[0], 0]:.3f})"
+    )
+    assert lines[-1] == f"Mean over the {len(matches.document_tokens)} result tokens (token match): {matches.mean:.3f}"
+    assert len(re.findall(r"class='(?:dark )?best'", html)) == len(matches.document_tokens)  # one a column
+    assert "Outlined: each result token's best match (the result has under half the query's tokens)" in html
     # unticked: nothing is reranked and nothing is shown
     frame, choice, query, status = page.rerank("fever", 5, "All", "float32", None, False)
     assert frame.empty and choice["choices"] == [] and query is None and status == app.RERANK_HINT
@@ -259,8 +324,8 @@ def test_the_page_reranks_then_shows_the_top_results_token_matches(engine):
     assert {"search-rerank", "rerank-results", "token-heatmap", "token-list"} <= elem_ids(demo)
     assert "rerank-absent" not in elem_ids(demo)
     (checkbox,) = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "search-rerank"]
-    assert checkbox.label == "Rerank with MedEIR-ColBERT (cosine + mean MaxSim)"
-    assert checkbox.label in app.RERANK_HINT and "reranks by cosine + mean MaxSim" in checkbox.info
+    assert checkbox.label == "Rerank with MedEIR-ColBERT (cosine + token match)"
+    assert checkbox.label in app.RERANK_HINT and "reranks by cosine + token match" in checkbox.info
 
 
 def test_the_token_table_escapes_tokens_and_says_when_it_is_cut(engine):
