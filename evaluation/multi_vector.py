@@ -253,9 +253,9 @@ def fusion_check(
     query-side mean, "fused_shorter" the shorter side's, "fused_document" the document side's, "fused_both" the mean
     of the query's and the document's (FUSED_READINGS); "fused_shorter_by_ratio" the shorter side at weight 1 for each
     of `ratios` (SIDE_RATIOS: how much longer than the document a query must be to read the document's side); overall
-    and, under "by_kind", for the queries of each pair
-    kind (each query form: a synonym, a symptom list, a definition written as the query where the build's mix has
-    reversed definition kinds), every query still searching the whole sample's documents."""
+    and, under "by_kind", for the queries of each pair kind (each query form: a synonym, a symptom list, a definition
+    written as the query where the build's mix has reversed definition kinds), every query still searching the whole
+    sample's documents."""
     sample = finetune.validation_sample(data_dir, rows, seed)
     queries, corpus, relevant = finetune.as_retrieval(sample)
     kinds = sample["kind"]

@@ -1,9 +1,8 @@
 """What the Space does, without the page: load a MedEIR model (and all-MiniLM-L6-v2 beside it, and optionally a
 late-interaction MedEIR-ColBERT model), check what a visitor typed, search the index, rerank the results by cosine
 plus the late-interaction model's token match (the mean best similarity of the query's tokens, or of the entry's for
-a much longer query) and show which token
-matched which, compare two texts, show how the tokenizers cut a text. Free of Gradio, so tests and the publish check
-drive it directly.
+a much longer query) and show which token matched which, compare two texts, show how the tokenizers cut a text. Free
+of Gradio, so tests and the publish check drive it directly.
 
 The models come from the environment, else the repository's models/ folder, else (the published Space) its README
 front matter: `models:` names the MedEIR model first and, when the Space was published with one, the late-interaction
@@ -442,10 +441,9 @@ class TokenMatches:
 
     MaxSim is the sum of the `contributions` (each row's best similarity; divided by the number of rows for a model
     that scores MeanMaxSim), so they add up to `score`. The rerank reads one side (`shorter_side`: the document's when
-    the query has more than SIDE_RATIO times its vectors):
-    `side` names it, `side_best` holds each of its tokens' best match on the other side (a column for each row when
-    it is the query, a row for each column when it is the document), and `mean`, those best similarities averaged,
-    is the token match the rerank adds to the cosine.
+    the query has more than SIDE_RATIO times its vectors): `side` names it, `side_best` holds each of its tokens' best
+    match on the other side (a column for each row when it is the query, a row for each column when it is the
+    document), and `mean`, those best similarities averaged, is the token match the rerank adds to the cosine.
     """
 
     query_tokens: list[str]
