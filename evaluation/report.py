@@ -434,7 +434,8 @@ def index_section(report: dict, multi: list[dict]) -> list[str]:
         "",
         "What a model stores to search a corpus. A dense model stores one vector of `dim` floats per document: dim x 4 "
         "bytes in float32, half that in float16. A late-interaction (multi-vector) model stores one vector per token "
-        "it keeps of each document (every token up to its document length, less the punctuation its skiplist drops): "
+        "it keeps of each document (every token up to its document length, less the tokens its skiplist drops, such "
+        "as punctuation): "
         "token vectors x dim x 4 bytes. Token vectors are counted as this run encoded each benchmark's documents; "
         "MB are 10^6 bytes.",
         "",

@@ -313,7 +313,7 @@ class IndexedModel:
 @dataclass(frozen=True)
 class TokenVectors:
     """One text's token vectors as the late-interaction model scores them: one per token the model keeps ([CLS],
-    [SEP], prompt and query expansion tokens included; padding and, in documents, skiplisted punctuation left out),
+    [SEP], prompt and query expansion tokens included; padding and, in documents, skiplisted tokens left out),
     with that token's id and its position in the model's input."""
 
     ids: np.ndarray  # int64, one per vector

@@ -212,6 +212,44 @@ def test_the_scoring_mask_drops_padding_and_punctuation_as_configured(
     assert mask._skiplist_ids.numel() == len(mask.skiplist_words)
 
 
+def test_documents_also_drop_the_tokens_most_training_texts_hold(tiny_medeir_init, icd_hpo_data, tmp_path):
+    recipe = tiny_recipe(tiny_medeir_init, icd_hpo_data, tmp_path, "skip_frequent_tokens=5")
+    model = colbert.load_model(recipe)
+    tokenizer = model.tokenizer
+    # the five tokens held by the most training texts, counted here independently (special tokens aside)
+    held: dict[str, int] = {}
+    for text in DataBuild(icd_hpo_data).corpus_dataset()["text"]:
+        for token in set(tokenizer.tokenize(text)):
+            held[token] = held.get(token, 0) + 1
+    ranked = sorted(held, key=lambda t: (-held[t], tokenizer.convert_tokens_to_ids(t)))
+    frequent = colbert.frequent_tokens(recipe, tokenizer, 5)
+    assert frequent == ranked[:5]
+    assert not set(frequent) & set(tokenizer.all_special_tokens)
+    mask = next(m for m in model if type(m).__name__ == "MultiVectorMask")
+    punctuation = [p for p in string.punctuation if p in tokenizer.get_vocab()]
+    assert mask.skiplist_words == list(dict.fromkeys(punctuation + frequent))
+    assert mask.skiplist_tasks == ["document"]
+    # a document drops them (and its punctuation), a query keeps every token
+    text = " ".join(frequent) + " fever, cough"
+    pieces = tokenizer.tokenize(text)
+    dropped = [p for p in pieces if p in mask.skiplist_words]
+    assert {p for p in pieces if p in frequent} == set(frequent) and "," in dropped
+    assert len(model.encode_document([text])[0]) == len(pieces) + 2 - len(dropped)
+    assert len(model.encode_query([text])[0]) == len(pieces) + 2
+    # a source left out is not counted
+    without = colbert.frequent_tokens(dataclasses.replace(recipe, exclude_sources=["hpo"]), tokenizer, 5)
+    held_icd: dict[str, int] = {}
+    corpus = DataBuild(icd_hpo_data).corpus(columns=["text", "source"]).to_pydict()
+    for text, source in zip(corpus["text"], corpus["source"], strict=True):
+        if source != "hpo":
+            for token in set(tokenizer.tokenize(text)):
+                held_icd[token] = held_icd.get(token, 0) + 1
+    assert without == sorted(held_icd, key=lambda t: (-held_icd[t], tokenizer.convert_tokens_to_ids(t)))[:5]
+    # one skiplist serves every side it applies to: the query's punctuation cannot be skipped without these too
+    with pytest.raises(ValueError, match="skip_query_punctuation"):
+        colbert.load_model(dataclasses.replace(recipe, skip_query_punctuation=True))
+
+
 def test_a_projection_of_another_width_replaces_the_default(untrained, tiny_medeir_init, icd_hpo_data, tmp_path):
     wide = colbert.load_model(tiny_recipe(tiny_medeir_init, icd_hpo_data, tmp_path, "projection_dim=96"))
     assert wide.get_embedding_dimension() == 96 and untrained.get_embedding_dimension() == 32

@@ -6,7 +6,8 @@ sentence-transformers' multi-vector trainer.
 The start is a dense MedEIR SentenceTransformer folder (models/medeir-small): `MultiVectorEncoder(init,
 trust_remote_code=True)` keeps its encoder, drops the mean pooling and adds a token-level projection (Dense, no bias,
 `projection_dim` outputs), the scoring mask (MultiVectorMask: padding, and punctuation in documents, and in queries with
-`skip_query_punctuation`) and a token-level Normalize. Queries are cut at `query_length` tokens and documents at
+`skip_query_punctuation`; in documents also the `skip_frequent_tokens` tokens that most of the build's training texts
+hold, `frequent_tokens`) and a token-level Normalize. Queries are cut at `query_length` tokens and documents at
 `document_length` (the model's whole 8,192-token context) once trained; at `train_query_length` and
 `train_document_length` while training. The model expands no queries (no [MASK] padding), so a trained query length
 can be raised for use: a query's MaxSim only gains the terms of its further tokens.
@@ -32,6 +33,7 @@ import dataclasses
 import hashlib
 import json
 import string
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +57,7 @@ from sentence_transformers.multi_vector_encoder.losses import (
 from sentence_transformers.multi_vector_encoder.modules import MultiVectorMask
 from transformers import set_seed
 
+from corpus.dataset import DataBuild
 from train import finetune
 from train.recipe import recipe_from_command_line
 from train.sentence_transformers_files import is_multi_vector_folder
@@ -73,6 +76,7 @@ class ColbertRecipe:
     train_document_length: int = 256  # document tokens kept while training
     skip_punctuation: bool = True  # document tokens that are punctuation are not scored (ColBERT's skiplist)
     skip_query_punctuation: bool = False  # nor are query tokens that are punctuation
+    skip_frequent_tokens: int = 0  # nor are document tokens among the N held by most training texts (function words)
     # pairs
     pair_loss: str = "mnrl"  # mnrl | cached_mnrl
     pair_rows: int | None = None  # rows sampled (seeded, uniformly) from the training pairs; None: every row
@@ -158,12 +162,38 @@ def load_model(recipe: ColbertRecipe) -> MultiVectorEncoder:
     skipped = [
         task for task, on in (("query", recipe.skip_query_punctuation), ("document", recipe.skip_punctuation)) if on
     ]
-    mask.skiplist_words = [p for p in string.punctuation if p in vocabulary] if skipped else []
+    words = [p for p in string.punctuation if p in vocabulary] if skipped else []
+    if recipe.skip_frequent_tokens:
+        if recipe.skip_query_punctuation:  # the mask keeps one list for every side it applies to
+            raise ValueError(
+                "skip_frequent_tokens drops document tokens only, and the scoring mask has one skiplist for both "
+                "sides: it cannot be combined with skip_query_punctuation"
+            )
+        words += frequent_tokens(recipe, model.tokenizer, recipe.skip_frequent_tokens)
+        skipped = ["document"]
+    mask.skiplist_words = list(dict.fromkeys(words))
     mask.skiplist_tasks = skipped or ["document"]
     mask.resolve_with_tokenizer(model.tokenizer)
     if recipe.freeze_encoder:  # the backward pass then stops at the projection
         transformer.requires_grad_(False)
     return model
+
+
+def frequent_tokens(recipe: ColbertRecipe, tokenizer, n: int) -> list[str]:
+    """The `n` tokens that the most texts of the build's training corpus hold (document frequency; special tokens
+    aside; ties by token id), the recipe's excluded sources left out. Mostly function words ("of", "the", "a", "or",
+    "in"): in a document they match the same word in any query, which rewards a document for sharing a query's
+    grammar rather than its meaning (docs/experiments.md, *Late interaction*)."""
+    corpus = finetune.without_sources(DataBuild(recipe.data).corpus_dataset(), pairs_recipe(recipe))
+    texts = corpus["text"]
+    counts: Counter[int] = Counter()
+    for start in range(0, len(texts), 4096):
+        encoded = tokenizer(texts[start : start + 4096], add_special_tokens=False, truncation=True, max_length=8192)
+        for ids in encoded["input_ids"]:
+            counts.update(set(ids))
+    special = set(tokenizer.all_special_ids)
+    ranked = sorted((token for token in counts if token not in special), key=lambda token: (-counts[token], token))
+    return tokenizer.convert_ids_to_tokens(ranked[:n])
 
 
 def pair_datasets(recipe: ColbertRecipe) -> dict[str, datasets.Dataset]:
