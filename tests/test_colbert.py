@@ -248,6 +248,8 @@ def test_documents_also_drop_the_tokens_most_training_texts_hold(tiny_medeir_ini
     # one skiplist serves every side it applies to: the query's punctuation cannot be skipped without these too
     with pytest.raises(ValueError, match="skip_query_punctuation"):
         colbert.load_model(dataclasses.replace(recipe, skip_query_punctuation=True))
+    with pytest.raises(ValueError, match="skip_frequent_tokens must be 0"):
+        colbert.load_model(dataclasses.replace(recipe, skip_frequent_tokens=-1))
 
 
 def test_a_projection_of_another_width_replaces_the_default(untrained, tiny_medeir_init, icd_hpo_data, tmp_path):

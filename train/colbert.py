@@ -182,8 +182,10 @@ def load_model(recipe: ColbertRecipe) -> MultiVectorEncoder:
 def frequent_tokens(recipe: ColbertRecipe, tokenizer, n: int) -> list[str]:
     """The `n` tokens that the most texts of the build's training corpus hold (document frequency; special tokens
     aside; ties by token id), the recipe's excluded sources left out. Mostly function words ("of", "the", "a", "or",
-    "in"): in a document they match the same word in any query, which rewards a document for sharing a query's
-    grammar rather than its meaning (docs/experiments.md, *Late interaction*)."""
+    "in"), which in a document match the same word in any query; dropping them shrinks the index (what it does to
+    retrieval: docs/experiments.md, *Late interaction*)."""
+    if n < 0:
+        raise ValueError(f"skip_frequent_tokens must be 0 (off) or a positive number of tokens, not {n}")
     corpus = finetune.without_sources(DataBuild(recipe.data).corpus_dataset(), pairs_recipe(recipe))
     texts = corpus["text"]
     counts: Counter[int] = Counter()
