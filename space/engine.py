@@ -685,8 +685,9 @@ class Engine:
         the sum of two scores, weighted equally: the exact float32 cosine of the query's and the entry's embeddings
         (full width, whatever precision and dimensions the search used) and the late-interaction model's token match
         with the entry's text, encoded now (`shorter_side`: the mean best similarity of the query's tokens, or of the
-        entry's when the query has more than SIDE_RATIO times its vectors; on the cosine's scale). Returns the first `top_k`, each with that sum as its
-        score, both parts and its dense rank; and how many candidates were reordered. Ties keep the dense order."""
+        entry's when the query has more than SIDE_RATIO times its vectors; on the cosine's scale). Returns the first
+        `top_k`, each with that sum as its score, both parts and its dense rank; and how many candidates were
+        reordered. Ties keep the dense order."""
         colbert = self._colbert()
         _, top_k, keep, dims = self._search_settings(query, top_k, source, precision, truncate_dim)
         index = self._ready(self.main)
